@@ -1,0 +1,62 @@
+"""The Taskflow resource: spec and status models, durations, CRD generation.
+
+This layer is pure (no I/O) and imports nothing else from the package.
+"""
+
+from taskflow.api.durations import format_ms, parse_duration_ms
+from taskflow.api.spec import (
+    Options,
+    RetryRequest,
+    RetryStage,
+    Stage,
+    Task,
+    TaskDetails,
+    TaskflowSpec,
+    TaskType,
+)
+from taskflow.api.status import (
+    TERMINAL_FLOW_PHASES,
+    TERMINAL_TASK_STATUSES,
+    AttemptRecord,
+    Condition,
+    FlowPhase,
+    RetryAck,
+    StageStatus,
+    TaskError,
+    TaskflowStatus,
+    TaskStatus,
+    Status,
+)
+
+GROUP = "taskflow.dev"
+VERSION = "v1alpha1"
+KIND = "Taskflow"
+PLURAL = "taskflows"
+
+__all__ = [
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "TERMINAL_FLOW_PHASES",
+    "TERMINAL_TASK_STATUSES",
+    "VERSION",
+    "AttemptRecord",
+    "Condition",
+    "FlowPhase",
+    "Options",
+    "RetryAck",
+    "RetryRequest",
+    "RetryStage",
+    "Stage",
+    "StageStatus",
+    "Status",
+    "Task",
+    "TaskDetails",
+    "TaskError",
+    "TaskStatus",
+    "TaskType",
+    "TaskflowSpec",
+    "TaskflowStatus",
+    "format_ms",
+    "parse_duration_ms",
+]

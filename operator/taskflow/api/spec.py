@@ -1,0 +1,225 @@
+"""The Taskflow spec, as users write it: the seed's ``TaskFlowSchema`` plus ``cancel``/``retry``.
+
+The CRD's OpenAPI schema is generated from these models (``taskflow.api.crd``), so the
+bounds and CEL rules declared here are what the API server enforces at ``kubectl apply``.
+Field names are camelCase on the wire, as in the seed.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from taskflow.api.durations import DURATION_PATTERN, parse_duration_ms
+
+MAX_DURATION_MS = 7 * 24 * 3_600_000
+MAX_RETRIES = 100
+MAX_STAGES = 50
+MAX_TASKS_PER_STAGE = 1000
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+# A NATS subject token that cannot widen a subscription or add a level: no '.', '*', '>' or space.
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]+$"
+
+# int-or-string: JSON Schema applies minimum/maximum to integers only and pattern/maxLength to
+# strings only, so one node checks both without CEL (whose cost estimate for a regex, times
+# every task of every stage, exceeds the CRD budget).
+Duration = Annotated[
+    int | str,
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "minimum": 0,
+            "maximum": MAX_DURATION_MS,
+            "maxLength": 32,
+            "pattern": DURATION_PATTERN,
+            "description": "Milliseconds (0 to 7 days) or a duration like '90s' or '1m30s'.",
+        }
+    ),
+]
+Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
+FreeForm = Annotated[
+    dict[str, Any],
+    Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+
+class TaskType(StrEnum):
+    ACTION = "ACTION"
+    TASKFLOW = "TASKFLOW"
+
+
+class Options(_Model):
+    """Flow options; a task's own options override them field by field."""
+
+    timeout: Duration | None = Field(
+        default=None, description="Time one attempt may take from dispatch to reply."
+    )
+    max_retries: int | None = Field(
+        default=None,
+        alias="maxRetries",
+        ge=0,
+        le=MAX_RETRIES,
+        description="Further attempts after a failed or timed-out one.",
+    )
+    retry_delay: Duration | None = Field(
+        default=None, alias="retryDelay", description="Wait before the next attempt."
+    )
+    max_age: Duration | None = Field(
+        default=None,
+        alias="maxAge",
+        description="The task's whole budget from its first dispatch; no attempt starts after it.",
+    )
+    continue_on_task_failure: bool | None = Field(
+        default=None,
+        alias="continueOnTaskFailure",
+        description="A failed task does not stop the flow; later stages still run.",
+    )
+    exactly_once_task_execution: bool | None = Field(
+        default=None,
+        alias="exactlyOnceTaskExecution",
+        description="A SUCCEEDED task is never dispatched again.",
+    )
+
+    @field_validator("timeout", "retry_delay", "max_age")
+    @classmethod
+    def _duration(cls, value: int | str | None) -> int | str | None:
+        if value is not None and parse_duration_ms(value) > MAX_DURATION_MS:
+            raise ValueError("must be at most 7 days")
+        return value
+
+
+class TaskDetails(_Model):
+    service_id: str = Field(
+        alias="serviceId",
+        min_length=1,
+        max_length=128,
+        pattern=TOKEN_PATTERN,
+        description="The NATS service; letters, digits, '-' and '_' only.",
+    )
+    action_name: str = Field(
+        alias="actionName",
+        min_length=1,
+        max_length=128,
+        pattern=TOKEN_PATTERN,
+        description="The service's action; letters, digits, '-' and '_' only.",
+    )
+
+
+class Task(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.type != 'ACTION' || has(self.taskDetails)",
+                    "message": "taskDetails is required when type is ACTION",
+                    "fieldPath": ".taskDetails",
+                },
+                {
+                    "rule": "self.type != 'TASKFLOW' || has(self.taskflow)",
+                    "message": "taskflow is required when type is TASKFLOW",
+                    "fieldPath": ".taskflow",
+                },
+                {
+                    "rule": "self.type != 'ACTION' || !has(self.taskflow)",
+                    "message": "taskflow is only allowed when type is TASKFLOW",
+                    "fieldPath": ".taskflow",
+                },
+            ]
+        }
+    )
+
+    name: Name
+    type: TaskType = TaskType.ACTION
+    params: FreeForm | None = Field(default=None, description="The request body, as JSON.")
+    task_details: TaskDetails | None = Field(default=None, alias="taskDetails")
+    taskflow: FreeForm | None = Field(
+        default=None,
+        description="An inline nested taskflow spec (validated when the child is created).",
+    )
+    options: Options | None = None
+
+
+class Stage(_Model):
+    name: Name
+    tasks: list[Task] = Field(
+        min_length=1,
+        max_length=MAX_TASKS_PER_STAGE,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+class RetryStage(_Model):
+    name: Name
+    tasks: list[Name] | None = Field(
+        default=None,
+        max_length=MAX_TASKS_PER_STAGE,
+        description="Tasks of the stage to retry; none means all its tasks.",
+    )
+
+
+class RetryRequest(_Model):
+    """A retry of a finished flow; each new ``id`` is acted on exactly once."""
+
+    id: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=NAME_PATTERN,
+        description="Any new value is a new request; re-applying the same id does nothing.",
+    )
+    stages: list[RetryStage] | None = Field(
+        default=None,
+        max_length=MAX_STAGES,
+        description="Stages (and tasks) to retry; none means the whole flow.",
+    )
+    failed_only: bool = Field(
+        default=False,
+        alias="failedOnly",
+        description="Keep only FAILED, TIMED_OUT and CANCELLED tasks of the selection.",
+    )
+
+
+_SPEC_RULES = [
+    {
+        "rule": "self.stages == oldSelf.stages",
+        "message": "stages are immutable once the flow exists: create a new Taskflow",
+        "fieldPath": ".stages",
+    },
+    {
+        "rule": "has(self.options) == has(oldSelf.options) && "
+        "(!has(self.options) || self.options == oldSelf.options)",
+        "message": "options are immutable once the flow exists",
+        "fieldPath": ".options",
+    },
+    {
+        "rule": "!has(self.retry) || !has(self.retry.stages) || "
+        "self.retry.stages.all(r, self.stages.exists(s, s.name == r.name))",
+        "message": "retry.stages names a stage that is not in spec.stages",
+        "fieldPath": ".retry.stages",
+    },
+]
+
+
+class TaskflowSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
+
+    options: Options | None = None
+    context: FreeForm | None = Field(
+        default=None, description="Free-form context, passed to nested flows."
+    )
+    stages: list[Stage] = Field(
+        min_length=1,
+        max_length=MAX_STAGES,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    cancel: bool | None = Field(
+        default=None, description="true stops the flow; in-flight tasks become CANCELLED."
+    )
+    retry: RetryRequest | None = Field(
+        default=None, description="A retry request; see the README for the four scopes."
+    )

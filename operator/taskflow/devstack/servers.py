@@ -1,0 +1,324 @@
+"""Start and stop etcd, kube-apiserver and nats-server on free loopback ports.
+
+Each server runs in its own process group and is killed with it, so a crashed test run leaves
+nothing behind; ``DevStack`` ties them together for pytest fixtures, ``make dev`` and bench.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from taskflow.devstack.certs import write_pki
+
+BINARIES = ("etcd", "kube-apiserver", "nats-server")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TASKFLOW_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "taskflow-operator"
+    )
+    return Path(root)
+
+
+def find_binaries(names: tuple[str, ...] = BINARIES) -> dict[str, Path]:
+    """Locate each server: $TASKFLOW_BIN_DIR, $KUBEBUILDER_ASSETS, the build cache, then PATH."""
+    dirs = [
+        os.environ.get("TASKFLOW_BIN_DIR"),
+        os.environ.get("KUBEBUILDER_ASSETS"),
+        str(cache_dir() / "bin"),
+    ]
+    found: dict[str, Path] = {}
+    for name in names:
+        for directory in dirs:
+            if directory and os.access(os.path.join(directory, name), os.X_OK):
+                found[name] = Path(directory) / name
+                break
+        else:
+            on_path = shutil.which(name)
+            if on_path is None:
+                raise FileNotFoundError(
+                    f"{name} not found (looked in $TASKFLOW_BIN_DIR, $KUBEBUILDER_ASSETS, "
+                    f"{cache_dir() / 'bin'} and PATH): run `make tools` to build it"
+                )
+            found[name] = Path(on_path)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(check: Any, what: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} while starting")
+        with contextlib.suppress(OSError):
+            if check():
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} was not ready within {timeout:.0f}s")
+
+
+@dataclass
+class Server:
+    """One child process in its own process group, logging to a file."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@dataclass
+class NatsServer:
+    """nats-server with JetStream, on a free loopback port, with its store in ``workdir``."""
+
+    workdir: Path
+    binary: Path
+    port: int = 0
+    monitor_port: int = 0
+    max_payload: str = "8MB"
+    server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.monitor_port = self.monitor_port or free_port()
+        config = self.workdir / "nats.conf"
+        config.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"http: 127.0.0.1:{self.monitor_port}\n"
+            f"max_payload: {self.max_payload}\n"
+            "jetstream {\n"
+            f"  store_dir: {self.workdir / 'jetstream'}\n"
+            "  max_memory_store: 256MB\n"
+            "  max_file_store: 4GB\n"
+            "}\n"
+        )
+        self.server = Server("nats-server", [str(self.binary), "-c", str(config)],
+                             self.workdir / "nats.log")
+        self.server.start()
+        health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        assert self.server.process is not None
+        _wait(lambda: urllib.request.urlopen(health, timeout=1).status == 200,
+              "nats-server", 30, self.server.process)
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+
+
+@dataclass
+class ControlPlane:
+    """etcd + kube-apiserver with an admin kubeconfig, the way envtest runs them."""
+
+    workdir: Path
+    etcd_binary: Path
+    apiserver_binary: Path
+    port: int = 0
+    servers: list[Server] = field(default_factory=list)
+    kubeconfig: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        pki = write_pki(self.workdir / "pki")
+        etcd_port, peer_port = free_port(), free_port()
+        self.port = self.port or free_port()
+        etcd = Server("etcd", [
+            str(self.etcd_binary),
+            "--data-dir", str(self.workdir / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes", str(4 * 1024**3),
+        ], self.workdir / "etcd.log")
+        self.servers.append(etcd)
+        etcd.start()
+        assert etcd.process is not None
+        _wait(lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{etcd_port}/health", timeout=1).status == 200,
+            "etcd", 30, etcd.process)
+        apiserver = Server("kube-apiserver", [
+            str(self.apiserver_binary),
+            "--bind-address", "127.0.0.1",
+            "--advertise-address", "127.0.0.1",
+            "--secure-port", str(self.port),
+            "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
+            "--cert-dir", str(self.workdir / "certs"),
+            "--tls-cert-file", str(pki["apiserver.crt"]),
+            "--tls-private-key-file", str(pki["apiserver.key"]),
+            "--client-ca-file", str(pki["ca.crt"]),
+            "--authorization-mode", "RBAC",
+            "--service-cluster-ip-range", "10.0.0.0/24",
+            "--allow-privileged",
+            "--disable-admission-plugins", "ServiceAccount",
+            "--service-account-issuer", f"https://127.0.0.1:{self.port}/",
+            "--service-account-key-file", str(pki["sa.pub"]),
+            "--service-account-signing-key-file", str(pki["sa.key"]),
+            "--max-requests-inflight", "1000",
+            "--max-mutating-requests-inflight", "500",
+            "--enable-priority-and-fairness=false",
+        ], self.workdir / "kube-apiserver.log")
+        self.servers.append(apiserver)
+        apiserver.start()
+        context = ssl.create_default_context(cafile=str(pki["ca.crt"]))
+        context.load_cert_chain(str(pki["admin.crt"]), str(pki["admin.key"]))
+        assert apiserver.process is not None
+        _wait(lambda: urllib.request.urlopen(
+            f"{self.url}/readyz", timeout=2, context=context).status == 200,
+            "kube-apiserver", 90, apiserver.process)
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.kubeconfig.write_text(yaml.safe_dump(self.kubeconfig_dict(pki)))
+        self.kubeconfig.chmod(0o600)
+
+    def kubeconfig_dict(self, pki: dict[str, Path]) -> dict[str, Any]:
+        def b64(path: Path) -> str:
+            return base64.b64encode(path.read_bytes()).decode()
+
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "taskflow-dev", "cluster": {
+                "server": self.url, "certificate-authority-data": b64(pki["ca.crt"])}}],
+            "users": [{"name": "admin", "user": {
+                "client-certificate-data": b64(pki["admin.crt"]),
+                "client-key-data": b64(pki["admin.key"])}}],
+            "contexts": [{"name": "taskflow-dev",
+                          "context": {"cluster": "taskflow-dev", "user": "admin"}}],
+            "current-context": "taskflow-dev",
+        }
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
+class DevStack:
+    """The whole local stack: control plane, NATS, and the Taskflow CRD applied and Established."""
+
+    def __init__(self, workdir: Path | None = None, *, keep: bool = False) -> None:
+        self._tmp = None if workdir else tempfile.mkdtemp(prefix="taskflow-stack-")
+        self.workdir = workdir or Path(self._tmp)  # type: ignore[arg-type]
+        self.keep = keep
+        bins = find_binaries()
+        self.control_plane = ControlPlane(
+            self.workdir / "kube", bins["etcd"], bins["kube-apiserver"]
+        )
+        self.nats = NatsServer(self.workdir / "nats", bins["nats-server"])
+
+    @property
+    def kubeconfig(self) -> Path:
+        assert self.control_plane.kubeconfig is not None
+        return self.control_plane.kubeconfig
+
+    @property
+    def pids(self) -> list[int]:
+        servers = [*self.control_plane.servers, *([self.nats.server] if self.nats.server else [])]
+        return [s.pid for s in servers if s.pid is not None]
+
+    def start(self) -> DevStack:
+        try:
+            self.nats.start()
+            self.control_plane.start()
+            install_crd(self.kubeconfig)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.nats.stop()
+        self.control_plane.stop()
+        if self._tmp and not self.keep:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> DevStack:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def install_crd(kubeconfig: Path, timeout: float = 30) -> None:
+    """Apply the generated CRD (server-side apply) and wait until it is Established."""
+    from kubernetes import client, config
+
+    from taskflow.api.crd import crd
+
+    api_client = config.new_client_from_config(str(kubeconfig))
+    try:
+        body = crd()
+        ext = client.ApiextensionsV1Api(api_client)
+        ext.patch_custom_resource_definition(
+            name=body["metadata"]["name"], body=body,
+            field_manager="taskflow-devstack", force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = ext.read_custom_resource_definition(body["metadata"]["name"])
+            conditions = (current.status and current.status.conditions) or []
+            if any(c.type == "Established" and c.status == "True" for c in conditions):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("the Taskflow CRD was not Established in time")
+    finally:
+        api_client.close()

@@ -1,0 +1,40 @@
+"""The pure engine: (spec, status, now, inputs) -> new status + effects. No I/O here.
+
+The shell (``taskflow.shell``) performs the effects: it writes status, sends requests over
+NATS, publishes events. Keeping decisions here makes every transition testable by table.
+"""
+
+from taskflow.engine.clock import iso, parse_iso
+from taskflow.engine.effects import (
+    CancelChild,
+    CancelNotice,
+    CreateChild,
+    Decision,
+    Dispatch,
+    Effect,
+    Emit,
+    Record,
+)
+from taskflow.engine.engine import decide
+from taskflow.engine.inputs import ChildFinished, Input, NoResponders, Reply
+from taskflow.engine.options import EffectiveOptions, effective_options
+
+__all__ = [
+    "CancelChild",
+    "CancelNotice",
+    "ChildFinished",
+    "CreateChild",
+    "Decision",
+    "Dispatch",
+    "Effect",
+    "EffectiveOptions",
+    "Emit",
+    "Input",
+    "NoResponders",
+    "Record",
+    "Reply",
+    "decide",
+    "effective_options",
+    "iso",
+    "parse_iso",
+]

@@ -1,0 +1,77 @@
+"""What the shell must do after a decision, in order, once status is written when required."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from taskflow.api.status import TaskflowStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Send one attempt of an ACTION task (or redeliver it after 'no responders')."""
+
+    stage: str
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelNotice:
+    """Tell the service that an in-flight attempt was cancelled."""
+
+    stage: str
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateChild:
+    """Create the child Taskflow of a TASKFLOW task for this attempt."""
+
+    stage: str
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelChild:
+    child: str  # namespace/name
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Publish one event on the flow's subject; ``seq`` orders them per flow."""
+
+    kind: Literal["TASK", "STAGE", "TASKFLOW"]
+    seq: int
+    status: str
+    stage: str | None = None
+    task: str | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A Kubernetes Event for a flow-level transition or failure."""
+
+    reason: str
+    message: str
+    type: Literal["Normal", "Warning"] = "Normal"
+
+
+Effect = Dispatch | CancelNotice | CreateChild | CancelChild | Emit | Record
+
+
+@dataclass(slots=True)
+class Decision:
+    status: TaskflowStatus
+    effects: list[Effect] = field(default_factory=list)
+    # Epoch ms at which the engine wants to be asked again (a deadline, a retry delay).
+    wake_at: int | None = None
+    changed: bool = False
+    # True when status must be written before the effects are performed: dispatches and
+    # stage or flow transitions. Task results alone may be written lazily, because the
+    # replies they come from stay in the durable reply stream until then.
+    durable: bool = False

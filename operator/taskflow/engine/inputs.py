@@ -1,0 +1,44 @@
+"""What happened since the last decision: replies, no-responder notices, finished children."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from taskflow.api.status import Status, TaskError
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A service's reply to one attempt, already parsed and judged by ``taskflow.wire``."""
+
+    stage: str
+    task: str
+    attempt: int
+    ok: bool
+    data: Any = None
+    error: TaskError | None = None
+    response_ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NoResponders:
+    """NATS said nobody listens on the task's subject: redeliver later, the attempt stands."""
+
+    stage: str
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFinished:
+    """A nested flow started for a task has ended (or its status changed)."""
+
+    stage: str
+    task: str
+    child: str  # namespace/name
+    status: Status
+    summary: Any = None
+
+
+Input = Reply | NoResponders | ChildFinished

@@ -1,0 +1,57 @@
+"""Options as the engine uses them: task options over flow options over defaults, in ms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from taskflow.api.durations import parse_duration_ms
+from taskflow.api.spec import Options
+
+DEFAULT_TIMEOUT_MS = 60_000
+DEFAULT_RETRY_DELAY_MS = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveOptions:
+    timeout_ms: int
+    max_retries: int
+    retry_delay_ms: int
+    max_age_ms: int | None  # None: no budget beyond each attempt's timeout
+    continue_on_task_failure: bool
+    exactly_once_task_execution: bool
+
+    def as_wire(self) -> dict[str, object]:
+        """The seed's ``options`` object, milliseconds throughout."""
+        out: dict[str, object] = {
+            "maxRetries": self.max_retries,
+            "timeout": self.timeout_ms,
+            "retryDelay": self.retry_delay_ms,
+            "exactlyOnceTaskExecution": self.exactly_once_task_execution,
+            "continueOnTaskFailure": self.continue_on_task_failure,
+        }
+        if self.max_age_ms is not None:
+            out["maxAge"] = self.max_age_ms
+        return out
+
+
+def effective_options(flow: Options | None, task: Options | None) -> EffectiveOptions:
+    def pick(field: str) -> object:
+        for source in (task, flow):
+            if source is not None and getattr(source, field) is not None:
+                return getattr(source, field)
+        return None
+
+    def ms(field: str, default: int | None) -> int | None:
+        value = pick(field)
+        return default if value is None else parse_duration_ms(value)  # type: ignore[arg-type]
+
+    timeout = ms("timeout", DEFAULT_TIMEOUT_MS)
+    delay = ms("retry_delay", DEFAULT_RETRY_DELAY_MS)
+    return EffectiveOptions(
+        timeout_ms=timeout if timeout else DEFAULT_TIMEOUT_MS,
+        max_retries=int(pick("max_retries") or 0),  # type: ignore[call-overload]
+        retry_delay_ms=delay or 0,
+        max_age_ms=ms("max_age", None) or None,
+        continue_on_task_failure=bool(pick("continue_on_task_failure")),
+        exactly_once_task_execution=bool(pick("exactly_once_task_execution")),
+    )
