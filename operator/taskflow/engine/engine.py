@@ -378,26 +378,32 @@ class _Step:
                 return
 
     def apply_child(self, stage: StageStatus, task: TaskStatus, item: ChildFinished) -> None:
+        if item.attempt is not None and item.attempt != task.attempt:
+            return  # a child of an earlier attempt: kept for history, changes nothing
         if item.child not in task.nested_taskflows:
             task.nested_taskflows.append(item.child)
             self.changed = True
+        active = task.nested_active_running_taskflow_ids
         if item.status not in TERMINAL_TASK_STATUSES:
+            if task.status == Status.RUNNING and item.child not in active:
+                active.append(item.child)
+                self.changed = True
             return
-        if item.child in task.nested_active_running_taskflow_ids:
-            task.nested_active_running_taskflow_ids.remove(item.child)
+        if item.child in active:
+            active.remove(item.child)
             self.changed = True
-        if task.status != Status.RUNNING or task.nested_active_running_taskflow_ids:
+        if task.status != Status.RUNNING or active:
             return
-        spec = self.task_spec(stage.name, task.name)
-        if spec.type == TaskType.TASKFLOW:
-            task.response = item.summary
-            if item.status == Status.SUCCEEDED:
-                self.end_attempt(stage, task, Status.SUCCEEDED, None)
-            else:
-                error = TaskError(
-                    message=f"nested taskflow {item.child} ended {item.status}", reason="Child"
-                )
-                self.end_attempt(stage, task, Status.FAILED, error)
+        if self.task_spec(stage.name, task.name).type != TaskType.TASKFLOW:
+            return
+        task.response = item.summary
+        if item.status == Status.SUCCEEDED:
+            self.end_attempt(stage, task, Status.SUCCEEDED, None)
+        else:
+            error = TaskError(
+                message=f"nested taskflow {item.child} ended {item.status}", reason="Child"
+            )
+            self.end_attempt(stage, task, Status.FAILED, error)
 
     # -- timers ------------------------------------------------------------------------------
 

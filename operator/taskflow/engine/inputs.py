@@ -39,6 +39,8 @@ class ChildFinished:
     child: str  # namespace/name
     status: Status
     summary: Any = None
+    # The parent task's attempt the child was started for; None when unknown.
+    attempt: int | None = None
 
 
 Input = Reply | NoResponders | ChildFinished

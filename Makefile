@@ -1,0 +1,71 @@
+# Taskflow operator. `make test` is what CI runs; `make dev` is the embedded default.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TOOLS_BIN = $(shell bash hack/build-tools.sh test 2>/dev/null | tail -n1)
+IMAGE ?= taskflow-operator:dev
+KIND_CLUSTER ?= taskflow
+
+.PHONY: help venv tools generate test unit lint dev bench image kind-up kind-load deploy undeploy clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the package and dev tools
+
+tools: ## build (or reuse) kube-apiserver, etcd, kubectl, nats-server, helm into the cache
+	bash hack/build-tools.sh all
+
+generate: venv ## write crds/ (and the chart's copy) from the pydantic models
+	$(PY) -m taskflow.api.generate
+
+test: venv ## every test, against real kube-apiserver, etcd and nats-server
+	bash hack/build-tools.sh all >/dev/null
+	bash hack/run-tests.sh
+
+unit: venv ## the fast tests only (no servers)
+	$(PY) -m pytest -q -m "not integration"
+
+lint: venv ## ruff and mypy
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/mypy
+
+dev: venv ## the whole stack in the foreground: control plane, NATS, CRD, operator, demo services
+	bash hack/build-tools.sh test >/dev/null
+	$(PY) -m taskflow.devstack --dir .dev
+
+bench: venv ## the benchmark: prints figures, writes bench/results/
+	bash hack/build-tools.sh test >/dev/null
+	$(PY) -m bench
+
+image: ## build the operator image (needs Docker)
+	docker build -t $(IMAGE) .
+
+kind-up: ## create a kind cluster (needs Docker and kind)
+	kind create cluster --name $(KIND_CLUSTER) --config kind-config.yaml
+
+kind-load: image ## load the image into the kind cluster
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+
+deploy: ## install NATS and the operator into the current cluster with Helm
+	helm upgrade --install nats nats/nats --namespace nats --create-namespace \
+	  --set config.jetstream.enabled=true
+	helm upgrade --install taskflow charts/taskflow-operator --namespace taskflow-system \
+	  --create-namespace --set image.repository=$(firstword $(subst :, ,$(IMAGE))) \
+	  --set image.tag=$(lastword $(subst :, ,$(IMAGE))) --set image.pullPolicy=IfNotPresent \
+	  --set nats.url=nats://nats.nats.svc:4222
+
+undeploy: ## remove the operator (and NATS) from the current cluster
+	-helm uninstall taskflow --namespace taskflow-system
+	-helm uninstall nats --namespace nats
+
+clean:
+	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,113 @@
+"""``taskflow-operator``: the operator's command line.
+
+Every flag has an environment variable so the Helm chart can set it from values and Secrets;
+credentials are read from files (mounted Secrets) so they never appear in a process listing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from taskflow import logs
+
+
+def _read(path: str | None) -> str | None:
+    return Path(path).read_text().strip() if path else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="taskflow-operator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("--kubeconfig", default=env("KUBECONFIG"),
+                     help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    run.add_argument("--nats-url", default=env("NATS_URL", "nats://127.0.0.1:4222"))
+    run.add_argument("--nats-user", default=env("NATS_USER"))
+    run.add_argument("--nats-password-file", default=env("NATS_PASSWORD_FILE"))
+    run.add_argument("--nats-token-file", default=env("NATS_TOKEN_FILE"))
+    run.add_argument("--nats-creds-file", default=env("NATS_CREDS_FILE"))
+    run.add_argument("--nats-nkey-file", default=env("NATS_NKEY_FILE"))
+    run.add_argument("--nats-tls-ca", default=env("NATS_TLS_CA"))
+    run.add_argument("--nats-tls-cert", default=env("NATS_TLS_CERT"))
+    run.add_argument("--nats-tls-key", default=env("NATS_TLS_KEY"))
+    run.add_argument("-n", "--namespace", action="append",
+                     default=[n for n in env("TASKFLOW_NAMESPACES", "").split(",") if n],
+                     help="namespace to watch (repeat; default: all namespaces)")
+    run.add_argument("--subject-template", default=env("TASKFLOW_SUBJECT_TEMPLATE",
+                                                       "{serviceId}.{actionName}"))
+    run.add_argument("--metrics-address", default=env("TASKFLOW_METRICS_ADDRESS",
+                                                      "127.0.0.1:9464"),
+                     help="host:port of the Prometheus endpoint ('' disables it)")
+    run.add_argument("--health-address", default=env("TASKFLOW_HEALTH_ADDRESS", ""),
+                     help="host:port of the liveness endpoint /healthz ('' disables it)")
+    run.add_argument("--flush-interval", type=float,
+                     default=float(env("TASKFLOW_FLUSH_INTERVAL", "1.0")),
+                     help="seconds between status writes of task results within a stage")
+    run.add_argument("--max-depth", type=int, default=int(env("TASKFLOW_MAX_DEPTH", "10")))
+    run.add_argument("--peering", default=env("TASKFLOW_PEERING", ""),
+                     help="kopf peering name for active/standby replicas ('' = standalone)")
+    run.add_argument("--log-level", default=env("TASKFLOW_LOG_LEVEL", "INFO"))
+    run.add_argument("--log-format", choices=["text", "json"],
+                     default=env("TASKFLOW_LOG_FORMAT", "text"))
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    from taskflow.shell.bus import NatsSettings
+    from taskflow.shell.handlers import Operator
+    from taskflow.shell.runner import RunnerSettings
+    from taskflow.wire.subjects import Subjects
+
+    logs.configure(level=args.log_level, fmt=args.log_format)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it
+    if "{serviceId}" not in args.subject_template:
+        print("--subject-template must contain {serviceId}", file=sys.stderr)
+        return 2
+    nats_settings = NatsSettings(
+        url=args.nats_url, user=args.nats_user, password=_read(args.nats_password_file),
+        token=_read(args.nats_token_file), creds_file=args.nats_creds_file,
+        nkey_seed_file=args.nats_nkey_file, tls_ca=args.nats_tls_ca,
+        tls_cert=args.nats_tls_cert, tls_key=args.nats_tls_key,
+    )
+    runner = RunnerSettings(
+        subjects=Subjects(template=args.subject_template),
+        flush_interval_s=args.flush_interval,
+        max_depth=args.max_depth,
+    )
+    operator = Operator(kubeconfig=args.kubeconfig, nats=nats_settings, runner=runner,
+                        standalone=not args.peering, peering=args.peering or None)
+    registry = kopf.OperatorRegistry()
+    operator.register(registry)
+    if args.metrics_address:
+        host, _, port = args.metrics_address.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0")
+    liveness = f"http://{args.health_address}/healthz" if args.health_address else None
+    asyncio.run(kopf.operator(
+        registry=registry,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=not args.peering,
+        peering_name=args.peering or None,
+        liveness_endpoint=liveness,
+    ))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

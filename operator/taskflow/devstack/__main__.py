@@ -1,0 +1,122 @@
+"""``make dev``: the whole product on this machine, in the foreground.
+
+Starts etcd, kube-apiserver, nats-server, the CRD, the operator and the seed's demo services;
+writes ``.dev/kubeconfig`` and ``.dev/env``; Ctrl-C stops everything. A second ``make dev``
+while one runs says so instead of clashing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from taskflow.devstack.servers import DevStack, Server, free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="make dev")
+    parser.add_argument("--dir", default=".dev", help="where state, logs and kubeconfig go")
+    parser.add_argument("--no-operator", action="store_true")
+    parser.add_argument("--no-demo", action="store_true")
+    args = parser.parse_args()
+
+    root = Path(args.dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / "pid"
+    if lock.exists():
+        with contextlib.suppress(ValueError):
+            pid = int(lock.read_text())
+            if _alive(pid):
+                print(f"make dev is already running (pid {pid}); use `source {root}/env`, "
+                      "or stop it with Ctrl-C in its terminal", file=sys.stderr)
+                return 1
+    lock.write_text(str(os.getpid()))
+    for stale in ("kube", "nats", "operator.log", "demo.log"):
+        path = root / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack = DevStack(root)
+    children: list[Server] = []
+    try:
+        print("starting etcd, kube-apiserver and nats-server ...", flush=True)
+        stack.start()
+        kubeconfig = root / "kubeconfig"
+        shutil.copy(stack.kubeconfig, kubeconfig)
+        kubeconfig.chmod(0o600)
+        env_file = root / "env"
+        env_file.write_text(
+            f"export KUBECONFIG={kubeconfig}\nexport NATS_URL={stack.nats.url}\n"
+        )
+        python = sys.executable
+        if not args.no_demo:
+            children.append(Server("demo", [python, "-m", "taskflow.demo",
+                                            "--nats-url", stack.nats.url], root / "demo.log"))
+        if not args.no_operator:
+            children.append(Server("operator", [
+                python, "-m", "taskflow.cli", "run", "--kubeconfig", str(kubeconfig),
+                "--nats-url", stack.nats.url, "--metrics-address", f"127.0.0.1:{free_port()}",
+            ], root / "operator.log"))
+        for child in children:
+            child.start()
+        print(f"""
+The taskflow dev stack is up.
+  kube-apiserver  {stack.control_plane.url}
+  nats-server     {stack.nats.url}
+  logs            {root}/*.log
+
+In another terminal:
+  source {env_file}
+  kubectl apply -f examples/configure-group.yaml
+  kubectl get taskflows -w
+
+Ctrl-C stops everything.""", flush=True)
+        while not stop:
+            for child in children:
+                if child.process and child.process.poll() is not None:
+                    print(f"{child.name} exited ({child.process.returncode}); see "
+                          f"{child.log}", file=sys.stderr)
+                    stop = True
+            time.sleep(0.3)
+    finally:
+        print("\nstopping ...", flush=True)
+        for child in reversed(children):
+            child.stop()
+        stack.stop()
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (root / "env").unlink()
+        print("stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

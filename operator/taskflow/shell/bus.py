@@ -1,0 +1,180 @@
+"""The operator's NATS side: dispatching attempts, receiving replies, publishing events.
+
+Replies are sent by services to ``taskflow.reply.<uid>.<stage>.<task>.<attempt>``. Two things
+listen there: the operator's own subscription (fast path, and the only place NATS reports
+"no responders" for a request) and a JetStream stream that keeps every reply, so that a reply
+arriving while the operator is down is found again when its flow resumes. Events go to
+``taskflow.events.<uid>``, also kept by a stream so a late subscriber can replay them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from taskflow.wire.subjects import Subjects
+
+log = logging.getLogger("taskflow.bus")
+
+REPLY_STREAM = "TASKFLOW_REPLIES"
+EVENT_STREAM = "TASKFLOW_EVENTS"
+RESPONSE_BUCKET = "taskflow-responses"
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # How long replies and events are kept (seconds).
+    retention_s: int = 24 * 3600
+
+    def connect_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "servers": [u.strip() for u in self.url.split(",")],
+            "name": "taskflow-operator",
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "pending_size": 64 * 1024 * 1024,
+        }
+        if self.user:
+            options["user"], options["password"] = self.user, self.password
+        if self.token:
+            options["token"] = self.token
+        if self.creds_file:
+            options["user_credentials"] = self.creds_file
+        if self.nkey_seed_file:
+            options["nkeys_seed"] = self.nkey_seed_file
+        if self.tls_ca or self.tls_cert:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            options["tls"] = context
+        return options
+
+
+ReplyHandler = Callable[[Msg], Awaitable[None]]
+
+
+class Bus:
+    def __init__(self, nc: Client, js: JetStreamContext, subjects: Subjects) -> None:
+        self.nc = nc
+        self.js = js
+        self.subjects = subjects
+        self._objects: Any = None
+
+    @classmethod
+    async def connect(cls, settings: NatsSettings, subjects: Subjects) -> Bus:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats: %s", exc)
+
+        nc = await nats.connect(**settings.connect_options(), error_cb=on_error)
+        js = nc.jetstream()
+        bus = cls(nc, js, subjects)
+        await bus._ensure_streams(settings.retention_s)
+        return bus
+
+    async def _ensure_streams(self, retention_s: int) -> None:
+        for name, subject in (
+            (REPLY_STREAM, f"{self.subjects.reply_prefix}.>"),
+            (EVENT_STREAM, f"{self.subjects.events_prefix}.>"),
+        ):
+            cfg = StreamConfig(
+                name=name,
+                subjects=[subject],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                max_age=float(retention_s),
+                duplicate_window=120.0,
+                allow_direct=True,
+            )
+            try:
+                await self.js.add_stream(cfg)
+            except Exception:
+                await self.js.update_stream(cfg)
+        try:
+            self._objects = await self.js.object_store(RESPONSE_BUCKET)
+        except Exception:
+            from nats.js.api import ObjectStoreConfig
+
+            self._objects = await self.js.create_object_store(
+                RESPONSE_BUCKET,
+                config=ObjectStoreConfig(
+                    bucket=RESPONSE_BUCKET, storage=StorageType.FILE, ttl=float(retention_s)
+                ),
+            )
+
+    async def subscribe_replies(self, handler: ReplyHandler) -> None:
+        await self.nc.subscribe(
+            f"{self.subjects.reply_prefix}.>", cb=handler, pending_msgs_limit=1_000_000,
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+
+    async def dispatch(
+        self, *, subject: str, reply: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        await self.nc.publish(subject, body, reply=reply, headers=headers)
+
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        await self.nc.publish(subject, body, headers=headers)
+
+    async def stored_reply(self, subject: str) -> Msg | None:
+        """The reply kept by the stream for one attempt, if any (used when a flow resumes)."""
+        try:
+            raw = await self.js.get_last_msg(REPLY_STREAM, subject, direct=True)
+        except NotFoundError:
+            return None
+        except Exception as exc:
+            log.warning("could not look up a stored reply on %s: %s", subject, exc)
+            return None
+        return Msg(self.nc, subject=raw.subject, data=raw.data or b"", headers=raw.headers)
+
+    async def last_event_seq(self, subject: str) -> int:
+        try:
+            raw = await self.js.get_last_msg(EVENT_STREAM, subject, direct=True)
+        except NotFoundError:
+            return 0
+        except Exception as exc:
+            log.warning("could not read the last event on %s: %s", subject, exc)
+            return 0
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            return int(json.loads(raw.data or b"{}")["seq"])
+        return 0
+
+    async def forget_replies(self, uid: str) -> None:
+        """Drop a finished flow's replies: status now records them."""
+        try:
+            await self.js.purge_stream(REPLY_STREAM, subject=self.subjects.replies_of(uid))
+        except Exception as exc:
+            log.warning("could not purge replies of %s: %s", uid, exc)
+
+    async def store_response(self, key: str, data: bytes) -> str:
+        await self._objects.put(key, data)
+        return f"nats-object://{RESPONSE_BUCKET}/{key}"
+
+    async def flush(self) -> None:
+        await self.nc.flush()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.drain(), 5)

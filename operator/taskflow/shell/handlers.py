@@ -1,0 +1,101 @@
+"""kopf wiring: one low-level watch handler feeds every Taskflow to the registry.
+
+``on.event`` is used on purpose: kopf's change-detection handlers persist their progress in
+annotations, which would cost an extra API write per change; the flow writer keeps its own
+state in status instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from taskflow.api.crd import GROUP, VERSION
+from taskflow.shell.bus import Bus, NatsSettings
+from taskflow.shell.kube import Kube, connection_config, load_api_client
+from taskflow.shell.runner import Registry, RunnerSettings
+
+log = logging.getLogger("taskflow.handlers")
+
+
+class Operator:
+    """What the handlers need, set up at kopf's startup and torn down at its cleanup."""
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: str | None,
+        nats: NatsSettings,
+        runner: RunnerSettings,
+        standalone: bool = True,
+        peering: str | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.nats = nats
+        self.runner_settings = runner
+        self.standalone = standalone
+        self.peering = peering
+        self.registry: Registry | None = None
+        self.bus: Bus | None = None
+        self.kube: Kube | None = None
+
+    def register(self, registry: kopf.OperatorRegistry) -> None:
+        kopf.on.login(registry=registry)(self.login)
+        kopf.on.startup(registry=registry)(self.startup)
+        kopf.on.cleanup(registry=registry)(self.cleanup)
+        kopf.on.event(GROUP, VERSION, "taskflows", registry=registry)(self.on_event)
+        kopf.on.probe(id="nats", registry=registry)(self.probe)
+
+    def login(self, **_: Any) -> kopf.ConnectionInfo:
+        """Log kopf in with exactly the credentials our own client uses."""
+        cfg = connection_config(self.kubeconfig)
+        token = (cfg.api_key or {}).get("authorization", "")
+        return kopf.ConnectionInfo(
+            server=cfg.host,
+            ca_path=cfg.ssl_ca_cert,
+            insecure=not cfg.verify_ssl,
+            certificate_path=cfg.cert_file,
+            private_key_path=cfg.key_file,
+            scheme="Bearer" if token else None,
+            token=token.removeprefix("Bearer ").strip() or None,
+        )
+
+    async def startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False  # we post our own, flow-level Events
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.networking.error_backoffs = [1, 2, 5, 10]
+        settings.batching.worker_limit = None
+        settings.batching.batch_window = 0.0  # apply watch events at once
+        settings.batching.idle_timeout = 60.0
+        if self.standalone:
+            settings.peering.standalone = True
+        else:
+            settings.peering.name = self.peering or "taskflow-operator"
+            settings.peering.mandatory = True
+            settings.peering.clusterwide = True
+        self.kube = Kube(load_api_client(self.kubeconfig))
+        self.bus = await Bus.connect(self.nats, self.runner_settings.subjects)
+        self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings)
+        await self.bus.subscribe_replies(self.registry.on_reply)
+        log.info("connected to NATS; watching taskflows")
+
+    async def cleanup(self, **_: Any) -> None:
+        if self.registry:
+            await self.registry.close()
+        if self.bus:
+            await self.bus.close()
+        if self.kube:
+            self.kube.close()
+
+    async def on_event(self, event: dict[str, Any], **_: Any) -> None:
+        if self.registry is None or not isinstance(event.get("object"), dict):
+            return
+        self.registry.observe(event.get("type"), event["object"])
+
+    async def probe(self, **_: Any) -> str:
+        if self.bus is None or not self.bus.nc.is_connected:
+            raise RuntimeError("not connected to NATS")
+        return "connected"

@@ -1,0 +1,25 @@
+"""Prometheus metrics: flows and tasks by outcome, latency, status writes, queue depth."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+FLOWS_FINISHED = Counter(
+    "taskflow_flows_finished_total", "Taskflows that reached a final phase", ["phase"]
+)
+TASKS_FINISHED = Counter(
+    "taskflow_tasks_finished_total", "Task attempts that ended, by outcome", ["status"]
+)
+DISPATCHES = Counter("taskflow_dispatches_total", "Requests sent to services (attempts)")
+REPLY_LATENCY = Histogram(
+    "taskflow_dispatch_to_reply_seconds",
+    "Time from dispatch to the service's reply",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+STATUS_WRITES = Counter("taskflow_status_writes_total", "Status writes to the API server")
+STATUS_CONFLICTS = Counter(
+    "taskflow_status_conflicts_total", "Status writes refused for a stale resourceVersion"
+)
+REPLY_QUEUE = Gauge("taskflow_reply_queue_depth", "Replies received but not yet applied")
+ACTIVE_FLOWS = Gauge("taskflow_active_flows", "Flows with a running writer")
+BAD_REPLIES = Counter("taskflow_bad_replies_total", "Replies that were not usable", ["reason"])

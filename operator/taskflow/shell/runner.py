@@ -1,0 +1,606 @@
+"""One writer per flow.
+
+A ``FlowRunner`` owns a flow's status while the flow is active: it feeds replies and timers to
+the engine, writes status with optimistic concurrency, and only then performs the decision's
+effects (dispatches, cancel notices, events). Replies that arrive while a write is in flight
+queue up and are applied together, so API writes grow with stages, not with tasks: a task's
+result alone is written lazily (at most once per ``flush_interval``), because the reply it came
+from stays in the JetStream reply stream until the flow ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from taskflow.api.spec import TaskflowSpec, TaskType
+from taskflow.api.status import TERMINAL_FLOW_PHASES, FlowPhase, Status, TaskflowStatus
+from taskflow.engine import (
+    CancelChild,
+    CancelNotice,
+    ChildFinished,
+    CreateChild,
+    Decision,
+    Dispatch,
+    Emit,
+    Input,
+    NoResponders,
+    Record,
+    Reply,
+    decide,
+    effective_options,
+)
+from taskflow.shell import metrics
+from taskflow.shell.bus import Bus
+from taskflow.shell.kube import PLURAL, Conflict, Gone, Kube
+from taskflow.wire.context import (
+    CONTEXT_HEADER,
+    DEADLINE_HEADER,
+    EXPIRES_HEADER,
+    IDEMPOTENCY_HEADER,
+    execution_context,
+    idempotency_key,
+)
+from taskflow.wire.events import event_payload
+from taskflow.wire.replies import judge_reply
+from taskflow.wire.subjects import Subjects
+
+log = logging.getLogger("taskflow.runner")
+
+PARENT_UID = "taskflow.dev/parent-uid"
+PARENT_NAME = "taskflow.dev/parent-name"
+PARENT_TASK = "taskflow.dev/parent-task"
+PARENT_ATTEMPT = "taskflow.dev/parent-attempt"
+PARENT_CONTEXT = "taskflow.dev/parent-context"
+DEPTH = "taskflow.dev/depth"
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    subjects: Subjects = field(default_factory=Subjects)
+    max_reply_bytes: int = 1024 * 1024
+    # Responses larger than this go to the NATS object store; status keeps a reference.
+    inline_response_bytes: int = 32 * 1024
+    # Task results alone are written at most this often (stage and flow changes at once).
+    flush_interval_s: float = 1.0
+    max_depth: int = 10
+    max_children_per_task: int = 100
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _rv(body: dict[str, Any]) -> int:
+    try:
+        return int(body["metadata"].get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def child_name(parent: str, stage: str, task: str, attempt: int) -> str:
+    """A deterministic, DNS-safe name, so that a restart never creates a second child."""
+    digest = hashlib.sha256(f"{parent}/{stage}/{task}/{attempt}".encode()).hexdigest()[:8]
+    stem = re.sub(r"[^a-z0-9-]", "-", f"{parent}-{task}".lower()).strip("-")[:200]
+    return f"{stem}-{attempt}-{digest}"
+
+
+class Registry:
+    """All active flow writers, keyed by uid; routes watch events and replies to them."""
+
+    def __init__(self, *, kube: Kube, bus: Bus, settings: RunnerSettings) -> None:
+        self.kube = kube
+        self.bus = bus
+        self.settings = settings
+        self.runners: dict[str, FlowRunner] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- watch events (kopf) -----------------------------------------------------------------
+
+    def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        uid = meta.get("uid")
+        if not uid:
+            return
+        runner = self.runners.get(uid)
+        if event_type == "DELETED":
+            if runner:
+                runner.stop()
+            return
+        if runner is not None:
+            runner.observe(body)
+        elif needs_runner(body):
+            self.start(body)
+        self.notify_parent(body)
+
+    def start(self, body: dict[str, Any]) -> FlowRunner:
+        runner = FlowRunner(registry=self, body=body)
+        self.runners[runner.uid] = runner
+        metrics.ACTIVE_FLOWS.set(len(self.runners))
+        runner.task = asyncio.get_running_loop().create_task(runner.run())
+        return runner
+
+    def finished(self, runner: FlowRunner) -> None:
+        if self.runners.get(runner.uid) is runner:
+            del self.runners[runner.uid]
+        metrics.ACTIVE_FLOWS.set(len(self.runners))
+
+    def notify_parent(self, body: dict[str, Any]) -> None:
+        """A child flow changed: tell its parent's writer (if the parent is active)."""
+        labels = body.get("metadata", {}).get("labels") or {}
+        parent_uid = labels.get(PARENT_UID)
+        if not parent_uid:
+            return
+        parent = self.runners.get(parent_uid)
+        if parent is None:
+            return
+        item = child_input(body)
+        if item is not None:
+            parent.push(item)
+
+    # -- replies (NATS) ----------------------------------------------------------------------
+
+    async def on_reply(self, msg: Msg) -> None:
+        parsed = self.settings.subjects.parse_reply(msg.subject)
+        if parsed is None:
+            return
+        runner = self.runners.get(parsed[0])
+        if runner is None:
+            return  # the stream keeps it; the flow's writer finds it when it resumes
+        item = await self.to_input(msg, parsed)
+        if item is not None:
+            runner.push(item)
+
+    async def to_input(self, msg: Msg, parsed: tuple[str, str, str, int]) -> Input | None:
+        uid, stage, task, attempt = parsed
+        headers = msg.headers or {}
+        if headers.get("Status") == "503":
+            return NoResponders(stage=stage, task=task, attempt=attempt)
+        if headers.get("Status"):
+            return None  # another control message, not a service's reply
+        ok, data, error = judge_reply(
+            msg.data, headers, max_bytes=self.settings.max_reply_bytes
+        )
+        if error is not None and error.reason == "BadReply":
+            metrics.BAD_REPLIES.labels(reason="malformed").inc()
+            log.warning("bad reply for %s/%s/%s attempt %d: %s", uid, stage, task, attempt,
+                        error.message)
+        ref = None
+        if ok and len(msg.data) > self.settings.inline_response_bytes:
+            try:
+                ref = await self.bus.store_response(
+                    f"{uid}/{stage}/{task}/{attempt}", json.dumps(data).encode()
+                )
+                data = None
+            except Exception as exc:
+                log.warning("could not store a large response of %s/%s: %s", uid, task, exc)
+        return Reply(stage=stage, task=task, attempt=attempt, ok=ok, data=data, error=error,
+                     response_ref=ref)
+
+    async def close(self) -> None:
+        for runner in list(self.runners.values()):
+            runner.stop()
+        for runner in list(self.runners.values()):
+            if runner.task:
+                with contextlib.suppress(BaseException):
+                    await runner.task
+
+
+def needs_runner(body: dict[str, Any]) -> bool:
+    """Active flows, and finished ones whose spec changed since (a retry or a cancel)."""
+    status = body.get("status") or {}
+    if status.get("phase") not in {str(p) for p in TERMINAL_FLOW_PHASES}:
+        return True
+    return bool(body.get("metadata", {}).get("generation") != status.get("observedGeneration"))
+
+
+def child_input(body: dict[str, Any]) -> ChildFinished | None:
+    meta = body.get("metadata", {})
+    annotations = meta.get("annotations") or {}
+    ref = annotations.get(PARENT_TASK, "")
+    stage, _, task = ref.partition(".")
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if not stage or not task or not phase:
+        return None
+    outcome = {
+        "SUCCEEDED": Status.SUCCEEDED,
+        "COMPLETED_WITH_FAILURES": Status.FAILED,
+        "FAILED": Status.FAILED,
+        "CANCELLED": Status.CANCELLED,
+    }.get(phase, Status.RUNNING)
+    summary = {
+        "taskflowId": meta.get("uid"),
+        "name": meta.get("name"),
+        "phase": phase,
+        "progress": status.get("progress"),
+    }
+    attempt = annotations.get(PARENT_ATTEMPT)
+    return ChildFinished(
+        stage=stage, task=task, child=f"{meta.get('namespace')}/{meta.get('name')}",
+        status=outcome, summary=summary,
+        attempt=int(attempt) if attempt and attempt.isdigit() else None,
+    )
+
+
+class FlowRunner:
+    def __init__(self, *, registry: Registry, body: dict[str, Any]) -> None:
+        self.registry = registry
+        self.kube = registry.kube
+        self.bus = registry.bus
+        self.settings = registry.settings
+        meta = body["metadata"]
+        self.uid: str = meta["uid"]
+        self.namespace: str = meta["namespace"]
+        self.name: str = meta["name"]
+        self.body = body
+        self.status = TaskflowStatus()
+        self.inbox: list[Input] = []
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.stopped = False
+        self.dirty = False
+        self.last_write = 0.0
+        self.sent_at: dict[tuple[str, str, int], float] = {}
+        self.log = logging.LoggerAdapter(
+            log, {"flow": f"{self.namespace}/{self.name}", "uid": self.uid}
+        )
+
+    # -- inputs from outside -----------------------------------------------------------------
+
+    def push(self, item: Input) -> None:
+        self.inbox.append(item)
+        metrics.REPLY_QUEUE.inc()
+        self.wakeup.set()
+
+    def observe(self, body: dict[str, Any]) -> None:
+        """A newer object from the watch: take its spec and resourceVersion, keep our status."""
+        if _rv(body) <= _rv(self.body):
+            return
+        changed = body["metadata"].get("generation") != self.body["metadata"].get("generation")
+        self.body = {**body, "status": self.body.get("status")}
+        if changed:
+            self.wakeup.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wakeup.set()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self.resume()
+            await self.loop()
+        except Gone:
+            self.log.info("flow deleted")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("flow writer failed; it restarts on the next watch event")
+        finally:
+            self.registry.finished(self)
+
+    async def resume(self) -> None:
+        """Read the flow fresh (never act on a stale watch event) and collect what arrived
+        while nobody was writing it: stored replies, finished children, the last event."""
+        self.body = await self.kube.get(self.namespace, self.name)
+        try:
+            self.status = TaskflowStatus.model_validate(self.body.get("status") or {})
+        except ValidationError as exc:
+            self.log.warning("status unreadable, starting over: %s", exc)
+            self.status = TaskflowStatus()
+        if not self.status.stages:
+            return
+        subjects = self.settings.subjects
+        last = await self.bus.last_event_seq(subjects.events(self.uid))
+        self.status.last_event_seq = max(self.status.last_event_seq, last)
+        lookups = []
+        for stage in self.status.stages:
+            for task in stage.tasks:
+                if task.status == Status.RUNNING or task.waiting_reason == "NoResponders":
+                    lookups.append((stage.name, task.name, task.attempt))
+        replies = await asyncio.gather(
+            *(self.bus.stored_reply(subjects.reply(self.uid, s, t, a)) for s, t, a in lookups)
+        )
+        for (s, t, a), msg in zip(lookups, replies, strict=True):
+            if msg is not None:
+                item = await self.registry.to_input(msg, (self.uid, s, t, a))
+                if item is not None:
+                    self.push(item)
+        if any(s.status == Status.RUNNING for s in self.status.stages):
+            for child in await self.kube.list_children(self.namespace, self.uid):
+                item = child_input(child)
+                if item is not None:
+                    self.push(item)
+
+    async def loop(self) -> None:
+        while not self.stopped:
+            inputs, self.inbox = self.inbox, []
+            metrics.REPLY_QUEUE.dec(len(inputs))
+            decision = await self.decide_and_write(inputs)
+            if decision is None:
+                return
+            await self.perform(decision)
+            if self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox:
+                await self.finish()
+                return
+            await self.sleep(decision.wake_at)
+
+    def spec(self) -> TaskflowSpec:
+        return TaskflowSpec.model_validate(self.body["spec"])
+
+    async def decide_and_write(self, inputs: list[Input]) -> Decision | None:
+        while True:
+            meta = self.body["metadata"]
+            try:
+                spec = self.spec()
+            except ValidationError as exc:
+                self.log.error("spec is invalid, flow not run: %s", exc)
+                return None
+            decision = decide(
+                spec=spec,
+                status=self.status,
+                now=now_ms(),
+                inputs=inputs,
+                uid=self.uid,
+                generation=int(meta.get("generation") or 0),
+                event_subject=self.settings.subjects.events(self.uid),
+            )
+            if decision.changed:
+                self.dirty = True
+            due = time.monotonic() - self.last_write >= self.settings.flush_interval_s
+            if decision.durable or (self.dirty and due):
+                if not await self.write(decision.status):
+                    continue  # the spec changed under us: decide again with the same inputs
+            self.status = decision.status
+            return decision
+
+    async def write(self, status: TaskflowStatus) -> bool:
+        """Write status; False when the spec changed meanwhile (the decision is void)."""
+        generation = self.body["metadata"].get("generation")
+        for _ in range(10):
+            body = {
+                "apiVersion": self.body.get("apiVersion", "taskflow.dev/v1alpha1"),
+                "kind": "Taskflow",
+                "metadata": self.body["metadata"],
+                "spec": self.body["spec"],
+                "status": status.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            }
+            try:
+                result = await self.kube.replace_status(body)
+            except Conflict:
+                metrics.STATUS_CONFLICTS.inc()
+                fresh = await self.kube.get(self.namespace, self.name)
+                self.body = {**fresh, "status": self.body.get("status")}
+                if fresh["metadata"].get("generation") != generation:
+                    return False
+                continue
+            metrics.STATUS_WRITES.inc()
+            self.body = result
+            self.dirty = False
+            self.last_write = time.monotonic()
+            return True
+        raise RuntimeError("status write kept conflicting")
+
+    async def sleep(self, wake_at: int | None) -> None:
+        if self.inbox or self.stopped:
+            return
+        timeouts = []
+        if wake_at is not None:
+            timeouts.append(max(0.0, (wake_at - now_ms()) / 1000))
+        if self.dirty:
+            timeouts.append(
+                max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
+            )
+        self.wakeup.clear()
+        if self.inbox:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wakeup.wait(), min(timeouts) if timeouts else None)
+
+    async def finish(self) -> None:
+        phase = self.status.phase
+        metrics.FLOWS_FINISHED.labels(phase=str(phase)).inc()
+        self.registry.spawn(self.bus.forget_replies(self.uid))
+        self.log.info("flow ended %s", phase)
+
+    # -- effects -----------------------------------------------------------------------------
+
+    async def perform(self, decision: Decision) -> None:
+        spec: TaskflowSpec | None = None
+        contexts: dict[int, Any] = {}
+        for effect in decision.effects:
+            if isinstance(effect, Dispatch):
+                spec = spec or self.spec()
+                await self.dispatch(spec, effect, contexts)
+            elif isinstance(effect, Emit):
+                await self.emit(effect)
+            elif isinstance(effect, Record):
+                self.registry.spawn(
+                    self.kube.event(self.body, reason=effect.reason, message=effect.message,
+                                    type_=effect.type)
+                )
+            elif isinstance(effect, CancelNotice):
+                await self.cancel_notice(effect)
+            elif isinstance(effect, CreateChild):
+                spec = spec or self.spec()
+                self.registry.spawn(self.create_child(spec, effect))
+            elif isinstance(effect, CancelChild):
+                namespace, _, name = effect.child.partition("/")
+                self.registry.spawn(self.cancel_child(namespace, name))
+
+    def parent_context(self) -> dict[str, Any] | None:
+        raw = (self.body["metadata"].get("annotations") or {}).get(PARENT_CONTEXT)
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def context_for(self, spec: TaskflowSpec, stage_name: str, task_name: str) -> dict[str, Any]:
+        index = next(i for i, s in enumerate(self.status.stages) if s.name == stage_name)
+        state = next(t for t in self.status.stages[index].tasks if t.name == task_name)
+        task = next(t for t in spec.stages[index].tasks if t.name == task_name)
+        return execution_context(
+            uid=self.uid, status=self.status, stage_index=index, task=task, state=state,
+            options=effective_options(spec.options, task.options),
+            parent_context=self.parent_context(),
+        )
+
+    async def dispatch(self, spec: TaskflowSpec, effect: Dispatch, _cache: dict[int, Any]) -> None:
+        stage_index = next(i for i, s in enumerate(spec.stages) if s.name == effect.stage)
+        task = next(t for t in spec.stages[stage_index].tasks if t.name == effect.task)
+        state = next(
+            t for t in self.status.stages[stage_index].tasks if t.name == effect.task
+        )
+        assert task.task_details is not None
+        subjects = self.settings.subjects
+        context = self.context_for(spec, effect.stage, effect.task)
+        headers = {
+            CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
+            IDEMPOTENCY_HEADER: idempotency_key(self.uid, effect.stage, effect.task,
+                                                effect.attempt),
+        }
+        if state.deadline:
+            from taskflow.engine import parse_iso
+
+            headers[DEADLINE_HEADER] = str(parse_iso(state.deadline))
+            if state.expires_at:
+                headers[EXPIRES_HEADER] = str(parse_iso(state.expires_at))
+        self.sent_at[(effect.stage, effect.task, effect.attempt)] = time.monotonic()
+        metrics.DISPATCHES.inc()
+        await self.bus.dispatch(
+            subject=subjects.request(task.task_details.service_id, task.task_details.action_name),
+            reply=subjects.reply(self.uid, effect.stage, effect.task, effect.attempt),
+            body=json.dumps(task.params or {}).encode(),
+            headers=headers,
+        )
+
+    async def emit(self, effect: Emit) -> None:
+        if effect.kind == "TASK" and effect.status not in ("RUNNING",):
+            metrics.TASKS_FINISHED.labels(status=effect.status).inc()
+            key = (effect.stage or "", effect.task or "", effect.attempt or 0)
+            sent = self.sent_at.pop(key, None)
+            if sent is not None:
+                metrics.REPLY_LATENCY.observe(time.monotonic() - sent)
+        payload = event_payload(effect, name=self.name, namespace=self.namespace,
+                                status=self.status, time_ms=now_ms())
+        await self.bus.publish(
+            self.settings.subjects.events(self.uid),
+            json.dumps(payload, separators=(",", ":"), default=str).encode(),
+            headers={"Nats-Msg-Id": f"{self.uid}:{effect.seq}"},
+        )
+
+    async def cancel_notice(self, effect: CancelNotice) -> None:
+        spec = self.spec()
+        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
+                    if t.name == effect.task)
+        if task.type != TaskType.ACTION or task.task_details is None:
+            return
+        key = idempotency_key(self.uid, effect.stage, effect.task, effect.attempt)
+        notice = {
+            "idempotencyKey": key,
+            "taskflowId": self.uid,
+            "stage": effect.stage,
+            "task": effect.task,
+            "attempt": effect.attempt,
+            "serviceId": task.task_details.service_id,
+            "actionName": task.task_details.action_name,
+            "reason": "cancelled",
+        }
+        await self.bus.publish(
+            self.settings.subjects.cancel(task.task_details.service_id),
+            json.dumps(notice).encode(),
+            headers={IDEMPOTENCY_HEADER: key},
+        )
+
+    # -- nested flows ------------------------------------------------------------------------
+
+    async def create_child(self, spec: TaskflowSpec, effect: CreateChild) -> None:
+        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
+                    if t.name == effect.task)
+        annotations = self.body["metadata"].get("annotations") or {}
+        depth = int(annotations.get(DEPTH, "0")) + 1
+        name = child_name(self.name, effect.stage, effect.task, effect.attempt)
+        if depth > self.settings.max_depth:
+            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
+                            ok=False, error=_child_error(
+                                f"nesting depth {depth} exceeds the limit of "
+                                f"{self.settings.max_depth}")))
+            return
+        context = self.context_for(spec, effect.stage, effect.task)
+        body = {
+            "apiVersion": "taskflow.dev/v1alpha1",
+            "kind": "Taskflow",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {
+                    PARENT_UID: self.uid,
+                    PARENT_NAME: self.name[:63],
+                },
+                "annotations": {
+                    PARENT_TASK: f"{effect.stage}.{effect.task}",
+                    PARENT_ATTEMPT: str(effect.attempt),
+                    DEPTH: str(depth),
+                    PARENT_CONTEXT: json.dumps(context, separators=(",", ":")),
+                },
+                "ownerReferences": [{
+                    "apiVersion": "taskflow.dev/v1alpha1",
+                    "kind": "Taskflow",
+                    "name": self.name,
+                    "uid": self.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }],
+            },
+            "spec": task.taskflow or {},
+        }
+        try:
+            created = await self.kube.create(self.namespace, body)
+        except Conflict:
+            created = await self.kube.get(self.namespace, name)  # made before a restart
+        except Exception as exc:
+            reason = getattr(exc, "body", None) or str(exc)
+            with contextlib.suppress(ValueError, TypeError):
+                reason = json.loads(reason).get("message", reason)
+            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
+                            ok=False, error=_child_error(f"child taskflow refused: {reason}")))
+            return
+        ref = f"{self.namespace}/{created['metadata']['name']}"
+        self.push(ChildFinished(stage=effect.stage, task=effect.task, child=ref,
+                                status=Status.RUNNING, attempt=effect.attempt))
+        item = child_input(created)
+        if item is not None:
+            self.push(item)
+
+    async def cancel_child(self, namespace: str, name: str) -> None:
+        with contextlib.suppress(Gone):
+            await self.kube.patch_spec(namespace, name, {"spec": {"cancel": True}})
+
+
+def _child_error(message: str) -> Any:
+    from taskflow.api.status import TaskError
+
+    return TaskError(message=message[:4096], reason="Child")
+
+
+__all__ = ["PLURAL", "FlowPhase", "FlowRunner", "Registry", "RunnerSettings"]
