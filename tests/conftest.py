@@ -1,0 +1,248 @@
+"""Fixtures: real etcd + kube-apiserver + nats-server (session), the operator as a real process,
+a namespace per test, and small helpers to create flows and wait on them.
+
+Nothing here fakes the Kubernetes API or NATS: tests that need servers are marked
+``integration`` automatically by using these fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from taskflow.devstack import DevStack
+from taskflow.devstack.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP, VERSION, PLURAL = "taskflow.dev", "v1alpha1", "taskflows"
+SERVER_FIXTURES = {"stack", "kube", "namespace", "operator", "nc", "flows", "kubectl"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    with DevStack(tmp_path_factory.mktemp("stack")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def kube(stack: DevStack) -> Iterator[client.ApiClient]:
+    api = config.new_client_from_config(str(stack.kubeconfig))
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def namespace(kube: client.ApiClient, request: pytest.FixtureRequest) -> str:
+    name = f"t-{request.node.name[:40].lower()}".replace("_", "-").replace("[", "-")
+    name = "".join(c for c in name if c.isalnum() or c == "-").strip("-")
+    name = f"{name[:50]}-{uuid.uuid4().hex[:6]}"
+    client.CoreV1Api(kube).create_namespace(client.V1Namespace(metadata={"name": name}))
+    return name
+
+
+class Kubectl:
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True
+                 ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            input=input, capture_output=True, text=True, timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result
+
+
+@pytest.fixture(scope="session")
+def kubectl(stack: DevStack) -> Kubectl:
+    return Kubectl(stack.kubeconfig)
+
+
+class OperatorProcess:
+    """``taskflow-operator run`` as a child process, so tests can SIGKILL and restart it."""
+
+    def __init__(self, stack: DevStack, log_dir: Path, extra: list[str] | None = None) -> None:
+        self.stack = stack
+        self.log_path = log_dir / "operator.log"
+        self.metrics_port = free_port()
+        self.extra = extra or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "taskflow.cli", "run",
+                 "--kubeconfig", str(self.stack.kubeconfig),
+                 "--nats-url", self.stack.nats.url,
+                 "--metrics-address", f"127.0.0.1:{self.metrics_port}",
+                 "--flush-interval", "0.5",
+                 *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"operator exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1)
+                if "watching taskflows" in self.log_path.read_text():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("operator did not start")
+
+    def metrics(self) -> dict[str, float]:
+        import urllib.request
+
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def operator(stack: DevStack, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(stack, tmp_path_factory.mktemp("operator"))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def nc(stack: DevStack) -> AsyncIterator[nats.NATS]:
+    conn = await nats.connect(stack.nats.url)
+    yield conn
+    await conn.drain()
+
+
+class Flows:
+    """Create Taskflows and wait on them through the real API server."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.namespace = namespace
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def create(self, body: dict[str, Any] | str, name: str | None = None) -> dict[str, Any]:
+        if isinstance(body, str):
+            body = yaml.safe_load(body)
+        assert isinstance(body, dict)
+        if "spec" not in body:
+            body = {"spec": body}
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Taskflow", **body}
+        body.setdefault("metadata", {})
+        if name:
+            body["metadata"]["name"] = name
+        body["metadata"].setdefault("name", f"flow-{uuid.uuid4().hex[:8]}")
+        result: dict[str, Any] = await self._run(
+            self.custom.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
+            PLURAL, body)
+        return result
+
+    async def get(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._run(
+            self.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
+            name)
+        return result
+
+    async def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._run(
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
+            name, patch)
+        return result
+
+    async def list(self) -> list[dict[str, Any]]:
+        result = await self._run(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL)
+        items: list[dict[str, Any]] = result["items"]
+        return items
+
+    async def wait(
+        self, name: str, until: Callable[[dict[str, Any]], bool] | None = None,
+        timeout: float = 30,
+    ) -> dict[str, Any]:
+        """Wait until ``until(body)`` (default: the flow reached a final phase)."""
+        until = until or (lambda b: (b.get("status") or {}).get("phase") in FINAL)
+        deadline = time.monotonic() + timeout
+        body: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                body = await self.get(name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                if until(body):
+                    return body
+            await asyncio.sleep(0.1)
+        raise AssertionError(
+            f"timed out waiting on {name}: {json.dumps(body.get('status'), indent=1)[:4000]}")
+
+
+FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "COMPLETED_WITH_FAILURES"}
+
+
+@pytest.fixture
+def flows(kube: client.ApiClient, namespace: str) -> Flows:
+    return Flows(kube, namespace)
+
+
+def task_status(body: dict[str, Any], stage: str, task: str) -> dict[str, Any]:
+    for s in body["status"]["stages"]:
+        if s["name"] == stage:
+            for t in s["tasks"]:
+                if t["name"] == task:
+                    return dict(t)
+    raise KeyError(f"{stage}/{task}")
+
+
+@pytest.fixture
+def svc() -> str:
+    """A service id unique to the test, so services of different tests never meet."""
+    return f"svc-{uuid.uuid4().hex[:10]}"
