@@ -366,6 +366,16 @@ class _Step:
         if item.ok:
             task.response = item.data
             task.response_ref = item.response_ref
+            waiting = [c for c in item.children if c not in task.nested_taskflows]
+            if waiting:
+                # The service started child flows: the task ends when they do, whatever
+                # the attempt's timeout (which covered the reply only).
+                task.nested_taskflows.extend(waiting)
+                task.nested_active_running_taskflow_ids.extend(waiting)
+                task.waiting_reason = "Children"
+                task.deadline = None
+                self.changed = True
+                return
             self.end_attempt(stage, task, Status.SUCCEEDED, None)
         else:
             self.end_attempt(stage, task, Status.FAILED, item.error)
@@ -389,21 +399,22 @@ class _Step:
                 active.append(item.child)
                 self.changed = True
             return
-        if item.child in active:
-            active.remove(item.child)
-            self.changed = True
-        if task.status != Status.RUNNING or active:
+        if item.child not in active or task.status != Status.RUNNING:
             return
-        if self.task_spec(stage.name, task.name).type != TaskType.TASKFLOW:
-            return
-        task.response = item.summary
-        if item.status == Status.SUCCEEDED:
-            self.end_attempt(stage, task, Status.SUCCEEDED, None)
-        else:
-            error = TaskError(
+        active.remove(item.child)
+        self.changed = True
+        if item.status != Status.SUCCEEDED:
+            task.error = TaskError(
                 message=f"nested taskflow {item.child} ended {item.status}", reason="Child"
             )
-            self.end_attempt(stage, task, Status.FAILED, error)
+        is_flow = self.task_spec(stage.name, task.name).type == TaskType.TASKFLOW
+        if is_flow:
+            task.response = item.summary
+        if active or not (is_flow or task.waiting_reason == "Children"):
+            return
+        task.waiting_reason = None
+        outcome = Status.FAILED if task.error else Status.SUCCEEDED
+        self.end_attempt(stage, task, outcome, task.error)
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -524,6 +535,7 @@ class _Step:
             task.status = Status.RUNNING
             task.not_before = task.waiting_reason = None
             if not redelivery:
+                task.error = None
                 task.dispatch_time = iso(self.now)
                 task.deadline = iso(self.now + opts.timeout_ms)
                 if task.start_time is None:

@@ -19,6 +19,9 @@ class Reply:
     data: Any = None
     error: TaskError | None = None
     response_ref: str | None = None
+    # Child flows the service started for this attempt ("ns/name"); the task finishes when
+    # they do.
+    children: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

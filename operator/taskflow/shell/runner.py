@@ -52,7 +52,7 @@ from taskflow.wire.context import (
     idempotency_key,
 )
 from taskflow.wire.events import event_payload
-from taskflow.wire.replies import judge_reply
+from taskflow.wire.replies import judge_reply, nested_of
 from taskflow.wire.subjects import Subjects
 
 log = logging.getLogger("taskflow.runner")
@@ -189,8 +189,24 @@ class Registry:
                 data = None
             except Exception as exc:
                 log.warning("could not store a large response of %s/%s: %s", uid, task, exc)
+        children = nested_of(msg.data) if ok else ()
+        if children:
+            self.spawn(self.check_children(uid, children))
         return Reply(stage=stage, task=task, attempt=attempt, ok=ok, data=data, error=error,
-                     response_ref=ref)
+                     response_ref=ref, children=children)
+
+    async def check_children(self, uid: str, children: tuple[str, ...]) -> None:
+        """Children named in a reply may have finished before the reply arrived."""
+        for ref in children:
+            namespace, _, name = ref.partition("/")
+            try:
+                body = await self.kube.get(namespace, name)
+            except Exception:
+                continue
+            item = child_input(body)
+            runner = self.runners.get(uid)
+            if item is not None and runner is not None:
+                runner.push(item)
 
     async def close(self) -> None:
         for runner in list(self.runners.values()):

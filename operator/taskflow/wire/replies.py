@@ -28,6 +28,18 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
 
 
+def nested_of(data: bytes) -> tuple[str, ...]:
+    """Child flows a successful reply names in ``nestedTaskflows`` ("namespace/name")."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return ()
+    refs = body.get("nestedTaskflows") if isinstance(body, dict) else None
+    if not isinstance(refs, list):
+        return ()
+    return tuple(r for r in refs if isinstance(r, str) and r.count("/") == 1)[:1000]
+
+
 def judge_reply(
     data: bytes, headers: dict[str, str] | None, *, max_bytes: int
 ) -> tuple[bool, Any, TaskError | None]:
