@@ -246,3 +246,62 @@ def task_status(body: dict[str, Any], stage: str, task: str) -> dict[str, Any]:
 def svc() -> str:
     """A service id unique to the test, so services of different tests never meet."""
     return f"svc-{uuid.uuid4().hex[:10]}"
+
+
+class Recorder:
+    """A plain nats-py service for tests: records every request and answers via ``reply``."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def keys(self) -> list[str]:
+        return [m.headers.get("Taskflow-Idempotency-Key", "") for m in self.requests]
+
+    def contexts(self) -> list[dict[str, Any]]:
+        return [json.loads(m.headers["taskflowExecutionContext"]) for m in self.requests]
+
+
+async def serve(
+    nc: nats.NATS,
+    subject: str,
+    reply: Callable[[Any], Any] | None = None,
+    *,
+    delay: float = 0.0,
+) -> Recorder:
+    """Answer ``subject``: ``reply(msg)`` returns a dict (sent as JSON), bytes, a
+    ``(bytes, headers)`` pair, or None (no answer). Default: success with the params."""
+    recorder = Recorder()
+
+    async def handle(msg: Any) -> None:
+        recorder.requests.append(msg)
+        if delay:
+            await asyncio.sleep(delay)
+        out = reply(msg) if reply else {"success": True, "data": json.loads(msg.data or b"{}")}
+        if asyncio.iscoroutine(out):
+            out = await out
+        if out is None:
+            return
+        headers = None
+        if isinstance(out, tuple):
+            out, headers = out
+        data = out if isinstance(out, bytes) else json.dumps(out).encode()
+        await nc.publish(msg.reply, data, headers=headers)
+
+    await nc.subscribe(subject, cb=handle)
+    await nc.flush()
+    return recorder
+
+
+def flow(svc: str, *stages: list[str], options: dict[str, Any] | None = None,
+         task_options: dict[str, Any] | None = None, action: str = "do") -> dict[str, Any]:
+    """A spec with the given stages of task names, every task calling ``<svc>.<action>``."""
+    spec: dict[str, Any] = {"stages": [
+        {"name": f"s{i + 1}", "tasks": [
+            {"name": name, "params": {"task": name},
+             "taskDetails": {"serviceId": svc, "actionName": action},
+             **({"options": task_options} if task_options else {})}
+            for name in names]}
+        for i, names in enumerate(stages)]}
+    if options:
+        spec["options"] = options
+    return spec
