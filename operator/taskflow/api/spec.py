@@ -35,6 +35,14 @@ Duration = Annotated[
             "maxLength": 32,
             "pattern": DURATION_PATTERN,
             "description": "Milliseconds (0 to 7 days) or a duration like '90s' or '1m30s'.",
+            # maximum bounds integers only; a string is bounded by CEL's duration() (no regex,
+            # so its cost stays small even for every task of every stage).
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) != string || duration(self) <= duration('168h')",
+                    "message": "must be at most 7 days (168h)",
+                }
+            ],
         }
     ),
 ]
