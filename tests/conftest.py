@@ -287,7 +287,15 @@ async def serve(
         data = out if isinstance(out, bytes) else json.dumps(out).encode()
         await nc.publish(msg.reply, data, headers=headers)
 
-    await nc.subscribe(subject, cb=handle)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def dispatch(msg: Any) -> None:
+        # nats-py runs one callback at a time per subscription: answer concurrently.
+        task = asyncio.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await nc.subscribe(subject, cb=dispatch)
     await nc.flush()
     return recorder
 

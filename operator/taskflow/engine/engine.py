@@ -222,15 +222,16 @@ class _Step:
         self.condition("Cancelled", "True", "Cancelled", "cancelled by spec.cancel")
 
     def cancel_task(self, stage: StageStatus, task: TaskStatus) -> None:
-        if task.status == Status.RUNNING or task.dispatch_time:
-            if self.task_spec(stage.name, task.name).type == TaskType.TASKFLOW:
-                for child in task.nested_active_running_taskflow_ids:
-                    self.effects.append(CancelChild(child=child))
-            else:
-                self.effects.append(
-                    CancelNotice(stage=stage.name, task=task.name, attempt=task.attempt)
-                )
-        self.end_task(stage, task, Status.CANCELLED, TaskError(message="cancelled", reason="Cancelled"))
+        error = TaskError(message="cancelled", reason="Cancelled")
+        for child in task.nested_active_running_taskflow_ids:
+            self.effects.append(CancelChild(child=child))  # cancel cascades to children
+        awaiting_reply = task.status == Status.RUNNING and task.waiting_reason != "Children"
+        is_action = self.task_spec(stage.name, task.name).type == TaskType.ACTION
+        if awaiting_reply and is_action:
+            self.effects.append(CancelNotice(stage=stage.name, task=task.name, attempt=task.attempt))
+        if task.status == Status.RUNNING or task.waiting_reason == "NoResponders":
+            self.record_attempt(task, Status.CANCELLED, error)  # so a late reply is recorded
+        self.end_task(stage, task, Status.CANCELLED, error)
 
     # -- retry -------------------------------------------------------------------------------
 
@@ -267,6 +268,7 @@ class _Step:
             stage.start_time = stage.end_time = None
         status.phase = FlowPhase.RUNNING
         status.completion_time = None
+        status.cancelled_at = None  # a later spec.cancel: true cancels this run
         self.condition("Succeeded", "Unknown", "Running", message)
         self.emit("TASKFLOW", FlowPhase.RUNNING)
 
@@ -399,15 +401,17 @@ class _Step:
                 active.append(item.child)
                 self.changed = True
             return
-        if item.child not in active or task.status != Status.RUNNING:
+        is_flow = self.task_spec(stage.name, task.name).type == TaskType.TASKFLOW
+        # A TASKFLOW task's child may be seen only once it ended (e.g. after a restart).
+        if task.status != Status.RUNNING or (item.child not in active and not is_flow):
             return
-        active.remove(item.child)
+        if item.child in active:
+            active.remove(item.child)
         self.changed = True
         if item.status != Status.SUCCEEDED:
             task.error = TaskError(
                 message=f"nested taskflow {item.child} ended {item.status}", reason="Child"
             )
-        is_flow = self.task_spec(stage.name, task.name).type == TaskType.TASKFLOW
         if is_flow:
             task.response = item.summary
         if active or not (is_flow or task.waiting_reason == "Children"):
@@ -475,7 +479,11 @@ class _Step:
         """An attempt ended: finish the task, or schedule the next attempt."""
         self.record_attempt(task, outcome, error)
         opts = self.opts(stage.name, task.name)
-        if outcome != Status.SUCCEEDED and task.attempt - task.run_start_attempt < opts.max_retries:
+        # Under exactlyOnceTaskExecution a timed-out attempt's outcome is unknown: the service
+        # may have done the work, so it is never re-sent on its own (a flow retry can).
+        unknown = outcome == Status.TIMED_OUT and opts.exactly_once_task_execution
+        retries_left = task.attempt - task.run_start_attempt < opts.max_retries
+        if outcome != Status.SUCCEEDED and retries_left and not unknown:
             retry_at = self.now + opts.retry_delay_ms
             if task.expires_at is None or retry_at < parse_iso(task.expires_at):
                 # Tell subscribers how this attempt ended, then wait for the next one.
