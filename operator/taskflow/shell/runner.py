@@ -75,6 +75,8 @@ class RunnerSettings:
     flush_interval_s: float = 1.0
     max_depth: int = 10
     max_children_per_task: int = 100
+    # After a cancel, the writer stays this long to record late replies (they change nothing).
+    late_reply_window_s: float = 30.0
 
 
 def now_ms() -> int:
@@ -353,10 +355,14 @@ class FlowRunner:
             if decision is None:
                 return
             await self.perform(decision)
+            wake_at = decision.wake_at
             if self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox:
-                await self.finish()
-                return
-            await self.sleep(decision.wake_at)
+                linger = self.linger_until()
+                if linger is None:
+                    await self.finish()
+                    return
+                wake_at = linger
+            await self.sleep(wake_at)
 
     def spec(self) -> TaskflowSpec:
         return TaskflowSpec.model_validate(self.body["spec"])
@@ -429,6 +435,15 @@ class FlowRunner:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wakeup.wait(), min(timeouts) if timeouts else None)
+
+    def linger_until(self) -> int | None:
+        """Epoch ms until which a cancelled flow still records late replies, if not past."""
+        if self.status.phase != FlowPhase.CANCELLED or not self.status.cancelled_at:
+            return None
+        from taskflow.engine import parse_iso
+
+        until = parse_iso(self.status.cancelled_at) + int(self.settings.late_reply_window_s * 1000)
+        return until if until > now_ms() else None
 
     async def finish(self) -> None:
         phase = self.status.phase
