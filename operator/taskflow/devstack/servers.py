@@ -167,6 +167,8 @@ class ControlPlane:
     port: int = 0
     servers: list[Server] = field(default_factory=list)
     kubeconfig: Path | None = None
+    # kube-controller-manager for garbage collection (owned child flows) and namespaces.
+    controller_manager_binary: Path | None = None
 
     @property
     def url(self) -> str:
@@ -226,6 +228,21 @@ class ControlPlane:
         self.kubeconfig = self.workdir / "kubeconfig"
         self.kubeconfig.write_text(yaml.safe_dump(self.kubeconfig_dict(pki)))
         self.kubeconfig.chmod(0o600)
+        if self.controller_manager_binary:
+            kcm = Server("kube-controller-manager", [
+                str(self.controller_manager_binary),
+                "--kubeconfig", str(self.kubeconfig),
+                "--authentication-kubeconfig", str(self.kubeconfig),
+                "--authorization-kubeconfig", str(self.kubeconfig),
+                "--controllers", "garbage-collector-controller,namespace-controller",
+                "--leader-elect=false",
+                "--bind-address", "127.0.0.1",
+                "--secure-port", str(free_port()),
+                "--cert-dir", str(self.workdir / "kcm-certs"),
+                "--concurrent-gc-syncs", "5",
+            ], self.workdir / "kube-controller-manager.log")
+            self.servers.append(kcm)
+            kcm.start()
 
     def kubeconfig_dict(self, pki: dict[str, Path]) -> dict[str, Any]:
         def b64(path: Path) -> str:
@@ -257,8 +274,14 @@ class DevStack:
         self.workdir = workdir or Path(self._tmp)  # type: ignore[arg-type]
         self.keep = keep
         bins = find_binaries()
+        try:
+            kcm: Path | None = find_binaries(("kube-controller-manager",))[
+                "kube-controller-manager"]
+        except FileNotFoundError:
+            kcm = None  # optional: only garbage collection of deleted parents needs it
         self.control_plane = ControlPlane(
-            self.workdir / "kube", bins["etcd"], bins["kube-apiserver"]
+            self.workdir / "kube", bins["etcd"], bins["kube-apiserver"],
+            controller_manager_binary=kcm,
         )
         self.nats = NatsServer(self.workdir / "nats", bins["nats-server"])
 
