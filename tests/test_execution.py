@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from conftest import Flows, flow, serve, task_status
 
 SEED_TASK_INFO_KEYS = {

@@ -41,7 +41,7 @@ async def test_three_level_flow_runs_to_succeeded_with_the_parent_context(
     assert len(nested["nestedTaskflows"]) == 1
     assert nested["nestedActiveRunningTaskFlowIds"] == []
     assert nested["response"]["phase"] == "SUCCEEDED"
-    child_ns, child_name = nested["nestedTaskflows"][0].split("/")
+    _, child_name = nested["nestedTaskflows"][0].split("/")
     child = await flows.get(child_name)
     assert child["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
     assert child["metadata"]["labels"]["taskflow.dev/parent-uid"] == created["metadata"]["uid"]

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+
 from conftest import Flows, Kubectl, flow, serve, task_status
 
 

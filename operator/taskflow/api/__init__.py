@@ -22,10 +22,10 @@ from taskflow.api.status import (
     FlowPhase,
     RetryAck,
     StageStatus,
+    Status,
     TaskError,
     TaskflowStatus,
     TaskStatus,
-    Status,
 )
 
 GROUP = "taskflow.dev"

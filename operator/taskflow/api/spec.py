@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.config import JsonValue
 
 from taskflow.api.durations import DURATION_PATTERN, parse_duration_ms
 
@@ -192,7 +193,7 @@ class RetryRequest(_Model):
     )
 
 
-_SPEC_RULES = [
+_SPEC_RULES: list[JsonValue] = [
     {
         "rule": "self.stages == oldSelf.stages",
         "message": "stages are immutable once the flow exists: create a new Taskflow",

@@ -10,8 +10,9 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
-_FREE = {"x-kubernetes-preserve-unknown-fields": True}
+_FREE: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 
 
 class Status(StrEnum):

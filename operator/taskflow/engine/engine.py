@@ -126,7 +126,7 @@ class _Step:
                 status=status,
                 reason=reason,
                 message=message,
-                lastTransitionTime=iso(self.now),
+                last_transition_time=iso(self.now),
             )
         )
 
@@ -207,7 +207,10 @@ class _Step:
         self.changed = self.durable = True
         if status.phase in TERMINAL_FLOW_PHASES:
             self.condition(
-                "Cancelled", "False", "AlreadyFinished", f"the flow had already ended {status.phase}"
+                "Cancelled",
+                "False",
+                "AlreadyFinished",
+                f"the flow had already ended {status.phase}",
             )
             return
         for stage in status.stages:
@@ -228,7 +231,9 @@ class _Step:
         awaiting_reply = task.status == Status.RUNNING and task.waiting_reason != "Children"
         is_action = self.task_spec(stage.name, task.name).type == TaskType.ACTION
         if awaiting_reply and is_action:
-            self.effects.append(CancelNotice(stage=stage.name, task=task.name, attempt=task.attempt))
+            self.effects.append(
+                CancelNotice(stage=stage.name, task=task.name, attempt=task.attempt)
+            )
         if task.status == Status.RUNNING or task.waiting_reason == "NoResponders":
             self.record_attempt(task, Status.CANCELLED, error)  # so a late reply is recorded
         self.end_task(stage, task, Status.CANCELLED, error)
@@ -248,10 +253,14 @@ class _Step:
             if not selection:
                 refusal = "nothing to retry: the selection holds no task that may run again"
         if refusal is not None:
-            status.retry = RetryAck(id=request.id, accepted=False, message=refusal, time=iso(self.now))
+            status.retry = RetryAck(
+                id=request.id, accepted=False, message=refusal, time=iso(self.now)
+            )
             self.condition("RetryAccepted", "False", "Refused", f"retry {request.id}: {refusal}")
             self.effects.append(
-                Record(reason="RetryRefused", message=f"retry {request.id}: {refusal}", type="Warning")
+                Record(
+                    reason="RetryRefused", message=f"retry {request.id}: {refusal}", type="Warning"
+                )
             )
             return
         message = f"retry {request.id}: {len(selection)} task(s) to run again"
@@ -321,7 +330,9 @@ class _Step:
             return result
         # Later stages depended on the re-run work, so they run again too: what did not
         # succeed always; what succeeded only when a plain whole-or-stage retry allows it.
-        first = min(i for i, s in enumerate(self.status.stages) if any(k[0] == s.name for k in result))
+        first = min(
+            i for i, s in enumerate(self.status.stages) if any(k[0] == s.name for k in result)
+        )
         for stage in self.status.stages[first + 1 :]:
             for task in stage.tasks:
                 key = (stage.name, task.name)
@@ -431,12 +442,16 @@ class _Step:
             if task.status not in (Status.RUNNING, Status.WAITING):
                 continue
             opts = self.opts(stage.name, task.name)
-            if task.expires_at and parse_iso(task.expires_at) <= self.now and (
-                task.status == Status.WAITING
+            if (
+                task.expires_at
+                and parse_iso(task.expires_at) <= self.now
+                and (task.status == Status.WAITING)
             ):
                 self.expire(stage, task, opts)
-            elif task.deadline and parse_iso(task.deadline) <= self.now and (
-                task.status == Status.RUNNING or task.waiting_reason == "NoResponders"
+            elif (
+                task.deadline
+                and parse_iso(task.deadline) <= self.now
+                and (task.status == Status.RUNNING or task.waiting_reason == "NoResponders")
             ):
                 nobody = task.waiting_reason == "NoResponders"
                 message = (
@@ -553,16 +568,18 @@ class _Step:
                 self.emit("TASK", Status.RUNNING, stage, task)
             self.changed = self.durable = True
             if self.task_spec(stage.name, task.name).type == TaskType.TASKFLOW:
-                self.effects.append(CreateChild(stage=stage.name, task=task.name, attempt=task.attempt))
+                self.effects.append(
+                    CreateChild(stage=stage.name, task=task.name, attempt=task.attempt)
+                )
             else:
-                self.effects.append(Dispatch(stage=stage.name, task=task.name, attempt=task.attempt))
+                self.effects.append(
+                    Dispatch(stage=stage.name, task=task.name, attempt=task.attempt)
+                )
 
     def close_stage(self, stage: StageStatus) -> bool:
         """Finish a stage whose tasks all ended; True when the flow stops here."""
         failed = [t for t in stage.tasks if t.status != Status.SUCCEEDED]
-        blocking = [
-            t for t in failed if not self.opts(stage.name, t.name).continue_on_task_failure
-        ]
+        blocking = [t for t in failed if not self.opts(stage.name, t.name).continue_on_task_failure]
         self.finish_stage(stage, Status.FAILED if failed else Status.SUCCEEDED)
         if failed:
             first = failed[0]

@@ -126,7 +126,9 @@ class Bus:
 
     async def subscribe_replies(self, handler: ReplyHandler) -> None:
         await self.nc.subscribe(
-            f"{self.subjects.reply_prefix}.>", cb=handler, pending_msgs_limit=1_000_000,
+            f"{self.subjects.reply_prefix}.>",
+            cb=handler,
+            pending_msgs_limit=1_000_000,
             pending_bytes_limit=512 * 1024 * 1024,
         )
 
@@ -135,7 +137,9 @@ class Bus:
     ) -> None:
         await self.nc.publish(subject, body, reply=reply, headers=headers)
 
-    async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         await self.nc.publish(subject, body, headers=headers)
 
     async def stored_reply(self, subject: str) -> Msg | None:
@@ -147,7 +151,9 @@ class Bus:
         except Exception as exc:
             log.warning("could not look up a stored reply on %s: %s", subject, exc)
             return None
-        return Msg(self.nc, subject=raw.subject, data=raw.data or b"", headers=raw.headers)
+        return Msg(
+            self.nc, subject=raw.subject or subject, data=raw.data or b"", headers=raw.headers
+        )
 
     async def last_event_seq(self, subject: str) -> int:
         try:

@@ -387,9 +387,9 @@ class FlowRunner:
             if decision.changed:
                 self.dirty = True
             due = time.monotonic() - self.last_write >= self.settings.flush_interval_s
-            if decision.durable or (self.dirty and due):
-                if not await self.write(decision.status):
-                    continue  # the spec changed under us: decide again with the same inputs
+            flush = decision.durable or (self.dirty and due)
+            if flush and not await self.write(decision.status):
+                continue  # the spec changed under us: decide again with the same inputs
             self.status = decision.status
             return decision
 
