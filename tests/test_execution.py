@@ -251,3 +251,13 @@ async def test_large_response_is_kept_out_of_the_object(operator, flows: Flows, 
     store = await nc.jetstream().object_store("taskflow-responses")
     stored = await store.get(f"{uid}/s1/a/0")
     assert json.loads(stored.data) == big
+
+
+async def test_many_task_flow_keeps_status_small(operator, flows: Flows, nc, svc: str) -> None:
+    """Responses share a per-flow budget: 300 tasks answering 8 KiB each stay out of status."""
+    await serve(nc, f"{svc}.do", lambda m: {"success": True, "data": "z" * 8000})
+    await flows.create(flow(svc, [f"t{i}" for i in range(300)]), "f")
+    done = await flows.wait("f", timeout=60)
+    assert done["status"]["phase"] == "SUCCEEDED"
+    assert all("responseRef" in t for t in done["status"]["stages"][0]["tasks"])
+    assert len(json.dumps(done)) < 400_000

@@ -42,7 +42,7 @@ from taskflow.engine.options import EffectiveOptions, effective_options
 # How long to wait before redelivering an attempt nobody was listening for.
 REDELIVERY_INTERVAL_MS = 500
 # Finished attempts kept per task; older ones are dropped to keep the object small.
-MAX_ATTEMPT_RECORDS = 20
+MAX_ATTEMPT_RECORDS = 10
 
 
 def decide(

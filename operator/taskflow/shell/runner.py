@@ -24,7 +24,13 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from taskflow.api.spec import TaskflowSpec, TaskType
-from taskflow.api.status import TERMINAL_FLOW_PHASES, FlowPhase, Status, TaskflowStatus
+from taskflow.api.status import (
+    TERMINAL_FLOW_PHASES,
+    FlowPhase,
+    Status,
+    TaskError,
+    TaskflowStatus,
+)
 from taskflow.engine import (
     CancelChild,
     CancelNotice,
@@ -71,6 +77,9 @@ class RunnerSettings:
     max_reply_bytes: int = 1024 * 1024
     # Responses larger than this go to the NATS object store; status keeps a reference.
     inline_response_bytes: int = 32 * 1024
+    # All inline responses of one flow share this budget, so status stays far below etcd's
+    # ~1.5 MB object limit however many tasks a flow has.
+    inline_responses_budget: int = 512 * 1024
     # Task results alone are written at most this often (stage and flow changes at once).
     flush_interval_s: float = 1.0
     max_depth: int = 10
@@ -183,7 +192,15 @@ class Registry:
             log.warning("bad reply for %s/%s/%s attempt %d: %s", uid, stage, task, attempt,
                         error.message)
         ref = None
-        if ok and len(msg.data) > self.settings.inline_response_bytes:
+        children = nested_of(msg.data) if ok else ()
+        limit = self.settings.max_children_per_task
+        if len(children) > limit:
+            error = TaskError(
+                message=f"the service started {len(children)} child flows; the limit is {limit}",
+                reason="Child",
+            )
+            ok, data, children = False, None, ()
+        if ok and len(msg.data) > self.inline_limit(uid):
             try:
                 ref = await self.bus.store_response(
                     f"{uid}/{stage}/{task}/{attempt}", json.dumps(data).encode()
@@ -191,11 +208,16 @@ class Registry:
                 data = None
             except Exception as exc:
                 log.warning("could not store a large response of %s/%s: %s", uid, task, exc)
-        children = nested_of(msg.data) if ok else ()
         if children:
             self.spawn(self.check_children(uid, children))
         return Reply(stage=stage, task=task, attempt=attempt, ok=ok, data=data, error=error,
                      response_ref=ref, children=children)
+
+    def inline_limit(self, uid: str) -> int:
+        runner = self.runners.get(uid)
+        tasks = max(1, sum(len(s.tasks) for s in runner.status.stages)) if runner else 1
+        share = self.settings.inline_responses_budget // tasks
+        return max(256, min(self.settings.inline_response_bytes, share))
 
     async def check_children(self, uid: str, children: tuple[str, ...]) -> None:
         """Children named in a reply may have finished before the reply arrived."""
