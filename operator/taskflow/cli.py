@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--namespace", action="append",
                      default=[n for n in env("TASKFLOW_NAMESPACES", "").split(",") if n],
                      help="namespace to watch (repeat; default: all namespaces)")
+    run.add_argument("--api-namespaces", default=env("TASKFLOW_API_NAMESPACES"),
+                     help="comma-separated namespaces the NATS API (taskflow.api.*) may act in "
+                          "(default: the watched namespaces; 'none' turns the API off)")
     run.add_argument("--subject-template", default=env("TASKFLOW_SUBJECT_TEMPLATE",
                                                        "{serviceId}.{actionName}"))
     run.add_argument("--metrics-address", default=env("TASKFLOW_METRICS_ADDRESS",
@@ -83,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
         flush_interval_s=args.flush_interval,
         max_depth=args.max_depth,
     )
+    api_namespaces = ([n.strip() for n in args.api_namespaces.split(",") if n.strip()]
+                      if args.api_namespaces else list(args.namespace))
     operator = Operator(kubeconfig=args.kubeconfig, nats=nats_settings, runner=runner,
-                        standalone=not args.peering, peering=args.peering or None)
+                        standalone=not args.peering, peering=args.peering or None,
+                        api_namespaces=[n for n in api_namespaces if n != "none"] or None,
+                        serve_nats_api=api_namespaces != ["none"])
     registry = kopf.OperatorRegistry()
     operator.register(registry)
     if args.metrics_address:

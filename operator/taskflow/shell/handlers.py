@@ -31,12 +31,17 @@ class Operator:
         runner: RunnerSettings,
         standalone: bool = True,
         peering: str | None = None,
+        api_namespaces: list[str] | None = None,
+        serve_nats_api: bool = True,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
         self.runner_settings = runner
         self.standalone = standalone
         self.peering = peering
+        # The NATS API (taskflow.api.*): where it may act; None = every namespace.
+        self.api_namespaces = api_namespaces
+        self.serve_nats_api = serve_nats_api
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
@@ -80,6 +85,11 @@ class Operator:
         self.bus = await Bus.connect(self.nats, self.runner_settings.subjects)
         self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings)
         await self.bus.subscribe_replies(self.registry.on_reply)
+        if self.serve_nats_api:
+            from taskflow.shell.natsapi import serve_api
+
+            await serve_api(self.bus.nc, self.kube.api_client, namespaces=self.api_namespaces,
+                            prefix=self.runner_settings.subjects.api_prefix)
         log.info("connected to NATS; watching taskflows")
 
     async def cleanup(self, **_: Any) -> None:

@@ -1,0 +1,588 @@
+"""The service SDK: serve Taskflow tasks from Python with a few lines.
+
+::
+
+    service = Service("appliance-core")
+
+    @service.action("AddApplianceToGroup")
+    async def add_appliance(params: dict, ctx: TaskContext) -> dict:
+        if not reachable(params["applianceId"]):
+            raise TaskFailure("appliance unreachable", code="UNREACHABLE")
+        return {"applianceId": params["applianceId"]}
+
+    asyncio.run(service.run())   # until SIGINT/SIGTERM
+
+It is built on the NATS Services API (``nats.micro``): every instance answers ``$SRV.PING``,
+``$SRV.INFO`` and ``$SRV.STATS``, and the instances of a service share a queue group, so adding
+instances scales out. An action's endpoint subject is ``<serviceId>.<actionName>``, the
+operator's default subject template. Nothing here is required to serve tasks: any NATS client
+that answers the request with ``{"success": true, "data": ...}`` works (see docs/sdk.md).
+
+What the SDK adds over a bare NATS handler:
+
+- a typed ``TaskContext`` parsed from the ``taskflowExecutionContext`` and ``Taskflow-*``
+  headers (flow, stage, task, attempt, idempotency key, options, previous stage responses, the
+  parent's context for nested flows, deadline and expiry);
+- handlers run concurrently, one asyncio task per request; a redelivery of an attempt that is
+  still running is not run twice, and one that already finished gets the same reply again;
+- a request whose ``Taskflow-Expires-At`` (the task's maxAge) has passed is dropped unanswered;
+- a cancel notice on ``taskflow.cancel.<serviceId>`` cancels the handler serving that attempt;
+- ``ctx.start_child(spec)`` starts a child Taskflow linked to the task being served; the reply
+  then names it in ``nestedTaskflows`` and the task finishes only when its children do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from taskflow.client import DEFAULT_NATS_URL, TaskflowClient, parse_idempotency_key
+from taskflow.wire.context import (
+    CONTEXT_HEADER,
+    DEADLINE_HEADER,
+    EXPIRES_HEADER,
+    IDEMPOTENCY_HEADER,
+)
+from taskflow.wire.subjects import DEFAULT_TEMPLATE, Subjects
+
+log = logging.getLogger("taskflow.sdk")
+
+ActionHandler = Callable[[Any, "TaskContext"], Awaitable[Any]]
+# How many finished replies are kept to answer a redelivered attempt the same way.
+REPLY_CACHE_SIZE = 1000
+# How long a cancelled attempt's key is remembered (a notice may overtake its request).
+CANCEL_MEMORY_S = 600.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TaskFailure(Exception):
+    """Raise in a handler to fail the task with this message and code.
+
+    The reply is ``{"success": false, "error": {"message", "code"[, "data"]}}``, recorded in
+    the task's ``status.error``; the attempt is retried if ``maxRetries`` allows.
+    """
+
+    def __init__(self, message: str, code: str | None = None, data: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.data = data
+
+
+@dataclass
+class Nested:
+    """Return this from a handler to name child flows the reply should carry in
+    ``nestedTaskflows`` ("namespace/name"); children started with ``ctx.start_child`` are
+    added by the SDK on its own."""
+
+    data: Any = None
+    children: Sequence[str] = ()
+
+
+@dataclass
+class TaskContext:
+    """What the operator told the service about the task it serves (from the headers).
+
+    Fields are None when a request did not come from the operator (no context header).
+    """
+
+    taskflow_id: str | None
+    stage_id: str | None
+    stage: str | None  # the stage's name
+    task_id: str | None
+    task_name: str | None
+    task_type: str | None
+    attempt: int
+    idempotency_key: str | None
+    params: Any
+    options: dict[str, Any]
+    previous_stage_responses: list[dict[str, Any]]
+    parent_context: dict[str, Any] | None  # taskInfo.meta.taskflowExecutionContext
+    meta: dict[str, Any]
+    created_at: int | None  # epoch ms
+    deadline: int | None  # epoch ms at which this attempt times out
+    expires_at: int | None  # epoch ms after which no attempt may start (maxAge)
+    subject: str
+    headers: dict[str, str]
+    raw: dict[str, Any]  # the header's JSON, exactly as sent (the seed's shape)
+    children: list[str] = field(default_factory=list)
+    service: Service | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, subject: str, headers: Mapping[str, str] | None, params: Any,
+              service: Service | None = None) -> TaskContext:
+        headers = dict(headers or {})
+        raw: dict[str, Any] = {}
+        with contextlib.suppress(ValueError, TypeError):
+            value = json.loads(headers.get(CONTEXT_HEADER) or "{}")
+            raw = value if isinstance(value, dict) else {}
+        flow = raw.get("taskflow") if isinstance(raw.get("taskflow"), dict) else {}
+        assert isinstance(flow, dict)
+        info = flow.get("taskInfo") if isinstance(flow.get("taskInfo"), dict) else {}
+        assert isinstance(info, dict)
+        meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
+        assert isinstance(meta, dict)
+        key = headers.get(IDEMPOTENCY_HEADER)
+        parts = parse_idempotency_key(key) if key else None
+        parent = meta.get(CONTEXT_HEADER)
+        attempt = info.get("attempt")
+        return cls(
+            taskflow_id=flow.get("id") or (parts[0] if parts else None),
+            stage_id=flow.get("stageId"),
+            stage=parts[1] if parts else None,
+            task_id=flow.get("taskId") or info.get("id"),
+            task_name=info.get("name") or (parts[2] if parts else None),
+            task_type=info.get("type"),
+            attempt=int(attempt) if isinstance(attempt, int) else (parts[3] if parts else 0),
+            idempotency_key=key,
+            params=params,
+            options=dict(info.get("options") or {}),
+            previous_stage_responses=list(raw.get("previousStageRes") or []),
+            parent_context=parent if isinstance(parent, dict) else None,
+            meta=meta,
+            created_at=flow.get("createdAt"),
+            deadline=_epoch_ms(headers.get(DEADLINE_HEADER)),
+            expires_at=_epoch_ms(headers.get(EXPIRES_HEADER)),
+            subject=subject,
+            headers=headers,
+            raw=raw,
+            service=service,
+        )
+
+    def previous_response(self, task_name: str) -> Any:
+        """The data a task of the previous stage replied with (None if it had none)."""
+        for item in self.previous_stage_responses:
+            if item.get("taskName") == task_name:
+                response = item.get("response")
+                return response.get("data") if isinstance(response, dict) else response
+        return None
+
+    def time_left(self) -> float | None:
+        """Seconds until this attempt times out (None when the request carried no deadline)."""
+        return None if self.deadline is None else max(0.0, (self.deadline - now_ms()) / 1000)
+
+    async def start_child(self, spec: Mapping[str, Any] | BaseModel, *,
+                          name: str | None = None) -> str:
+        """Start a child Taskflow linked to the task being served; returns "namespace/name".
+
+        The child gets the parent-uid label, the parent-task/attempt/context/depth annotations
+        and an ownerReference, as an inline nested flow does, so its tasks see this task's
+        context in ``meta`` and the task finishes only when the child does. The name is
+        derived from the attempt unless given, so a redelivered request does not start a
+        second child. Raises ``TaskFailure`` (code ``CHILD_REFUSED``) when refused.
+        """
+        if self.service is None:
+            raise TaskFailure("this context belongs to no service", code="CHILD_REFUSED")
+        ref = await self.service.start_child(self, spec, name=name, index=len(self.children))
+        self.children.append(ref)
+        return ref
+
+
+def _epoch_ms(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+@dataclass
+class Counters:
+    """What an instance did; also readable as ``service.counters``."""
+
+    handled: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    dropped_expired: int = 0
+    dropped_cancelled: int = 0
+    cancelled: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class _Action:
+    name: str
+    subject: str
+    handler: ActionHandler
+
+
+class Service:
+    """A NATS service whose actions serve Taskflow tasks.
+
+    ``client``: a ``TaskflowClient`` that can reach Kubernetes, used by ``ctx.start_child``;
+    without one, children are started through the operator's NATS API
+    (``taskflow.api.produce``), so the service needs no Kubernetes credentials.
+    ``queue_group`` defaults to the service id, like a plain ``nats.subscribe(..., queue=id)``
+    service, so instances of either kind share the work.
+    """
+
+    def __init__(
+        self,
+        service_id: str,
+        *,
+        version: str = "1.0.0",
+        description: str | None = None,
+        nats_url: str | None = None,
+        nc: Any = None,
+        client: TaskflowClient | None = None,
+        queue_group: str | None = None,
+        subject_template: str = DEFAULT_TEMPLATE,
+        subjects: Subjects | None = None,
+        max_concurrency: int | None = None,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self.service_id = service_id
+        self.version = version
+        self.description = description or f"taskflow service {service_id}"
+        self.nats_url = nats_url or os.environ.get("NATS_URL") or DEFAULT_NATS_URL
+        self.nc: Any = nc
+        self._own_nc = nc is None
+        self.client = client
+        self.queue_group = queue_group or service_id
+        self.subjects = subjects or Subjects(template=subject_template)
+        self.request_timeout = request_timeout
+        self.actions: dict[str, _Action] = {}
+        self.counters = Counters()
+        self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._micro: Any = None
+        self._cancel_sub: Any = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._cancel_requested: set[str] = set()
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._replies: OrderedDict[str, bytes] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # -- declaring actions -------------------------------------------------------------------
+
+    def action(self, name: str, *, subject: str | None = None
+               ) -> Callable[[ActionHandler], ActionHandler]:
+        """Register ``async def handler(params, ctx) -> data`` for an action."""
+        if name in self.actions:
+            raise ValueError(f"action {name!r} is already registered")
+
+        def register(handler: ActionHandler) -> ActionHandler:
+            self.actions[name] = _Action(
+                name=name,
+                subject=subject or self.subjects.request(self.service_id, name),
+                handler=handler,
+            )
+            return handler
+
+        return register
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def start(self) -> Service:
+        from nats.micro import add_service
+
+        if self.nc is None:
+            import nats
+
+            self.nc = await nats.connect(self.nats_url, name=f"taskflow-sdk-{self.service_id}",
+                                         max_reconnect_attempts=-1)
+            self._own_nc = True
+        self._micro = await add_service(
+            self.nc, name=self.service_id, version=self.version,
+            description=self.description, queue_group=self.queue_group,
+            metadata={"taskflow.dev/sdk": "python"},
+        )
+        for action in self.actions.values():
+            await self._micro.add_endpoint(
+                name=action.name, subject=action.subject, handler=self._endpoint(action),
+                queue_group=self.queue_group,
+            )
+        # Every instance hears every cancel notice: only the one serving the attempt acts.
+        self._cancel_sub = await self.nc.subscribe(
+            self.subjects.cancel(self.service_id), cb=self._on_cancel
+        )
+        await self.nc.flush()
+        log.info("service %s serving %s", self.service_id,
+                 ", ".join(a.subject for a in self.actions.values()))
+        return self
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking requests, let running handlers finish for ``grace`` seconds, then
+        cancel them (their attempts time out in the operator and are retried if allowed)."""
+        self._stopping = True
+        if self._micro is not None:
+            with contextlib.suppress(Exception):
+                await self._micro.stop()
+            self._micro = None
+        if self._cancel_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._cancel_sub.unsubscribe()
+            self._cancel_sub = None
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._own_nc and self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def run(self) -> None:
+        """Serve until SIGINT or SIGTERM."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    async def __aenter__(self) -> Service:
+        return await self.start()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _endpoint(self, action: _Action) -> Callable[[Any], Awaitable[None]]:
+        async def handle(request: Any) -> None:
+            # nats.micro calls this once per message, one at a time: hand each request to its
+            # own task so handlers of one endpoint run concurrently.
+            self._accept(action, request)
+
+        return handle
+
+    def _accept(self, action: _Action, request: Any) -> None:
+        headers: dict[str, str] = dict(request.headers or {})
+        key = headers.get(IDEMPOTENCY_HEADER)
+        if self._expired(headers):
+            self.counters.dropped_expired += 1
+            log.info("%s: dropped %s, its maxAge passed", action.subject, key or "a request")
+            return
+        if key and key in self._cancelled:
+            self.counters.dropped_cancelled += 1
+            log.info("%s: dropped %s, it was cancelled", action.subject, key)
+            return
+        if key and key in self._running:
+            self.counters.duplicates += 1
+            return  # a redelivery of an attempt still running: its reply will come
+        if key and key in self._replies:
+            self.counters.duplicates += 1
+            self._spawn(self._respond(request, self._replies[key]))
+            return
+        task = self._spawn(self._serve(action, request, headers, key))
+        if key:
+            self._running[key] = task
+            task.add_done_callback(lambda _: self._running.pop(key, None))
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    def _expired(headers: Mapping[str, str]) -> bool:
+        expires = _epoch_ms(headers.get(EXPIRES_HEADER))
+        return expires is not None and now_ms() >= expires
+
+    async def _serve(self, action: _Action, request: Any, headers: dict[str, str],
+                     key: str | None) -> None:
+        if self._limit is not None:
+            async with self._limit:
+                await self._serve_now(action, request, headers, key)
+        else:
+            await self._serve_now(action, request, headers, key)
+
+    async def _serve_now(self, action: _Action, request: Any, headers: dict[str, str],
+                         key: str | None) -> None:
+        if self._expired(headers):  # it waited for a free slot past its maxAge
+            self.counters.dropped_expired += 1
+            log.info("%s: dropped %s, its maxAge passed", action.subject, key or "a request")
+            return
+        self.counters.handled += 1
+        ctx: TaskContext | None = None
+        body: dict[str, Any] | None
+        try:
+            params = json.loads(request.data) if request.data else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            body = _failure(f"request body is not valid JSON: {exc}", "BAD_REQUEST")
+        else:
+            ctx = TaskContext.parse(request.subject, headers, params, service=self)
+            body = await self._call(action, params, ctx, key)
+        if body is None:
+            return
+        payload = _encode(body)
+        if body.get("success"):
+            self.counters.succeeded += 1
+        else:
+            self.counters.failed += 1
+            if ctx is not None and ctx.children:
+                await self._cancel_children(ctx.children)
+        if key:
+            self._replies[key] = payload
+            while len(self._replies) > REPLY_CACHE_SIZE:
+                self._replies.popitem(last=False)
+        await self._respond(request, payload)
+
+    async def _call(self, action: _Action, params: Any, ctx: TaskContext, key: str | None
+                    ) -> dict[str, Any] | None:
+        try:
+            result = await action.handler(params, ctx)
+        except asyncio.CancelledError:
+            if key is None or key not in self._cancel_requested:
+                raise  # the service is stopping
+            self._cancel_requested.discard(key)
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            self.counters.cancelled += 1
+            log.info("%s: handler of %s cancelled", action.subject, key)
+            return _failure("cancelled by a cancel notice", "CANCELLED")
+        except TaskFailure as exc:
+            return _failure(exc.message, exc.code, exc.data)
+        except Exception as exc:
+            log.exception("%s: handler failed", action.subject)
+            return _failure(str(exc) or repr(exc), type(exc).__name__)
+        children = list(ctx.children)
+        if isinstance(result, Nested):
+            children += [c for c in result.children if c not in children]
+            result = result.data
+        body: dict[str, Any] = {"success": True, "data": result}
+        if children:
+            body["nestedTaskflows"] = children
+        try:
+            json.dumps(body)
+        except (TypeError, ValueError) as exc:
+            return _failure(f"the handler's result is not JSON: {exc}", "BAD_RESULT")
+        return body
+
+    async def _respond(self, request: Any, payload: bytes) -> None:
+        try:
+            await request.respond(payload)
+        except Exception as exc:
+            log.warning("could not reply on %s: %s", request.subject, exc)
+
+    # -- cancel notices ----------------------------------------------------------------------
+
+    async def _on_cancel(self, msg: Any) -> None:
+        try:
+            notice = json.loads(msg.data)
+            key = str(notice["idempotencyKey"])
+        except (ValueError, KeyError, TypeError):
+            return
+        now = time.monotonic()
+        self._cancelled[key] = now
+        while self._cancelled and next(iter(self._cancelled.values())) < now - CANCEL_MEMORY_S:
+            self._cancelled.popitem(last=False)
+        task = self._running.get(key)
+        if task is not None and not task.done():
+            self._cancel_requested.add(key)
+            task.cancel()
+
+    # -- child flows -------------------------------------------------------------------------
+
+    async def start_child(self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel, *,
+                          name: str | None, index: int) -> str:
+        if ctx.taskflow_id is None or not ctx.raw:
+            raise TaskFailure("a child flow can only be started while serving a task",
+                              code="CHILD_REFUSED")
+        if self.client is not None:
+            result = await self._start_child_kube(ctx, spec, name, index)
+        else:
+            result = await self._start_child_nats(ctx, spec, name, index)
+        if not result.get("success"):
+            message = (result.get("error") or {}).get("message") or "refused"
+            raise TaskFailure(f"could not start a child taskflow: {message}",
+                              code="CHILD_REFUSED", data=result.get("error"))
+        ref = (result.get("data") or {}).get("ref")
+        if not isinstance(ref, str):
+            raise TaskFailure("could not start a child taskflow: no reference came back",
+                              code="CHILD_REFUSED")
+        return ref
+
+    async def _start_child_kube(self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel,
+                                name: str | None, index: int) -> dict[str, Any]:
+        from taskflow.client import TaskflowError
+
+        assert self.client is not None
+        try:
+            link = await self.client.parent_link(ctx.raw, ctx.idempotency_key)
+        except TaskflowError as exc:
+            return exc.envelope()
+        child = name or link.child_name(index)
+        result = await self.client.produce(spec, name=child, parent=link)
+        if result.get("success"):
+            result["data"]["ref"] = f"{link.namespace}/{child}"
+        return result
+
+    async def _start_child_nats(self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel,
+                                name: str | None, index: int) -> dict[str, Any]:
+        if isinstance(spec, BaseModel):
+            spec = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+        request = {
+            "schema": dict(spec),
+            "name": name,
+            "parent": {
+                "taskflowExecutionContext": ctx.raw,
+                "idempotencyKey": ctx.idempotency_key,
+                "index": index,
+            },
+        }
+        subject = f"{self.subjects.api_prefix}.produce"
+        try:
+            reply = await self.nc.request(subject, json.dumps(request).encode(),
+                                          timeout=self.request_timeout)
+            result: dict[str, Any] = json.loads(reply.data)
+        except Exception as exc:
+            return {"success": False, "error": {
+                "message": f"no answer from the operator's NATS API on {subject}: {exc}",
+                "code": "Unavailable"}}
+        return result
+
+    async def _cancel_children(self, children: Sequence[str]) -> None:
+        """A handler that failed after starting children: cancel them (best effort)."""
+        for ref in children:
+            try:
+                if self.client is not None:
+                    await self.client.cancel(ref, wait=None)
+                else:
+                    await self.nc.request(
+                        f"{self.subjects.api_prefix}.cancel",
+                        json.dumps({"taskflowId": ref, "wait": False}).encode(),
+                        timeout=self.request_timeout,
+                    )
+            except Exception as exc:
+                log.warning("could not cancel child %s: %s", ref, exc)
+
+
+def _failure(message: str, code: str | None, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"message": message, "code": code}
+    if data is not None:
+        error["data"] = data
+    return {"success": False, "error": error}
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+
+__all__ = ["ActionHandler", "Counters", "Nested", "Service", "TaskContext", "TaskFailure"]
