@@ -485,6 +485,30 @@ async def test_a_refused_child_fails_the_task_with_the_servers_message(
     assert "spec.stages" in error["message"]
 
 
+async def test_a_handler_failing_after_starting_children_cancels_them(
+    operator, flows: Flows, svc: str, services: Callable[..., Service]
+) -> None:
+    parent_svc = services(svc, max_children_per_task=1)
+
+    @parent_svc.action("fanout")
+    async def fanout(params: Any, ctx: TaskContext) -> Any:
+        await ctx.start_child(child_spec(f"{svc}-nobody", "a"))
+        await ctx.start_child(child_spec(f"{svc}-nobody", "b"))  # one too many
+        return "unreachable"
+
+    await parent_svc.start()
+    created = await flows.create(flow(("spawn", [action(svc, "fanout", "fanout")])))
+    done = await flows.wait(created["metadata"]["name"])
+
+    error = task_status(done, "spawn", "fanout")["error"]
+    assert (error["code"], error["message"]) == (
+        "CHILD_LIMIT", "a task may start at most 1 child flows")
+    [child] = [f for f in await flows.list() if f["metadata"]["name"] != created["metadata"][
+        "name"]]
+    assert child["spec"]["cancel"] is True
+    await flows.wait(child["metadata"]["name"])
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "BUG: engine._Step.apply (Reply) ends the task when every child named in the reply is "
     "already in nestedTaskflows, even if those children are still running; children seen "

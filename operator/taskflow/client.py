@@ -462,6 +462,14 @@ class TaskflowClient:
                 self._own_nc = True
             return self._nc
 
+    @property
+    def has_nats(self) -> bool:
+        return self._nc is not None and not self._nc.is_closed
+
+    def use_nats(self, nc: Any) -> None:
+        """Share a NATS connection the caller owns (the client never closes it)."""
+        self._nc, self._own_nc = nc, False
+
     async def close(self) -> None:
         if self._own_nc and self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):

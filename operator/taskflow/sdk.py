@@ -187,6 +187,10 @@ class TaskContext:
         """
         if self.service is None:
             raise TaskFailure("this context belongs to no service", code="CHILD_REFUSED")
+        limit = self.service.max_children_per_task
+        if len(self.children) >= limit:
+            raise TaskFailure(f"a task may start at most {limit} child flows",
+                              code="CHILD_LIMIT")
         ref = await self.service.start_child(self, spec, name=name, index=len(self.children))
         self.children.append(ref)
         return ref
@@ -244,6 +248,7 @@ class Service:
         subject_template: str = DEFAULT_TEMPLATE,
         subjects: Subjects | None = None,
         max_concurrency: int | None = None,
+        max_children_per_task: int = 100,
         request_timeout: float = 10.0,
     ) -> None:
         self.service_id = service_id
@@ -256,6 +261,8 @@ class Service:
         self.queue_group = queue_group or service_id
         self.subjects = subjects or Subjects(template=subject_template)
         self.request_timeout = request_timeout
+        # The operator fails a reply naming more children than this (its default limit).
+        self.max_children_per_task = max_children_per_task
         self.actions: dict[str, _Action] = {}
         self.counters = Counters()
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -297,6 +304,8 @@ class Service:
             self.nc = await nats.connect(self.nats_url, name=f"taskflow-sdk-{self.service_id}",
                                          max_reconnect_attempts=-1)
             self._own_nc = True
+        if self.client is not None and not self.client.has_nats:
+            self.client.use_nats(self.nc)  # finds a parent flow from its events, cheaply
         self._micro = await add_service(
             self.nc, name=self.service_id, version=self.version,
             description=self.description, queue_group=self.queue_group,
