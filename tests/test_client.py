@@ -498,10 +498,6 @@ async def test_events_live_then_replayed_by_a_late_subscriber(
                                    for e in replayed}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shell/runner.emit builds every event from the status at the end of the decision "
-    "(wire/events.event_payload reads task.error there), so the FAILED event of an attempt that "
-    "is retried at once (retryDelay 0) carries no taskError: dispatch_ready already cleared it"))
 async def test_every_failed_attempt_event_carries_its_error(
     operator, tf: TaskflowClient, nc, svc: str
 ) -> None:

@@ -509,10 +509,6 @@ async def test_a_handler_failing_after_starting_children_cancels_them(
     await flows.wait(child["metadata"]["name"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: engine._Step.apply (Reply) ends the task when every child named in the reply is "
-    "already in nestedTaskflows, even if those children are still running; children seen "
-    "RUNNING (via the watch) before the reply arrives are therefore never waited for"))
 async def test_children_that_start_running_before_the_reply_are_still_waited_for(
     operator, flows: Flows, svc: str, services: Callable[..., Service], stack, namespace: str
 ) -> None:

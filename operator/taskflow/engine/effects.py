@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from taskflow.api.status import TaskflowStatus
+from taskflow.api.status import TaskError, TaskflowStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,10 @@ class Emit:
     stage: str | None = None
     task: str | None = None
     attempt: int | None = None
+    # The task's response and error as they were when the event was emitted (a later
+    # transition in the same decision, e.g. the next attempt, may already have changed them).
+    response: Any = None
+    error: TaskError | None = None
 
 
 @dataclass(frozen=True, slots=True)

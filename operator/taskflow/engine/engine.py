@@ -109,6 +109,8 @@ class _Step:
                 stage=stage.name if stage else None,
                 task=task.name if task else None,
                 attempt=task.attempt if task else None,
+                response=task.response if task else None,
+                error=task.error if task else None,
             )
         )
 
@@ -379,12 +381,16 @@ class _Step:
         if item.ok:
             task.response = item.data
             task.response_ref = item.response_ref
-            waiting = [c for c in item.children if c not in task.nested_taskflows]
-            if waiting:
+            for child in item.children:
+                if child not in task.nested_taskflows:
+                    task.nested_taskflows.append(child)
+                # Named children are waited for even if seen before; the shell then reports
+                # the ones that had already ended.
+                if child not in task.nested_active_running_taskflow_ids:
+                    task.nested_active_running_taskflow_ids.append(child)
+            if task.nested_active_running_taskflow_ids:
                 # The service started child flows: the task ends when they do, whatever
                 # the attempt's timeout (which covered the reply only).
-                task.nested_taskflows.extend(waiting)
-                task.nested_active_running_taskflow_ids.extend(waiting)
                 task.waiting_reason = "Children"
                 task.deadline = None
                 self.changed = True

@@ -50,7 +50,9 @@ class Operator:
         kopf.on.login(registry=registry)(self.login)
         kopf.on.startup(registry=registry)(self.startup)
         kopf.on.cleanup(registry=registry)(self.cleanup)
-        kopf.on.event(GROUP, VERSION, "taskflows", registry=registry)(self.on_event)
+        kopf.on.event(GROUP, VERSION, "taskflows", registry=registry)(
+            self.on_event  # type: ignore[arg-type]
+        )
         kopf.on.probe(id="nats", registry=registry)(self.probe)
 
     def login(self, **_: Any) -> kopf.ConnectionInfo:

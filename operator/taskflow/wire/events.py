@@ -39,10 +39,10 @@ def event_payload(
             "taskId": task.id,
             "taskName": task.name,
             "taskStatus": emit.status,
-            "taskResponse": task.response if emit.status == "SUCCEEDED" else None,
+            "taskResponse": emit.response if emit.status == "SUCCEEDED" else None,
         }
-        if task.error is not None and emit.status not in ("SUCCEEDED", "RUNNING"):
-            data["taskError"] = task.error.model_dump(exclude_none=True)
+        if emit.error is not None and emit.status not in ("SUCCEEDED", "RUNNING"):
+            data["taskError"] = emit.error.model_dump(exclude_none=True)
     elif emit.kind == "STAGE":
         stage = next(s for s in status.stages if s.name == emit.stage)
         data |= {"stageId": stage.id, "stageName": stage.name, "stageStatus": emit.status}
