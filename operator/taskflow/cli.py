@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         namespaces=args.namespace,
         standalone=not args.peering,
         peering_name=args.peering or None,
+        # kopf pauses every operator of the same priority as a higher-or-equal peer, so each
+        # replica takes its own: the highest serves, the others stand by.
+        priority=secrets.randbelow(1_000_000) + 1 if args.peering else 0,
         liveness_endpoint=liveness,
     ))
     return 0

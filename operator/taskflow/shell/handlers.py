@@ -58,7 +58,10 @@ class Operator:
     def login(self, **_: Any) -> kopf.ConnectionInfo:
         """Log kopf in with exactly the credentials our own client uses."""
         cfg = connection_config(self.kubeconfig)
-        token = (cfg.api_key or {}).get("authorization", "")
+        keys = cfg.api_key or {}
+        # Newer kubernetes clients keep the token under "BearerToken", older ones under
+        # "authorization"; both hold "Bearer <token>".
+        token = keys.get("BearerToken") or keys.get("authorization") or ""
         return kopf.ConnectionInfo(
             server=cfg.host,
             ca_path=cfg.ssl_ca_cert,
