@@ -19,11 +19,21 @@ export CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 log() { echo "[tools] $*" >&2; }
 
-link_asset() {  # name: reuse an envtest binary when the user has one
-  local name=$1
-  if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/$name" && ! -e "$bin/$name" ]]; then
-    ln -s "$KUBEBUILDER_ASSETS/$name" "$bin/$name"
-    log "reusing $KUBEBUILDER_ASSETS/$name"
+link_asset() {  # name: reuse an envtest binary, or one on PATH, when the user has one
+  local name=$1 found=""
+  [[ -e "$bin/$name" ]] && return 0
+  if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/$name" ]]; then
+    found="$KUBEBUILDER_ASSETS/$name"
+  elif found=$(command -v "$name" 2>/dev/null); then
+    # kubectl must be of the apiserver's minor; other servers are taken as they are.
+    if [[ $name == kubectl ]] && ! "$found" version --client 2>/dev/null \
+        | grep -q "v${K8S_VERSION#v}" ; then
+      found=""
+    fi
+  fi
+  if [[ -n "$found" ]]; then
+    ln -s "$found" "$bin/$name"
+    log "reusing $found"
   fi
 }
 
@@ -50,6 +60,7 @@ build_etcd() {
 
 go_install() {  # name module-path@version
   local name=$1 target=$2
+  link_asset "$name"
   [[ -x "$bin/$name" ]] && return 0
   log "building $name ($target)"
   GOFLAGS= GOBIN="$bin/.gobin" go install -trimpath -ldflags "-s -w" "$target"
