@@ -41,18 +41,18 @@ from pydantic import BaseModel
 
 from taskflow.api.crd import GROUP, VERSION
 from taskflow.api.status import TERMINAL_FLOW_PHASES
+from taskflow.wire.links import (
+    DEPTH,
+    PARENT_ATTEMPT,
+    PARENT_CONTEXT,
+    PARENT_NAME,
+    PARENT_TASK,
+    PARENT_UID,
+)
 from taskflow.wire.subjects import Subjects
 
 PLURAL = "taskflows"
 API_VERSION = f"{GROUP}/{VERSION}"
-# How child flows are linked to their parent: the same keys the operator's runner writes
-# (taskflow.shell.runner.create_child), repeated here so the client does not import the shell.
-PARENT_UID = "taskflow.dev/parent-uid"
-PARENT_NAME = "taskflow.dev/parent-name"
-PARENT_TASK = "taskflow.dev/parent-task"
-PARENT_ATTEMPT = "taskflow.dev/parent-attempt"
-PARENT_CONTEXT = "taskflow.dev/parent-context"
-DEPTH = "taskflow.dev/depth"
 EVENT_STREAM = "TASKFLOW_EVENTS"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_MAX_DEPTH = 10

@@ -58,17 +58,19 @@ from taskflow.wire.context import (
     idempotency_key,
 )
 from taskflow.wire.events import event_payload
+from taskflow.wire.links import (
+    DEPTH,
+    PARENT_ATTEMPT,
+    PARENT_CONTEXT,
+    PARENT_NAME,
+    PARENT_TASK,
+    PARENT_UID,
+)
 from taskflow.wire.replies import judge_reply, nested_of
 from taskflow.wire.subjects import Subjects
 
 log = logging.getLogger("taskflow.runner")
 
-PARENT_UID = "taskflow.dev/parent-uid"
-PARENT_NAME = "taskflow.dev/parent-name"
-PARENT_TASK = "taskflow.dev/parent-task"
-PARENT_ATTEMPT = "taskflow.dev/parent-attempt"
-PARENT_CONTEXT = "taskflow.dev/parent-context"
-DEPTH = "taskflow.dev/depth"
 
 
 @dataclass(frozen=True)
