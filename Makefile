@@ -5,7 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TOOLS_BIN = $(shell bash hack/build-tools.sh test 2>/dev/null | tail -n1)
-IMAGE ?= taskflow-operator:dev
+IMAGE_REPO ?= taskflow-operator
+IMAGE_TAG ?= dev
+IMAGE := $(IMAGE_REPO):$(IMAGE_TAG)
 KIND_CLUSTER ?= taskflow
 
 .PHONY: help venv tools generate test unit lint dev bench image kind-up kind-load deploy undeploy clean
@@ -56,12 +58,12 @@ kind-load: image ## load the image into the kind cluster
 	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
 
 deploy: ## install NATS and the operator into the current cluster with Helm
-	helm upgrade --install nats nats/nats --namespace nats --create-namespace \
+	helm repo add nats https://nats-io.github.io/k8s/helm/charts/ --force-update
+	helm upgrade --install nats nats/nats --namespace nats --create-namespace --wait \
 	  --set config.jetstream.enabled=true
 	helm upgrade --install taskflow charts/taskflow-operator --namespace taskflow-system \
-	  --create-namespace --set image.repository=$(firstword $(subst :, ,$(IMAGE))) \
-	  --set image.tag=$(lastword $(subst :, ,$(IMAGE))) --set image.pullPolicy=IfNotPresent \
-	  --set nats.url=nats://nats.nats.svc:4222
+	  --create-namespace --set image.repository=$(IMAGE_REPO) --set image.tag=$(IMAGE_TAG) \
+	  --set image.pullPolicy=IfNotPresent --set nats.url=nats://nats.nats.svc:4222
 
 undeploy: ## remove the operator (and NATS) from the current cluster
 	-helm uninstall taskflow --namespace taskflow-system

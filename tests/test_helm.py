@@ -723,14 +723,6 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
         assert "Forbidden" in refused.stderr
 
 
-IN_CLUSTER_TOKEN_BUG = (
-    "in a pod the kubernetes client keeps the token as 'bearer <jwt>' (lower case), and "
-    "Operator.login strips only 'Bearer ', so kopf sends 'Bearer bearer <jwt>' and every kopf "
-    "request is 401: strip the scheme case-insensitively in "
-    "operator/taskflow/shell/handlers.py, then drop this mark")
-
-
-@pytest.mark.xfail(reason=IN_CLUSTER_TOKEN_BUG, strict=True)
 def test_in_cluster_login_authenticates_as_the_service_account(
     private_stack: DevStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -69,11 +69,14 @@ class Operator:
             certificate_path=cfg.cert_file,
             private_key_path=cfg.key_file,
             scheme="Bearer" if token else None,
-            token=token.removeprefix("Bearer ").strip() or None,
+            token=token.split(" ", 1)[-1].strip() or None,  # "Bearer x" or in-pod "bearer x"
         )
 
     async def startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # we post our own, flow-level Events
+        # No CRD or namespace scanning: least-privilege RBAC grants neither, and the resource
+        # and the namespaces to watch are known from the command line.
+        settings.scanning.disabled = True
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.networking.error_backoffs = [1, 2, 5, 10]
