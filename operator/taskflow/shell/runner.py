@@ -101,6 +101,18 @@ def _rv(body: dict[str, Any]) -> int:
         return 0
 
 
+def _lean(body: dict[str, Any]) -> dict[str, Any]:
+    """What a writer keeps of an object: identity, metadata and spec. Not status (the writer
+    has its own, as a model) nor managedFields: a seed-sized object decodes to ~40 KB of
+    Python objects, most of it those two, and an active flow keeps its body as long as it runs."""
+    meta = body.get("metadata") or {}
+    if "managedFields" in meta:
+        meta = {k: v for k, v in meta.items() if k != "managedFields"}
+    lean: dict[str, Any] = {k: body[k] for k in ("apiVersion", "kind", "spec") if k in body}
+    lean["metadata"] = meta
+    return lean
+
+
 def child_name(parent: str, stage: str, task: str, attempt: int) -> str:
     """A deterministic, DNS-safe name, so that a restart never creates a second child."""
     digest = hashlib.sha256(f"{parent}/{stage}/{task}/{attempt}".encode()).hexdigest()[:8]
@@ -290,7 +302,9 @@ class FlowRunner:
         self.uid: str = meta["uid"]
         self.namespace: str = meta["namespace"]
         self.name: str = meta["name"]
-        self.body = body
+        self.body = _lean(body)
+        # The parsed spec and the generation it was parsed at (a spec change bumps it).
+        self._spec: tuple[Any, TaskflowSpec] | None = None
         self.status = TaskflowStatus()
         self.inbox: list[Input] = []
         self.wakeup = asyncio.Event()
@@ -315,7 +329,7 @@ class FlowRunner:
         if _rv(body) <= _rv(self.body):
             return
         changed = body["metadata"].get("generation") != self.body["metadata"].get("generation")
-        self.body = {**body, "status": self.body.get("status")}
+        self.body = _lean(body)
         if changed:
             self.wakeup.set()
 
@@ -341,9 +355,10 @@ class FlowRunner:
     async def resume(self) -> None:
         """Read the flow fresh (never act on a stale watch event) and collect what arrived
         while nobody was writing it: stored replies, finished children, the last event."""
-        self.body = await self.kube.get(self.namespace, self.name)
+        fresh = await self.kube.get(self.namespace, self.name)
+        self.body = _lean(fresh)
         try:
-            self.status = TaskflowStatus.model_validate(self.body.get("status") or {})
+            self.status = TaskflowStatus.model_validate(fresh.get("status") or {})
         except ValidationError as exc:
             self.log.warning("status unreadable, starting over: %s", exc)
             self.status = TaskflowStatus()
@@ -389,7 +404,10 @@ class FlowRunner:
             await self.sleep(wake_at)
 
     def spec(self) -> TaskflowSpec:
-        return TaskflowSpec.model_validate(self.body["spec"])
+        generation = self.body["metadata"].get("generation")
+        if self._spec is None or self._spec[0] != generation or generation is None:
+            self._spec = (generation, TaskflowSpec.model_validate(self.body["spec"]))
+        return self._spec[1]
 
     async def decide_and_write(self, inputs: list[Input]) -> Decision | None:
         while True:
@@ -433,12 +451,12 @@ class FlowRunner:
             except Conflict:
                 metrics.STATUS_CONFLICTS.inc()
                 fresh = await self.kube.get(self.namespace, self.name)
-                self.body = {**fresh, "status": self.body.get("status")}
+                self.body = _lean(fresh)
                 if fresh["metadata"].get("generation") != generation:
                     return False
                 continue
             metrics.STATUS_WRITES.inc()
-            self.body = result
+            self.body = _lean(result)
             self.dirty = False
             self.last_write = time.monotonic()
             return True
