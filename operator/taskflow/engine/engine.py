@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from taskflow.api.spec import RetryRequest, Task, TaskflowSpec, TaskType
 from taskflow.api.status import (
@@ -56,9 +59,33 @@ def decide(
     event_subject: str,
 ) -> Decision:
     """Advance the flow as far as it can go at ``now``."""
-    return _Step(spec, status.model_copy(deep=True), now, uid).run(
+    return _Step(spec, _clone(status), now, uid).run(
         inputs=inputs, generation=generation, event_subject=event_subject
     )
+
+
+_M = TypeVar("_M")
+_CONTAINERS = (BaseModel, list, dict)
+
+
+def _clone(value: _M) -> _M:
+    """A deep copy of status for one decision to mutate: models, lists and dicts are copied,
+    everything else (str, int, bool, enums, None) is immutable and shared. Same result as
+    ``model_copy(deep=True)`` at about half the cost (no memo, no per-leaf dispatch), which
+    matters because every decision copies the flow's whole status."""
+    if isinstance(value, BaseModel):
+        new = value.__copy__()  # a model's own shallow copy: __dict__, fields set, extras
+        fields: dict[str, Any] = new.__dict__
+        for key, item in fields.items():
+            if isinstance(item, _CONTAINERS):
+                fields[key] = _clone(item)
+        return new
+    if isinstance(value, list):
+        return [_clone(v) if isinstance(v, _CONTAINERS) else v for v in value]  # type: ignore[return-value]
+    if isinstance(value, dict):
+        return {k: _clone(v) if isinstance(v, _CONTAINERS) else v  # type: ignore[return-value]
+                for k, v in value.items()}
+    return value
 
 
 def task_id(uid: str, stage: str, task: str | None = None) -> str:
