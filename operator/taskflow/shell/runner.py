@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class RunnerSettings:
     max_children_per_task: int = 100
     # After a cancel, the writer stays this long to record late replies (they change nothing).
     late_reply_window_s: float = 30.0
+    # A writer idle this long keeps its status and spec serialised until it is woken.
+    compact_after_s: float = 2.0
 
 
 def now_ms() -> int:
@@ -305,6 +308,10 @@ class FlowRunner:
         self.body = _lean(body)
         # The parsed spec and the generation it was parsed at (a spec change bumps it).
         self._spec: tuple[Any, TaskflowSpec] | None = None
+        # An idle writer's status and spec, serialised (see compact()).
+        self._status: TaskflowStatus | None = None
+        self._frozen_status: bytes | None = None
+        self._frozen_spec: bytes | None = None
         self.status = TaskflowStatus()
         self.inbox: list[Input] = []
         self.wakeup = asyncio.Event()
@@ -316,6 +323,32 @@ class FlowRunner:
         self.log = logging.LoggerAdapter(
             log, {"flow": f"{self.namespace}/{self.name}", "uid": self.uid}
         )
+
+    @property
+    def status(self) -> TaskflowStatus:
+        if self._status is None:
+            assert self._frozen_status is not None
+            self._status = pickle.loads(self._frozen_status)
+            self._frozen_status = None
+        return self._status
+
+    @status.setter
+    def status(self, value: TaskflowStatus) -> None:
+        self._status = value
+        self._frozen_status = None
+
+    def compact(self) -> None:
+        """Idle for a while (e.g. waiting on slow services): keep status and spec serialised,
+        about a tenth of the memory of the models and dicts, until something wakes the writer.
+        Reading ``status`` or ``spec()`` brings them back exactly as they were."""
+        if self._status is not None:
+            self._frozen_status = pickle.dumps(self._status, pickle.HIGHEST_PROTOCOL)
+            self._status = None
+        spec = self.body.get("spec")
+        if spec is not None:
+            self._frozen_spec = json.dumps(spec, separators=(",", ":")).encode()
+            self.body["spec"] = None
+        self._spec = None
 
     # -- inputs from outside -----------------------------------------------------------------
 
@@ -401,11 +434,15 @@ class FlowRunner:
                     await self.finish()
                     return
                 wake_at = linger
+            del decision, inputs  # nothing of this round stays alive while the writer sleeps
             await self.sleep(wake_at)
 
     def spec(self) -> TaskflowSpec:
         generation = self.body["metadata"].get("generation")
         if self._spec is None or self._spec[0] != generation or generation is None:
+            if self.body.get("spec") is None and self._frozen_spec is not None:
+                self.body["spec"] = json.loads(self._frozen_spec)
+            self._frozen_spec = None
             self._spec = (generation, TaskflowSpec.model_validate(self.body["spec"]))
         return self._spec[1]
 
@@ -475,8 +512,16 @@ class FlowRunner:
         self.wakeup.clear()
         if self.inbox:
             return
+        timeout = min(timeouts) if timeouts else None
+        idle = self.settings.compact_after_s
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wakeup.wait(), min(timeouts) if timeouts else None)
+            if timeout is None or timeout > idle:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), idle)
+                    return
+                self.compact()  # a long sleep: keep only the serialised state meanwhile
+                timeout = None if timeout is None else timeout - idle
+            await asyncio.wait_for(self.wakeup.wait(), timeout)
 
     def linger_until(self) -> int | None:
         """Epoch ms until which a cancelled flow still records late replies, if not past."""
