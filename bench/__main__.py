@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -71,25 +70,25 @@ class Operator:
 
     def __init__(self, *, kubeconfig: Path, nats_url: str, log_path: Path,
                  flush_interval: float) -> None:
-        from taskflow.devstack.servers import free_port
+        from taskflow.devstack.servers import Server, free_port
 
         self.port = free_port()
         self.log_path = log_path
-        self.argv = [sys.executable, "-m", "taskflow.cli", "run", "--kubeconfig", str(kubeconfig),
-                     "--nats-url", nats_url, "--metrics-address", f"127.0.0.1:{self.port}",
-                     "--flush-interval", str(flush_interval)]
-        self.process: subprocess.Popen[bytes] | None = None
+        argv = [sys.executable, "-m", "taskflow.cli", "run", "--kubeconfig", str(kubeconfig),
+                "--nats-url", nats_url, "--metrics-address", f"127.0.0.1:{self.port}",
+                "--flush-interval", str(flush_interval)]
+        # The same process-group handling as the stack's own servers.
+        self.server = Server("operator", argv, log_path)
 
     def start(self) -> None:
         import urllib.request
 
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self.server.start()
+        process = self.server.process
+        assert process is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise RuntimeError(f"operator exited: {self.log_path.read_text()[-3000:]}")
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=1)
@@ -100,20 +99,11 @@ class Operator:
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        assert self.server.pid is not None
+        return self.server.pid
 
     def stop(self, timeout: float = 20) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        self.server.stop(timeout)
 
 
 async def wait_echo(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
