@@ -684,13 +684,16 @@ def test_cancel_cancels_running_tasks_and_skips_later_stages() -> None:
     assert again.changed is False and again.effects == []
 
 
-def test_reply_in_the_same_batch_as_cancel_changes_no_outcome() -> None:
+def test_reply_that_arrived_before_the_cancel_was_seen_is_recorded() -> None:
+    """Inputs queued before the decision that sees spec.cancel happened first: the reply is
+    recorded, nothing new is dispatched, and the flow still ends CANCELLED."""
     spec = make_spec(TWO_STAGES)
     d = step(spec)
     d = step(with_(spec, cancel=True), d.status, T0 + 20, [ok("s1", "a", data="x")])
-    assert task(d.status, "s1", "a").status == Status.CANCELLED
-    assert task(d.status, "s1", "a").response is None
+    assert task(d.status, "s1", "a").status == Status.SUCCEEDED
+    assert task(d.status, "s1", "a").response == "x"
     assert d.status.phase == FlowPhase.CANCELLED
+    assert dispatched(d) == []
 
 
 def test_late_reply_after_cancel_is_recorded() -> None:

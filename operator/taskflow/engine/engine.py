@@ -187,10 +187,12 @@ class _Step:
         if status.observed_generation != generation:
             status.observed_generation = generation
             self.changed = True
-        self.handle_cancel()
-        self.handle_retry()
+        # Inputs arrived before this decision saw the spec: apply them first, so that a cancel
+        # also reaches a child whose creation was just reported.
         for item in inputs:
             self.apply(item)
+        self.handle_cancel()
+        self.handle_retry()
         if status.phase not in TERMINAL_FLOW_PHASES:
             self.expire_timers()
             self.advance()
@@ -436,7 +438,8 @@ class _Step:
     def apply_child(self, stage: StageStatus, task: TaskStatus, item: ChildFinished) -> None:
         if item.attempt is not None and item.attempt != task.attempt:
             return  # a child of an earlier attempt: kept for history, changes nothing
-        if item.child not in task.nested_taskflows:
+        first_seen = item.child not in task.nested_taskflows
+        if first_seen:
             task.nested_taskflows.append(item.child)
             self.changed = True
         active = task.nested_active_running_taskflow_ids
@@ -444,6 +447,9 @@ class _Step:
             if task.status == Status.RUNNING and item.child not in active:
                 active.append(item.child)
                 self.changed = True
+            elif first_seen and task.status in FAILED_TASK_STATUSES:
+                # Created just as its task ended (e.g. cancelled): nothing waits for it.
+                self.effects.append(CancelChild(child=item.child))
             return
         is_flow = self.task_spec(stage.name, task.name).type == TaskType.TASKFLOW
         # A TASKFLOW task's child may be seen only once it ended (e.g. after a restart).

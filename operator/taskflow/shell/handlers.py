@@ -7,6 +7,7 @@ state in status instead.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -82,7 +83,9 @@ class Operator:
         settings.networking.error_backoffs = [1, 2, 5, 10]
         settings.batching.worker_limit = None
         settings.batching.batch_window = 0.0  # apply watch events at once
-        settings.batching.idle_timeout = 60.0
+        # A per-object kopf worker holds its last watch event while alive; flows are quiet
+        # between stages, so let idle workers go soon (memory per active flow).
+        settings.batching.idle_timeout = 5.0
         if self.standalone:
             settings.peering.standalone = True
         else:
@@ -93,6 +96,9 @@ class Operator:
         self.bus = await Bus.connect(self.nats, self.runner_settings.subjects)
         self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings)
         await self.bus.subscribe_replies(self.registry.on_reply)
+        # Everything allocated so far lives as long as the process: keep it out of the
+        # collector's scans, which otherwise grow with every active flow.
+        gc.freeze()
         if self.serve_nats_api:
             from taskflow.shell.natsapi import serve_api
 
