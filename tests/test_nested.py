@@ -15,6 +15,17 @@ def action(svc: str, name: str) -> dict[str, Any]:
             "taskDetails": {"serviceId": svc, "actionName": "do"}}
 
 
+def leaf_held_until(release: asyncio.Event) -> Any:
+    """A reply function that holds the grandchild's ``leaf`` task until ``release`` is set."""
+
+    async def reply(msg: Any) -> dict[str, Any]:
+        if json.loads(msg.data)["task"] == "leaf":
+            await release.wait()
+        return {"success": True, "data": 1}
+
+    return reply
+
+
 def three_levels(svc: str) -> dict[str, Any]:
     grandchild = {"stages": [{"name": "g1", "tasks": [action(svc, "leaf")]}]}
     child = {"stages": [
@@ -67,13 +78,7 @@ async def test_three_level_flow_runs_to_succeeded_with_the_parent_context(
 
 async def test_cancel_cascades_to_running_children(operator, flows: Flows, nc, svc: str) -> None:
     release = asyncio.Event()
-
-    async def slow(msg: Any) -> dict[str, Any]:
-        if json.loads(msg.data)["task"] == "leaf":
-            await release.wait()
-        return {"success": True, "data": 1}
-
-    await serve(nc, f"{svc}.do", slow)
+    await serve(nc, f"{svc}.do", leaf_held_until(release))
     await flows.create(three_levels(svc), "top")
 
     def grandchild_running(items: list[dict[str, Any]]) -> bool:
@@ -126,13 +131,7 @@ async def test_retry_of_a_parent_task_runs_a_new_child(operator, flows: Flows, n
 
 async def test_operator_restart_while_a_child_runs(operator, flows: Flows, nc, svc: str) -> None:
     release = asyncio.Event()
-
-    async def slow(msg: Any) -> dict[str, Any]:
-        if json.loads(msg.data)["task"] == "leaf":
-            await release.wait()
-        return {"success": True, "data": 1}
-
-    await serve(nc, f"{svc}.do", slow)
+    await serve(nc, f"{svc}.do", leaf_held_until(release))
     await flows.create(three_levels(svc), "top")
     for _ in range(100):
         if len(await flows.list()) == 3:

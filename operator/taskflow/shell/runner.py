@@ -46,6 +46,7 @@ from taskflow.engine import (
     Reply,
     decide,
     effective_options,
+    parse_iso,
 )
 from taskflow.shell import metrics
 from taskflow.shell.bus import Bus
@@ -527,8 +528,6 @@ class FlowRunner:
         """Epoch ms until which a cancelled flow still records late replies, if not past."""
         if self.status.phase != FlowPhase.CANCELLED or not self.status.cancelled_at:
             return None
-        from taskflow.engine import parse_iso
-
         until = parse_iso(self.status.cancelled_at) + int(self.settings.late_reply_window_s * 1000)
         return until if until > now_ms() else None
 
@@ -598,8 +597,6 @@ class FlowRunner:
                                                 effect.attempt),
         }
         if state.deadline:
-            from taskflow.engine import parse_iso
-
             headers[DEADLINE_HEADER] = str(parse_iso(state.deadline))
             if state.expires_at:
                 headers[EXPIRES_HEADER] = str(parse_iso(state.expires_at))
@@ -715,9 +712,7 @@ class FlowRunner:
             await self.kube.patch_spec(namespace, name, {"spec": {"cancel": True}})
 
 
-def _child_error(message: str) -> Any:
-    from taskflow.api.status import TaskError
-
+def _child_error(message: str) -> TaskError:
     return TaskError(message=message[:4096], reason="Child")
 
 
