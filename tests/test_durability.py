@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import signal
 from collections import Counter
 from typing import Any
 
-from conftest import Flows, flow, serve
+from conftest import GROUP, PLURAL, VERSION, Flows, flow, serve, task_status
 
 
 async def test_stage_of_200_parallel_tasks_loses_no_reply(operator, flows: Flows, nc, svc: str
@@ -80,3 +81,71 @@ async def test_operator_killed_with_50_tasks_in_flight(
         assert done["status"]["progress"] == "11/11"
     assert len(rec_keys) == 55
     assert max(rec_keys.values()) == 1, "an attempt was dispatched twice"
+
+
+def _before_second_stage(status: dict[str, Any]) -> dict[str, Any]:
+    """The status as the API held it before ``s2`` started: ``first`` still running."""
+    older = copy.deepcopy(status)
+    s1, s2 = older["stages"]
+    first, second = s1["tasks"][0], s2["tasks"][0]
+    for key in ("response", "endTime"):
+        first.pop(key, None)
+    first.update(status="RUNNING", deadline="2099-01-01T00:00:00.000Z")
+    s1["status"] = "RUNNING"
+    s1.pop("endTime", None)
+    s2["status"] = second["status"] = "WAITING"
+    s2.pop("startTime", None)
+    for key in ("startTime", "dispatchTime", "deadline"):
+        second.pop(key, None)
+    older["writeSeq"] -= 1
+    return older
+
+
+async def test_operator_killed_between_dispatch_and_api_write(
+    operator, flows: Flows, nc, svc: str
+) -> None:
+    """A dispatch is kept in the NATS journal before it is sent and written to the API after.
+    The operator dies in between: the API still shows the previous stage running (its reply
+    waiting in the reply stream). After the restart the journal's newer copy wins, so the
+    attempt already sent is not sent again (exactlyOnceTaskExecution)."""
+    second: list[Any] = []
+
+    def answer(msg: Any) -> Any:
+        if json.loads(msg.data)["task"] == "first":
+            return {"success": True, "data": "one"}
+        second.append(msg)  # answered by hand, after the restart
+        return None
+
+    await serve(nc, f"{svc}.do", answer)
+    await flows.create(flow(svc, ["first"], ["second"], options={
+        "exactlyOnceTaskExecution": True, "timeout": "60s"}), "wal")
+    body = await flows.wait(
+        "wal", until=lambda b: "status" in b and len(b["status"].get("stages", [])) == 2
+        and task_status(b, "s2", "second")["status"] == "RUNNING")
+    assert len(second) == 1
+    operator.kill(signal.SIGKILL)
+
+    uid = body["metadata"]["uid"]
+    journal = await nc.jetstream().key_value("taskflow-journal")
+    kept = json.loads((await journal.get(uid)).value)
+    assert kept["writeSeq"] == body["status"]["writeSeq"]
+    assert task_status({"status": kept}, "s2", "second")["status"] == "RUNNING"
+
+    body["status"] = older = _before_second_stage(body["status"])
+    await asyncio.to_thread(
+        flows.custom.replace_namespaced_custom_object_status, GROUP, VERSION, flows.namespace,
+        PLURAL, "wal", body)
+
+    operator.start()
+    resumed = await flows.wait(
+        "wal", until=lambda b: b["status"]["writeSeq"] > older["writeSeq"])
+    assert task_status(resumed, "s1", "first")["response"] == "one"
+    assert task_status(resumed, "s2", "second")["status"] == "RUNNING"
+    await asyncio.sleep(0.5)  # a second dispatch, had there been one, was sent before that write
+    assert len(second) == 1, "the attempt kept in the journal was sent again"
+
+    await nc.publish(second[0].reply, json.dumps({"success": True, "data": "two"}).encode())
+    done = await flows.wait("wal")
+    assert done["status"]["phase"] == "SUCCEEDED"
+    assert task_status(done, "s2", "second")["response"] == "two"
+    assert len(second) == 1

@@ -152,4 +152,12 @@ class TaskflowStatus(_Model):
     # Set when a cancel was acted on (or recorded as a no-op on a finished flow).
     cancelled_at: str | None = Field(default=None, alias="cancelledAt")
     last_event_seq: int = Field(default=0, alias="lastEventSeq")
+    # Counts the operator's records of this status (API writes and the write-ahead copy in
+    # NATS); after a restart the copy with the higher count is the newer one.
+    write_seq: int = Field(
+        default=0,
+        alias="writeSeq",
+        description="How many times the operator has recorded this status; after a restart "
+        "it tells the newer of the API's copy and the write-ahead copy in NATS.",
+    )
     parent: dict[str, str] | None = None

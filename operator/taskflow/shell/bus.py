@@ -5,6 +5,11 @@ listen there: the operator's own subscription (fast path, and the only place NAT
 "no responders" for a request) and a JetStream stream that keeps every reply, so that a reply
 arriving while the operator is down is found again when its flow resumes. Events go to
 ``taskflow.events.<uid>``, also kept by a stream so a late subscriber can replay them.
+
+Before a flow's writer dispatches, it records the status that says so in the key-value bucket
+``taskflow-journal`` (a write-ahead copy, ~1 ms, against ~9 ms for the API write that follows):
+after a restart, an attempt that was sent is known to have been sent, even if the operator died
+before the API write.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import NotFoundError
 
 from taskflow.wire.subjects import Subjects
@@ -32,6 +44,7 @@ log = logging.getLogger("taskflow.bus")
 REPLY_STREAM = "TASKFLOW_REPLIES"
 EVENT_STREAM = "TASKFLOW_EVENTS"
 RESPONSE_BUCKET = "taskflow-responses"
+JOURNAL_BUCKET = "taskflow-journal"
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class Bus:
         self.js = js
         self.subjects = subjects
         self._objects: Any = None
+        self._journal: Any = None
 
     @classmethod
     async def connect(cls, settings: NatsSettings, subjects: Subjects) -> Bus:
@@ -115,13 +129,21 @@ class Bus:
         try:
             self._objects = await self.js.object_store(RESPONSE_BUCKET)
         except Exception:
-            from nats.js.api import ObjectStoreConfig
-
             self._objects = await self.js.create_object_store(
                 RESPONSE_BUCKET,
                 config=ObjectStoreConfig(
                     bucket=RESPONSE_BUCKET, storage=StorageType.FILE, ttl=float(retention_s)
                 ),
+            )
+
+        try:
+            self._journal = await self.js.key_value(JOURNAL_BUCKET)
+        except Exception:
+            self._journal = await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=JOURNAL_BUCKET, history=1, storage=StorageType.FILE,
+                    ttl=float(retention_s),
+                )
             )
 
     async def subscribe_replies(self, handler: ReplyHandler) -> None:
@@ -173,6 +195,28 @@ class Bus:
             await self.js.purge_stream(REPLY_STREAM, subject=self.subjects.replies_of(uid))
         except Exception as exc:
             log.warning("could not purge replies of %s: %s", uid, exc)
+
+    async def journal(self, uid: str, status: bytes) -> None:
+        """Keep a flow's status before acting on it (raises when NATS did not store it)."""
+        await self._journal.put(uid, status)
+
+    async def journaled(self, uid: str) -> bytes | None:
+        """The last status kept for a flow, if any."""
+        try:
+            entry = await self._journal.get(uid)
+        except NotFoundError:  # no key, or a deleted one
+            return None
+        except Exception as exc:
+            log.warning("could not read the journal of %s: %s", uid, exc)
+            return None
+        return bytes(entry.value) if entry.value else None
+
+    async def forget_journal(self, uid: str) -> None:
+        """A finished flow's status is in the API: its write-ahead copy is not needed."""
+        try:
+            await self._journal.purge(uid)
+        except Exception as exc:
+            log.warning("could not drop the journal of %s: %s", uid, exc)
 
     async def store_response(self, key: str, data: bytes) -> str:
         await self._objects.put(key, data)

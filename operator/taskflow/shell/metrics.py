@@ -17,6 +17,9 @@ REPLY_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 STATUS_WRITES = Counter("taskflow_status_writes_total", "Status writes to the API server")
+JOURNAL_WRITES = Counter(
+    "taskflow_journal_writes_total", "Write-ahead copies of status kept in NATS before a dispatch"
+)
 STATUS_CONFLICTS = Counter(
     "taskflow_status_conflicts_total", "Status writes refused for a stale resourceVersion"
 )

@@ -1,11 +1,14 @@
 """One writer per flow.
 
 A ``FlowRunner`` owns a flow's status while the flow is active: it feeds replies and timers to
-the engine, writes status with optimistic concurrency, and only then performs the decision's
-effects (dispatches, cancel notices, events). Replies that arrive while a write is in flight
-queue up and are applied together, so API writes grow with stages, not with tasks: a task's
-result alone is written lazily (at most once per ``flush_interval``), because the reply it came
-from stays in the JetStream reply stream until the flow ends.
+the engine, records the decided status, and only then performs the decision's effects
+(dispatches, cancel notices, events). A decision that dispatches is recorded first in the NATS
+journal (a write-ahead copy, ~1 ms) and written to the API right after the dispatch, in the
+background, so a stage starts without waiting for the API; other decisions that must be durable
+are written to the API first. Replies that arrive while a write is in flight queue up and are
+applied together, so API writes grow with stages, not with tasks: a task's result alone is
+written lazily (at most once per ``flush_interval``), because the reply it came from stays in
+the JetStream reply stream until the flow ends.
 """
 
 from __future__ import annotations
@@ -319,6 +322,9 @@ class FlowRunner:
         self.task: asyncio.Task[None] | None = None
         self.stopped = False
         self.dirty = False
+        # The API's copy is behind ``status`` (which is in the journal): write it soon.
+        self.unsaved = False
+        self.saving: asyncio.Task[None] | None = None
         self.last_write = 0.0
         self.sent_at: dict[tuple[str, str, int], float] = {}
         self.log = logging.LoggerAdapter(
@@ -384,6 +390,8 @@ class FlowRunner:
         except Exception:
             self.log.exception("flow writer failed; it restarts on the next watch event")
         finally:
+            with contextlib.suppress(Exception):
+                await self.settle()  # a stopping writer still leaves the API up to date
             self.registry.finished(self)
 
     async def resume(self) -> None:
@@ -396,6 +404,7 @@ class FlowRunner:
         except ValidationError as exc:
             self.log.warning("status unreadable, starting over: %s", exc)
             self.status = TaskflowStatus()
+        await self.recover_journal()
         if not self.status.stages:
             return
         subjects = self.settings.subjects
@@ -420,6 +429,24 @@ class FlowRunner:
                 if item is not None:
                     self.push(item)
 
+    async def recover_journal(self) -> None:
+        """The operator may have stopped after dispatching but before the API write that
+        records it: the journal's copy is then the newer one, and the attempts it holds were
+        sent (so a reply or a timeout decides them, never a blind second send)."""
+        raw = await self.bus.journaled(self.uid)
+        if raw is None:
+            return
+        try:
+            copy = TaskflowStatus.model_validate_json(raw)
+        except ValidationError as exc:
+            self.log.warning("journal copy unreadable, ignored: %s", exc)
+            return
+        if copy.write_seq > self.status.write_seq:
+            self.log.info("resuming from the journal (record %d; the API has %d)",
+                          copy.write_seq, self.status.write_seq)
+            self.status = copy
+            self.dirty = self.unsaved = True
+
     async def loop(self) -> None:
         while not self.stopped:
             inputs, self.inbox = self.inbox, []
@@ -428,6 +455,9 @@ class FlowRunner:
             if decision is None:
                 return
             await self.perform(decision)
+            if self.dirty and (self.unsaved or self.flush_due()):
+                self.unsaved = True
+                self.save_soon()
             wake_at = decision.wake_at
             if self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox:
                 linger = self.linger_until()
@@ -450,6 +480,7 @@ class FlowRunner:
     async def decide_and_write(self, inputs: list[Input]) -> Decision | None:
         while True:
             meta = self.body["metadata"]
+            generation = meta.get("generation")
             try:
                 spec = self.spec()
             except ValidationError as exc:
@@ -461,41 +492,105 @@ class FlowRunner:
                 now=now_ms(),
                 inputs=inputs,
                 uid=self.uid,
-                generation=int(meta.get("generation") or 0),
+                generation=int(generation or 0),
                 event_subject=self.settings.subjects.events(self.uid),
             )
             if decision.changed:
                 self.dirty = True
-            due = time.monotonic() - self.last_write >= self.settings.flush_interval_s
-            flush = decision.durable or (self.dirty and due)
-            if flush and not await self.write(decision.status):
-                continue  # the spec changed under us: decide again with the same inputs
-            self.status = decision.status
+            status = decision.status
+            if decision.durable and any(isinstance(e, Dispatch) for e in decision.effects):
+                status.write_seq = self.status.write_seq + 1
+                if await self.journal(status):
+                    self.status = status
+                    self.unsaved = True  # written to the API after the dispatch
+                    return decision
+            if decision.durable:
+                await self.settle()  # our own background write goes first
+                status.write_seq = self.status.write_seq + 1
+                if not await self.write(status, generation=generation):
+                    continue  # the spec changed under us: decide again with the same inputs
+                self.dirty = self.unsaved = False
+            self.status = status
             return decision
 
-    async def write(self, status: TaskflowStatus) -> bool:
-        """Write status; False when the spec changed meanwhile (the decision is void)."""
-        generation = self.body["metadata"].get("generation")
+    async def journal(self, status: TaskflowStatus) -> bool:
+        try:
+            await self.bus.journal(
+                self.uid, status.model_dump_json(by_alias=True, exclude_none=True).encode()
+            )
+        except Exception as exc:
+            self.log.warning("journal write failed; writing to the API first: %s", exc)
+            return False
+        metrics.JOURNAL_WRITES.inc()
+        return True
+
+    def flush_due(self) -> bool:
+        """Results alone (their replies are kept in the reply stream) are written lazily."""
+        return time.monotonic() - self.last_write >= self.settings.flush_interval_s
+
+    def save_soon(self) -> None:
+        """Write a journaled status to the API in the background (one write at a time)."""
+        if self.unsaved and (self.saving is None or self.saving.done()):
+            self.saving = asyncio.get_running_loop().create_task(self.save())
+
+    async def save(self) -> None:
+        backoff = 0.5
+        while self.unsaved:
+            self.unsaved = False
+            status = self.status  # the newest: results applied since the journal are included
+            try:
+                # Never void: the journaled status was acted on, whatever the spec says now;
+                # a spec change reaches the engine through the watch.
+                await self.write(status, generation=None)
+            except Gone:
+                self.stop()
+                return
+            except Exception as exc:
+                self.unsaved = True
+                if self.stopped:
+                    return  # the journal has it; the next writer resumes from there
+                self.log.warning("status write failed, trying again in %.1f s: %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if status is self.status:
+                self.dirty = False
+        if self.dirty:
+            self.wakeup.set()  # newer results came meanwhile: the loop sets their flush timer
+
+    async def settle(self) -> None:
+        if self.saving is not None:
+            with contextlib.suppress(Exception):
+                await self.saving
+            self.saving = None
+
+    async def write(self, status: TaskflowStatus, *, generation: Any) -> bool:
+        """Write status; False when the spec is no longer the one at ``generation`` (the
+        decision is void). ``generation=None`` writes whatever the spec is now."""
+        if generation is not None and self.body["metadata"].get("generation") != generation:
+            return False
+        content = status.model_dump(by_alias=True, exclude_none=True, mode="json")
         for _ in range(10):
+            # PUT .../status takes status only; metadata carries the resourceVersion.
             body = {
                 "apiVersion": self.body.get("apiVersion", "taskflow.dev/v1alpha1"),
                 "kind": "Taskflow",
                 "metadata": self.body["metadata"],
-                "spec": self.body["spec"],
-                "status": status.model_dump(by_alias=True, exclude_none=True, mode="json"),
+                "status": content,
             }
             try:
                 result = await self.kube.replace_status(body)
             except Conflict:
                 metrics.STATUS_CONFLICTS.inc()
                 fresh = await self.kube.get(self.namespace, self.name)
-                self.body = _lean(fresh)
-                if fresh["metadata"].get("generation") != generation:
+                if _rv(fresh) > _rv(self.body):
+                    self.observe(fresh)
+                if generation is not None and fresh["metadata"].get("generation") != generation:
                     return False
                 continue
             metrics.STATUS_WRITES.inc()
-            self.body = _lean(result)
-            self.dirty = False
+            if _rv(result) > _rv(self.body):
+                self.body = _lean(result)
             self.last_write = time.monotonic()
             return True
         raise RuntimeError("status write kept conflicting")
@@ -506,7 +601,7 @@ class FlowRunner:
         timeouts = []
         if wake_at is not None:
             timeouts.append(max(0.0, (wake_at - now_ms()) / 1000))
-        if self.dirty:
+        if self.dirty and not self.unsaved:  # (when unsaved, the background write has it)
             timeouts.append(
                 max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
             )
@@ -535,6 +630,7 @@ class FlowRunner:
         phase = self.status.phase
         metrics.FLOWS_FINISHED.labels(phase=str(phase)).inc()
         self.registry.spawn(self.bus.forget_replies(self.uid))
+        self.registry.spawn(self.bus.forget_journal(self.uid))
         self.log.info("flow ended %s", phase)
 
     # -- effects -----------------------------------------------------------------------------
