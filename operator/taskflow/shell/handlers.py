@@ -81,11 +81,12 @@ class Operator:
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.networking.error_backoffs = [1, 2, 5, 10]
-        settings.batching.worker_limit = None
-        settings.batching.batch_window = 0.0  # apply watch events at once
-        # A per-object kopf worker holds its last watch event while alive; flows are quiet
-        # between stages, so let idle workers go soon (memory per active flow).
-        settings.batching.idle_timeout = 5.0
+        settings.queueing.worker_limit = None
+        # A per-object kopf worker holds its last watch event (the whole decoded object) until
+        # it has been idle this long. Our only handler is on.event, which hands the object to
+        # the flow's writer at once, so a worker has no reason to linger: during a burst of new
+        # flows, lingering workers are most of the transient peak that stays in RSS.
+        settings.queueing.idle_timeout = 0.5
         if self.standalone:
             settings.peering.standalone = True
         else:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import pickle
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +97,10 @@ class RunnerSettings:
     late_reply_window_s: float = 30.0
     # A writer idle this long keeps its status and spec serialised until it is woken.
     compact_after_s: float = 2.0
+    # Writers between their start (the first read) and the end of their first round, at most.
+    # A burst of new flows (or a restart with many active ones) otherwise has every writer
+    # holding its spec, status and models while it waits its turn for the API.
+    max_starting: int = 64
 
 
 def now_ms() -> int:
@@ -135,10 +141,11 @@ class Registry:
         self.bus = bus
         self.settings = settings
         self.runners: dict[str, FlowRunner] = {}
+        self.starting = asyncio.Semaphore(settings.max_starting)
         self._background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -164,7 +171,12 @@ class Registry:
         runner = FlowRunner(registry=self, body=body)
         self.runners[runner.uid] = runner
         metrics.ACTIVE_FLOWS.set(len(self.runners))
-        runner.task = asyncio.get_running_loop().create_task(runner.run())
+        # An empty context, not a copy of the caller's: a task started from a kopf handler
+        # would otherwise keep kopf's context variables (the handler's cause, with the whole
+        # watch-event body, its patch, logger and memo) alive for as long as the flow runs.
+        runner.task = asyncio.get_running_loop().create_task(
+            runner.run(), context=contextvars.Context()
+        )
         return runner
 
     def finished(self, runner: FlowRunner) -> None:
@@ -309,7 +321,11 @@ class FlowRunner:
         self.uid: str = meta["uid"]
         self.namespace: str = meta["namespace"]
         self.name: str = meta["name"]
-        self.body = _lean(body)
+        # Only what observe() compares until resume() reads the object fresh: a writer may
+        # wait a while for its turn to start, and the spec is read again then anyway.
+        keep = ("name", "namespace", "uid", "resourceVersion", "generation")
+        self.body: dict[str, Any] = {"metadata": {k: meta[k] for k in keep if k in meta}}
+        self._starting = False
         # The parsed spec and the generation it was parsed at (a spec change bumps it).
         self._spec: tuple[Any, TaskflowSpec] | None = None
         # An idle writer's status and spec, serialised (see compact()).
@@ -318,7 +334,10 @@ class FlowRunner:
         self._frozen_spec: bytes | None = None
         self.status = TaskflowStatus()
         self.inbox: list[Input] = []
-        self.wakeup = asyncio.Event()
+        # Set when something arrives; sleep() waits on a future made only while it sleeps
+        # (an asyncio.Event would keep a deque per writer, and wait_for a task per sleep).
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopped = False
         self.dirty = False
@@ -335,7 +354,7 @@ class FlowRunner:
     def status(self) -> TaskflowStatus:
         if self._status is None:
             assert self._frozen_status is not None
-            self._status = pickle.loads(self._frozen_status)
+            self._status = pickle.loads(zlib.decompress(self._frozen_status))
             self._frozen_status = None
         return self._status
 
@@ -349,11 +368,12 @@ class FlowRunner:
         about a tenth of the memory of the models and dicts, until something wakes the writer.
         Reading ``status`` or ``spec()`` brings them back exactly as they were."""
         if self._status is not None:
-            self._frozen_status = pickle.dumps(self._status, pickle.HIGHEST_PROTOCOL)
+            self._frozen_status = zlib.compress(
+                pickle.dumps(self._status, pickle.HIGHEST_PROTOCOL), 1)
             self._status = None
         spec = self.body.get("spec")
         if spec is not None:
-            self._frozen_spec = json.dumps(spec, separators=(",", ":")).encode()
+            self._frozen_spec = zlib.compress(json.dumps(spec, separators=(",", ":")).encode(), 1)
             self.body["spec"] = None
         self._spec = None
 
@@ -362,7 +382,7 @@ class FlowRunner:
     def push(self, item: Input) -> None:
         self.inbox.append(item)
         metrics.REPLY_QUEUE.inc()
-        self.wakeup.set()
+        self.wake()
 
     def observe(self, body: dict[str, Any]) -> None:
         """A newer object from the watch: take its spec and resourceVersion, keep our status."""
@@ -371,16 +391,34 @@ class FlowRunner:
         changed = body["metadata"].get("generation") != self.body["metadata"].get("generation")
         self.body = _lean(body)
         if changed:
-            self.wakeup.set()
+            self.wake()
 
     def stop(self) -> None:
         self.stopped = True
-        self.wakeup.set()
+        self.wake()
+
+    def wake(self) -> None:
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until wake() or the timeout (TimeoutError); at once if woken since the last clear."""
+        if self._woken:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        finally:
+            self._waiter = None
 
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
+            await self.registry.starting.acquire()
+            self._starting = True
             await self.resume()
             await self.loop()
         except Gone:
@@ -390,9 +428,16 @@ class FlowRunner:
         except Exception:
             self.log.exception("flow writer failed; it restarts on the next watch event")
         finally:
+            self.started()
             with contextlib.suppress(Exception):
                 await self.settle()  # a stopping writer still leaves the API up to date
             self.registry.finished(self)
+
+    def started(self) -> None:
+        """The first round is done (or the writer ends): let the next writer start."""
+        if self._starting:
+            self._starting = False
+            self.registry.starting.release()
 
     async def resume(self) -> None:
         """Read the flow fresh (never act on a stale watch event) and collect what arrived
@@ -455,6 +500,7 @@ class FlowRunner:
             if decision is None:
                 return
             await self.perform(decision)
+            self.started()
             if self.dirty and (self.unsaved or self.flush_due()):
                 self.unsaved = True
                 self.save_soon()
@@ -472,7 +518,7 @@ class FlowRunner:
         generation = self.body["metadata"].get("generation")
         if self._spec is None or self._spec[0] != generation or generation is None:
             if self.body.get("spec") is None and self._frozen_spec is not None:
-                self.body["spec"] = json.loads(self._frozen_spec)
+                self.body["spec"] = json.loads(zlib.decompress(self._frozen_spec))
             self._frozen_spec = None
             self._spec = (generation, TaskflowSpec.model_validate(self.body["spec"]))
         return self._spec[1]
@@ -556,7 +602,7 @@ class FlowRunner:
             if status is self.status:
                 self.dirty = False
         if self.dirty:
-            self.wakeup.set()  # newer results came meanwhile: the loop sets their flush timer
+            self.wake()  # newer results came meanwhile: the loop sets their flush timer
 
     async def settle(self) -> None:
         if self.saving is not None:
@@ -605,7 +651,7 @@ class FlowRunner:
             timeouts.append(
                 max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
             )
-        self.wakeup.clear()
+        self._woken = False
         if self.inbox:
             return
         timeout = min(timeouts) if timeouts else None
@@ -613,11 +659,11 @@ class FlowRunner:
         with contextlib.suppress(TimeoutError):
             if timeout is None or timeout > idle:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), idle)
+                    await self._wait(idle)
                     return
                 self.compact()  # a long sleep: keep only the serialised state meanwhile
                 timeout = None if timeout is None else timeout - idle
-            await asyncio.wait_for(self.wakeup.wait(), timeout)
+            await self._wait(timeout)
 
     def linger_until(self) -> int | None:
         """Epoch ms until which a cancelled flow still records late replies, if not past."""
