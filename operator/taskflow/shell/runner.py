@@ -341,6 +341,9 @@ class FlowRunner:
         self.task: asyncio.Task[None] | None = None
         self.stopped = False
         self.dirty = False
+        # Counts decided changes; tells a background write whether it wrote the newest status
+        # (identity would not do: an idle writer's status is re-created from its pickle).
+        self.changes = 0
         # The API's copy is behind ``status`` (which is in the journal): write it soon.
         self.unsaved = False
         self.saving: asyncio.Task[None] | None = None
@@ -500,10 +503,11 @@ class FlowRunner:
             if decision is None:
                 return
             await self.perform(decision)
-            self.started()
             if self.dirty and (self.unsaved or self.flush_due()):
                 self.unsaved = True
                 self.save_soon()
+            if self.saving is None or self.saving.done():
+                self.started()  # (otherwise the background write says when)
             wake_at = decision.wake_at
             if self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox:
                 linger = self.linger_until()
@@ -543,6 +547,7 @@ class FlowRunner:
             )
             if decision.changed:
                 self.dirty = True
+                self.changes += 1
             status = decision.status
             if decision.durable and any(isinstance(e, Dispatch) for e in decision.effects):
                 status.write_seq = self.status.write_seq + 1
@@ -580,10 +585,16 @@ class FlowRunner:
             self.saving = asyncio.get_running_loop().create_task(self.save())
 
     async def save(self) -> None:
+        try:
+            await self._save()
+        finally:
+            self.started()  # a new writer's first API write is part of its start
+
+    async def _save(self) -> None:
         backoff = 0.5
         while self.unsaved:
             self.unsaved = False
-            status = self.status  # the newest: results applied since the journal are included
+            status, changes = self.status, self.changes  # the newest, results included
             try:
                 # Never void: the journaled status was acted on, whatever the spec says now;
                 # a spec change reaches the engine through the watch.
@@ -599,7 +610,7 @@ class FlowRunner:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            if status is self.status:
+            if changes == self.changes:
                 self.dirty = False
         if self.dirty:
             self.wake()  # newer results came meanwhile: the loop sets their flush timer
