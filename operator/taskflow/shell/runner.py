@@ -627,6 +627,7 @@ class FlowRunner:
         if generation is not None and self.body["metadata"].get("generation") != generation:
             return False
         content = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+        self.last_write = time.monotonic()  # from its start: results that land meanwhile wait
         for _ in range(10):
             # PUT .../status takes status only; metadata carries the resourceVersion.
             body = {
@@ -648,7 +649,6 @@ class FlowRunner:
             metrics.STATUS_WRITES.inc()
             if _rv(result) > _rv(self.body):
                 self.body = _lean(result)
-            self.last_write = time.monotonic()
             return True
         raise RuntimeError("status write kept conflicting")
 
