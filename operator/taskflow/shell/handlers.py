@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import kopf
 
@@ -19,6 +20,18 @@ from taskflow.shell.kube import Kube, connection_config, load_api_client
 from taskflow.shell.runner import Registry, RunnerSettings
 
 log = logging.getLogger("taskflow.handlers")
+
+
+class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a deep copy of every watched object on every event, as the base against
+    which change handlers (``on.create``/``on.update``) see a diff. This operator has none
+    (``on.event`` only), so the copy was never read: it was ~13 % of the operator's CPU at
+    saturation. Nothing is ever stored, so ``fetch`` finds nothing either."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {})
 
 
 class Operator:
@@ -74,6 +87,7 @@ class Operator:
         )
 
     async def startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.posting.enabled = False  # we post our own, flow-level Events
         # No CRD or namespace scanning: least-privilege RBAC grants neither, and the resource
         # and the namespaces to watch are known from the command line.
