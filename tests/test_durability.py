@@ -122,6 +122,10 @@ async def test_operator_killed_between_dispatch_and_api_write(
     body = await flows.wait(
         "wal", until=lambda b: "status" in b and len(b["status"].get("stages", [])) == 2
         and task_status(b, "s2", "second")["status"] == "RUNNING")
+    for _ in range(100):  # sent before that write; on its way to this process's subscriber
+        if second:
+            break
+        await asyncio.sleep(0.05)
     assert len(second) == 1
     operator.kill(signal.SIGKILL)
 
