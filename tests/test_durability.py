@@ -153,3 +153,38 @@ async def test_operator_killed_between_dispatch_and_api_write(
     assert done["status"]["phase"] == "SUCCEEDED"
     assert task_status(done, "s2", "second")["response"] == "two"
     assert len(second) == 1
+
+
+async def test_journal_entry_is_dropped_only_if_still_the_writers_own(stack, svc: str) -> None:
+    """A finished flow's journal entry goes, unless a newer writer (a retry) kept a newer one."""
+    from taskflow.shell.bus import Bus, NatsSettings
+    from taskflow.wire.subjects import Subjects
+
+    bus = await Bus.connect(NatsSettings(url=stack.nats.url), Subjects())
+    try:
+        uid = f"uid-{svc}"
+        first = await bus.journal(uid, b'{"writeSeq":1}')
+        await bus.journal(uid, b'{"writeSeq":2}')
+        await bus.forget_journal(uid, first)  # a finished writer, late: a retry wrote since
+        assert await bus.journaled(uid) == b'{"writeSeq":2}'
+        latest = await bus.journal(uid, b'{"writeSeq":3}')
+        await bus.forget_journal(uid, latest)
+        assert await bus.journaled(uid) is None
+    finally:
+        await bus.close()
+
+
+async def test_finished_flow_leaves_no_journal_entry(operator, flows: Flows, nc, svc: str
+                                                     ) -> None:
+    await serve(nc, f"{svc}.do")
+    created = await flows.create(flow(svc, ["a"], ["b"]), "journaled")
+    done = await flows.wait("journaled")
+    assert done["status"]["phase"] == "SUCCEEDED"
+    journal = await nc.jetstream().key_value("taskflow-journal")
+    for _ in range(50):
+        try:
+            await journal.get(created["metadata"]["uid"])
+        except Exception:  # KeyDeletedError: dropped
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the finished flow's journal entry is still there")

@@ -196,9 +196,11 @@ class Bus:
         except Exception as exc:
             log.warning("could not purge replies of %s: %s", uid, exc)
 
-    async def journal(self, uid: str, status: bytes) -> None:
-        """Keep a flow's status before acting on it (raises when NATS did not store it)."""
-        await self._journal.put(uid, status)
+    async def journal(self, uid: str, status: bytes) -> int:
+        """Keep a flow's status before acting on it; its revision (raises when NATS did not
+        store it)."""
+        revision: int = await self._journal.put(uid, status)
+        return revision
 
     async def journaled(self, uid: str) -> bytes | None:
         """The last status kept for a flow, if any."""
@@ -211,12 +213,14 @@ class Bus:
             return None
         return bytes(entry.value) if entry.value else None
 
-    async def forget_journal(self, uid: str) -> None:
-        """A finished flow's status is in the API: its write-ahead copy is not needed."""
+    async def forget_journal(self, uid: str, revision: int) -> None:
+        """A finished flow's status is in the API: its write-ahead copy is not needed. Only
+        if it is still the copy at ``revision``: a retry's new writer may have kept a newer one
+        meanwhile, which must stay."""
         try:
-            await self._journal.purge(uid)
-        except Exception as exc:
-            log.warning("could not drop the journal of %s: %s", uid, exc)
+            await self._journal.delete(uid, last=revision)
+        except Exception as exc:  # (a newer revision: "wrong last sequence")
+            log.debug("journal of %s not dropped: %s", uid, exc)
 
     async def store_response(self, key: str, data: bytes) -> str:
         await self._objects.put(key, data)

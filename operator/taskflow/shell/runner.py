@@ -347,6 +347,7 @@ class FlowRunner:
         # The API's copy is behind ``status`` (which is in the journal): write it soon.
         self.unsaved = False
         self.saving: asyncio.Task[None] | None = None
+        self.journal_rev: int | None = None  # of this writer's last journal entry
         self.last_write = 0.0
         self.sent_at: dict[tuple[str, str, int], float] = {}
         self.log = logging.LoggerAdapter(
@@ -566,7 +567,7 @@ class FlowRunner:
 
     async def journal(self, status: TaskflowStatus) -> bool:
         try:
-            await self.bus.journal(
+            self.journal_rev = await self.bus.journal(
                 self.uid, status.model_dump_json(by_alias=True, exclude_none=True).encode()
             )
         except Exception as exc:
@@ -687,7 +688,8 @@ class FlowRunner:
         phase = self.status.phase
         metrics.FLOWS_FINISHED.labels(phase=str(phase)).inc()
         self.registry.spawn(self.bus.forget_replies(self.uid))
-        self.registry.spawn(self.bus.forget_journal(self.uid))
+        if self.journal_rev is not None:
+            self.registry.spawn(self.bus.forget_journal(self.uid, self.journal_rev))
         self.log.info("flow ended %s", phase)
 
     # -- effects -----------------------------------------------------------------------------
