@@ -203,15 +203,21 @@ class Bus:
         return revision
 
     async def journaled(self, uid: str) -> bytes | None:
-        """The last status kept for a flow, if any."""
-        try:
-            entry = await self._journal.get(uid)
-        except NotFoundError:  # no key, or a deleted one
-            return None
-        except Exception as exc:
-            log.warning("could not read the journal of %s: %s", uid, exc)
-            return None
-        return bytes(entry.value) if entry.value else None
+        """The last status kept for a flow, if any. Raises when NATS cannot say: resuming
+        from the API's copy alone could send an attempt a second time."""
+        for attempt in range(3):
+            try:
+                entry = await self._journal.get(uid)
+            except NotFoundError:  # no key, or a deleted one
+                return None
+            except Exception as exc:
+                if attempt == 2:
+                    raise
+                log.warning("could not read the journal of %s (trying again): %s", uid, exc)
+                await asyncio.sleep(0.5 * (attempt + 1))
+            else:
+                return bytes(entry.value) if entry.value else None
+        return None
 
     async def forget_journal(self, uid: str, revision: int) -> None:
         """A finished flow's status is in the API: its write-ahead copy is not needed. Only

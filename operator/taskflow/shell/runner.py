@@ -143,6 +143,16 @@ class Registry:
         self.runners: dict[str, FlowRunner] = {}
         self.starting = asyncio.Semaphore(settings.max_starting)
         self._background: set[asyncio.Task[Any]] = set()
+        self.journal_on = True
+
+    def journal_unusable(self) -> None:
+        """The API dropped status.writeSeq: the CRD predates it, and without it a restarted
+        writer cannot tell the journal's copy from an older one. Write the API first again."""
+        if self.journal_on:
+            self.journal_on = False
+            log.error("the Taskflow CRD in the cluster is older than this operator (it drops "
+                      "status.writeSeq): apply crds/ from this release; until then dispatches "
+                      "wait for the API write")
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
@@ -423,6 +433,8 @@ class FlowRunner:
         try:
             await self.registry.starting.acquire()
             self._starting = True
+            if self.stopped:
+                return  # deleted (or shutting down) while waiting for its turn
             await self.resume()
             await self.loop()
         except Gone:
@@ -433,9 +445,11 @@ class FlowRunner:
             self.log.exception("flow writer failed; it restarts on the next watch event")
         finally:
             self.started()
-            with contextlib.suppress(Exception):
-                await self.settle()  # a stopping writer still leaves the API up to date
-            self.registry.finished(self)
+            try:
+                with contextlib.suppress(Exception):
+                    await self.settle()  # a stopping writer still leaves the API up to date
+            finally:
+                self.registry.finished(self)
 
     def started(self) -> None:
         """The first round is done (or the writer ends): let the next writer start."""
@@ -447,6 +461,8 @@ class FlowRunner:
         """Read the flow fresh (never act on a stale watch event) and collect what arrived
         while nobody was writing it: stored replies, finished children, the last event."""
         fresh = await self.kube.get(self.namespace, self.name)
+        if fresh["metadata"].get("uid") != self.uid:
+            raise Gone(f"{self.namespace}/{self.name} was deleted and created again")
         self.body = _lean(fresh)
         try:
             self.status = TaskflowStatus.model_validate(fresh.get("status") or {})
@@ -482,6 +498,10 @@ class FlowRunner:
         """The operator may have stopped after dispatching but before the API write that
         records it: the journal's copy is then the newer one, and the attempts it holds were
         sent (so a reply or a timeout decides them, never a blind second send)."""
+        if self.status.stages and not self.status.write_seq:
+            # Written by an operator without the journal, or by this one through a CRD too old
+            # to keep writeSeq (see write()): there is no way to tell which copy is newer.
+            return
         raw = await self.bus.journaled(self.uid)
         if raw is None:
             return
@@ -498,13 +518,14 @@ class FlowRunner:
 
     async def loop(self) -> None:
         while not self.stopped:
+            self._woken = False  # a wake from here on (e.g. a spec change) means one more round
             inputs, self.inbox = self.inbox, []
             metrics.REPLY_QUEUE.dec(len(inputs))
             decision = await self.decide_and_write(inputs)
             if decision is None:
                 return
             await self.perform(decision)
-            if self.dirty and (self.unsaved or self.flush_due()):
+            if self.unsaved or (self.dirty and self.flush_due()):
                 self.unsaved = True
                 self.save_soon()
             if self.saving is None or self.saving.done():
@@ -546,14 +567,12 @@ class FlowRunner:
                 generation=int(generation or 0),
                 event_subject=self.settings.subjects.events(self.uid),
             )
-            if decision.changed:
-                self.dirty = True
-                self.changes += 1
             status = decision.status
-            if decision.durable and any(isinstance(e, Dispatch) for e in decision.effects):
+            journal_first = self.registry.journal_on and decision.durable
+            if journal_first and any(isinstance(e, Dispatch) for e in decision.effects):
                 status.write_seq = self.status.write_seq + 1
                 if await self.journal(status):
-                    self.status = status
+                    self.adopt(status, decision.changed)
                     self.unsaved = True  # written to the API after the dispatch
                     return decision
             if decision.durable:
@@ -561,9 +580,19 @@ class FlowRunner:
                 status.write_seq = self.status.write_seq + 1
                 if not await self.write(status, generation=generation):
                     continue  # the spec changed under us: decide again with the same inputs
+                self.adopt(status, decision.changed)
                 self.dirty = self.unsaved = False
-            self.status = status
+                return decision
+            self.adopt(status, decision.changed)
             return decision
+
+    def adopt(self, status: TaskflowStatus, changed: bool) -> None:
+        """Take a decided status; ``changes`` moves with ``status`` (no await between), so a
+        background write never pairs an older status with a newer count."""
+        self.status = status
+        if changed:
+            self.dirty = True
+            self.changes += 1
 
     async def journal(self, status: TaskflowStatus) -> bool:
         try:
@@ -592,7 +621,7 @@ class FlowRunner:
             self.started()  # a new writer's first API write is part of its start
 
     async def _save(self) -> None:
-        backoff = 0.5
+        backoff, failures = 0.5, 0
         while self.unsaved:
             self.unsaved = False
             status, changes = self.status, self.changes  # the newest, results included
@@ -605,8 +634,16 @@ class FlowRunner:
                 return
             except Exception as exc:
                 self.unsaved = True
+                self.started()  # a failing write must not hold a start slot
+                failures += 1
                 if self.stopped:
                     return  # the journal has it; the next writer resumes from there
+                if failures >= 5:
+                    # As a failed synchronous write does: end this writer; the next watch event
+                    # starts a new one, which resumes from the journal.
+                    self.log.error("status write failed %d times, writer stops: %s", failures, exc)
+                    self.stop()
+                    return
                 self.log.warning("status write failed, trying again in %.1f s: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -648,6 +685,8 @@ class FlowRunner:
                     return False
                 continue
             metrics.STATUS_WRITES.inc()
+            if status.write_seq and "writeSeq" not in (result.get("status") or {}):
+                self.registry.journal_unusable()
             if _rv(result) > _rv(self.body):
                 self.body = _lean(result)
             return True
@@ -663,9 +702,6 @@ class FlowRunner:
             timeouts.append(
                 max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
             )
-        self._woken = False
-        if self.inbox:
-            return
         timeout = min(timeouts) if timeouts else None
         idle = self.settings.compact_after_s
         with contextlib.suppress(TimeoutError):
