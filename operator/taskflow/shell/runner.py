@@ -525,7 +525,7 @@ class FlowRunner:
             if decision is None:
                 return
             await self.perform(decision)
-            if self.unsaved or (self.dirty and self.flush_due()):
+            if self.unsaved or (self.dirty and not self.flush_in()):
                 self.unsaved = True
                 self.save_soon()
             if self.saving is None or self.saving.done():
@@ -605,9 +605,10 @@ class FlowRunner:
         metrics.JOURNAL_WRITES.inc()
         return True
 
-    def flush_due(self) -> bool:
-        """Results alone (their replies are kept in the reply stream) are written lazily."""
-        return time.monotonic() - self.last_write >= self.settings.flush_interval_s
+    def flush_in(self) -> float:
+        """Seconds until results alone may be written (their replies are kept in the reply
+        stream, so they are written lazily); 0 when due."""
+        return max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
 
     def save_soon(self) -> None:
         """Write a journaled status to the API in the background (one write at a time)."""
@@ -615,43 +616,44 @@ class FlowRunner:
             self.saving = asyncio.get_running_loop().create_task(self.save())
 
     async def save(self) -> None:
-        try:
-            await self._save()
-        finally:
-            self.started()  # a new writer's first API write is part of its start
-
-    async def _save(self) -> None:
+        """Write the newest status while one is owed (``unsaved``); the only background writer
+        of a flow. A new writer's first API write is part of its start: the slot goes after."""
         backoff, failures = 0.5, 0
-        while self.unsaved:
-            self.unsaved = False
-            status, changes = self.status, self.changes  # the newest, results included
-            try:
-                # Never void: the journaled status was acted on, whatever the spec says now;
-                # a spec change reaches the engine through the watch.
-                await self.write(status, generation=None)
-            except Gone:
-                self.stop()
-                return
-            except Exception as exc:
-                self.unsaved = True
-                self.started()  # a failing write must not hold a start slot
-                failures += 1
-                if self.stopped:
-                    return  # the journal has it; the next writer resumes from there
-                if failures >= 5:
-                    # As a failed synchronous write does: end this writer; the next watch event
-                    # starts a new one, which resumes from the journal.
-                    self.log.error("status write failed %d times, writer stops: %s", failures, exc)
+        try:
+            while self.unsaved:
+                self.unsaved = False
+                status, changes = self.status, self.changes  # the newest, results included
+                try:
+                    # Never void: the journaled status was acted on, whatever the spec says
+                    # now; a spec change reaches the engine through the watch.
+                    await self.write(status, generation=None)
+                except Gone:
                     self.stop()
                     return
-                self.log.warning("status write failed, trying again in %.1f s: %s", backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            if changes == self.changes:
-                self.dirty = False
-        if self.dirty:
-            self.wake()  # newer results came meanwhile: the loop sets their flush timer
+                except Exception as exc:
+                    self.unsaved = True
+                    self.started()  # a failing write must not hold a start slot
+                    failures += 1
+                    if self.stopped:
+                        return  # the journal has it; the next writer resumes from there
+                    if failures >= 5:
+                        # As a failed synchronous write does: end this writer; the next watch
+                        # event starts a new one, which resumes from the journal.
+                        self.log.error("status write failed %d times, writer stops: %s",
+                                       failures, exc)
+                        self.stop()
+                        return
+                    self.log.warning("status write failed, trying again in %.1f s: %s",
+                                     backoff, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                if changes == self.changes:
+                    self.dirty = False
+            if self.dirty:
+                self.wake()  # newer results came meanwhile: the loop sets their flush timer
+        finally:
+            self.started()
 
     async def settle(self) -> None:
         if self.saving is not None:
@@ -699,9 +701,7 @@ class FlowRunner:
         if wake_at is not None:
             timeouts.append(max(0.0, (wake_at - now_ms()) / 1000))
         if self.dirty and not self.unsaved:  # (when unsaved, the background write has it)
-            timeouts.append(
-                max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
-            )
+            timeouts.append(self.flush_in())
         timeout = min(timeouts) if timeouts else None
         idle = self.settings.compact_after_s
         with contextlib.suppress(TimeoutError):
