@@ -2,6 +2,8 @@
 
 Each server runs in its own process group and is killed with it, so a crashed test run leaves
 nothing behind; ``DevStack`` ties them together for pytest fixtures, ``make dev`` and bench.
+Each server can also be restarted on the same ports with the same data (``make chaos`` kills
+and restarts them under load).
 """
 
 from __future__ import annotations
@@ -101,17 +103,28 @@ class Server:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def stop(self, timeout: float = 10) -> None:
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the whole process group (e.g. SIGSTOP and SIGCONT to pause it)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout: float = 10, *, sig: int = signal.SIGTERM) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
+        self.send_signal(sig)
+        self.send_signal(signal.SIGCONT)  # a paused (SIGSTOPped) group acts on it too
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+            self.send_signal(signal.SIGKILL)
             self.process.wait()
+
+    def restart(self, *, sig: int = signal.SIGKILL) -> None:
+        """Stop with ``sig`` (default: a crash) and start the same command line again: same
+        ports, same data directory."""
+        self.stop(sig=sig)
+        self.start()
 
 
 @dataclass
@@ -147,10 +160,19 @@ class NatsServer:
         self.server = Server("nats-server", [str(self.binary), "-c", str(config)],
                              self.workdir / "nats.log")
         self.server.start()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
         health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
-        assert self.server.process is not None
+        assert self.server is not None and self.server.process is not None
         _wait(lambda: urllib.request.urlopen(health, timeout=1).status == 200,
-              "nats-server", 30, self.server.process)
+              "nats-server", timeout, self.server.process)
+
+    def restart(self, *, sig: int = signal.SIGKILL) -> None:
+        """Kill (by default) and start again on the same port with the same JetStream store."""
+        assert self.server is not None, "not started"
+        self.server.restart(sig=sig)
+        self.wait_ready()
 
     def stop(self) -> None:
         if self.server:
@@ -169,6 +191,8 @@ class ControlPlane:
     kubeconfig: Path | None = None
     # kube-controller-manager for garbage collection (owned child flows) and namespaces.
     controller_manager_binary: Path | None = None
+    etcd_port: int = 0
+    etcd_peer_port: int = 0
 
     @property
     def url(self) -> str:
@@ -177,7 +201,8 @@ class ControlPlane:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         pki = write_pki(self.workdir / "pki")
-        etcd_port, peer_port = free_port(), free_port()
+        self.etcd_port = etcd_port = self.etcd_port or free_port()
+        self.etcd_peer_port = peer_port = self.etcd_peer_port or free_port()
         self.port = self.port or free_port()
         etcd = Server("etcd", [
             str(self.etcd_binary),
@@ -192,10 +217,7 @@ class ControlPlane:
         ], self.workdir / "etcd.log")
         self.servers.append(etcd)
         etcd.start()
-        assert etcd.process is not None
-        _wait(lambda: urllib.request.urlopen(
-            f"http://127.0.0.1:{etcd_port}/health", timeout=1).status == 200,
-            "etcd", 30, etcd.process)
+        self.wait_ready("etcd")
         apiserver = Server("kube-apiserver", [
             str(self.apiserver_binary),
             "--bind-address", "127.0.0.1",
@@ -219,12 +241,7 @@ class ControlPlane:
         ], self.workdir / "kube-apiserver.log")
         self.servers.append(apiserver)
         apiserver.start()
-        context = ssl.create_default_context(cafile=str(pki["ca.crt"]))
-        context.load_cert_chain(str(pki["admin.crt"]), str(pki["admin.key"]))
-        assert apiserver.process is not None
-        _wait(lambda: urllib.request.urlopen(
-            f"{self.url}/readyz", timeout=2, context=context).status == 200,
-            "kube-apiserver", 90, apiserver.process)
+        self.wait_ready("kube-apiserver")
         self.kubeconfig = self.workdir / "kubeconfig"
         self.kubeconfig.write_text(yaml.safe_dump(self.kubeconfig_dict(pki)))
         self.kubeconfig.chmod(0o600)
@@ -243,6 +260,33 @@ class ControlPlane:
             ], self.workdir / "kube-controller-manager.log")
             self.servers.append(kcm)
             kcm.start()
+
+    def server(self, name: str) -> Server:
+        """The running ``etcd``, ``kube-apiserver`` or ``kube-controller-manager``."""
+        return next(s for s in self.servers if s.name == name)
+
+    def wait_ready(self, name: str) -> None:
+        """Until ``etcd`` answers /health or ``kube-apiserver`` /readyz."""
+        process = self.server(name).process
+        assert process is not None
+        if name == "etcd":
+            _wait(lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{self.etcd_port}/health", timeout=1).status == 200,
+                "etcd", 30, process)
+            return
+        pki = self.workdir / "pki"
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        _wait(lambda: urllib.request.urlopen(
+            f"{self.url}/readyz", timeout=2, context=context).status == 200,
+            name, 90, process)
+
+    def restart(self, name: str, *, sig: int = signal.SIGKILL) -> None:
+        """Kill (by default) one server and start it again on the same ports with the same
+        data directory; returns once it is ready again."""
+        self.server(name).restart(sig=sig)
+        if name in ("etcd", "kube-apiserver"):
+            self.wait_ready(name)
 
     def kubeconfig_dict(self, pki: dict[str, Path]) -> dict[str, Any]:
         def b64(path: Path) -> str:

@@ -16,10 +16,12 @@ from taskflow.engine.effects import (
     Record,
 )
 from taskflow.engine.engine import decide
-from taskflow.engine.inputs import ChildFinished, Input, NoResponders, Reply
+from taskflow.engine.inputs import BAD_REPLY, ChildFinished, Input, NoResponders, Reply
 from taskflow.engine.options import EffectiveOptions, effective_options
+from taskflow.engine.quarantine import quarantine
 
 __all__ = [
+    "BAD_REPLY",
     "CancelChild",
     "CancelNotice",
     "ChildFinished",
@@ -37,4 +39,5 @@ __all__ = [
     "effective_options",
     "iso",
     "parse_iso",
+    "quarantine",
 ]

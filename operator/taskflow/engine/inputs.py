@@ -7,6 +7,9 @@ from typing import Any
 
 from taskflow.api.status import Status, TaskError
 
+# The error reason of an attempt whose reply could not be used (malformed, too large, ...).
+BAD_REPLY = "BadReply"
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:

@@ -26,3 +26,9 @@ STATUS_CONFLICTS = Counter(
 REPLY_QUEUE = Gauge("taskflow_reply_queue_depth", "Replies received but not yet applied")
 ACTIVE_FLOWS = Gauge("taskflow_active_flows", "Flows with a running writer")
 BAD_REPLIES = Counter("taskflow_bad_replies_total", "Replies that were not usable", ["reason"])
+WRITER_FAILURES = Counter(
+    "taskflow_writer_failures_total", "Rounds of a flow's writer that failed and were retried"
+)
+EFFECT_FAILURES = Counter(
+    "taskflow_effect_failures_total", "Effects of a decision that failed (logged)", ["effect"]
+)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
@@ -38,24 +39,28 @@ from taskflow.api.status import (
     TaskflowStatus,
 )
 from taskflow.engine import (
+    BAD_REPLY,
     CancelChild,
     CancelNotice,
     ChildFinished,
     CreateChild,
     Decision,
     Dispatch,
+    Effect,
     Emit,
     Input,
-    NoResponders,
     Record,
     Reply,
     decide,
     effective_options,
+    iso,
     parse_iso,
+    quarantine,
 )
 from taskflow.shell import metrics
 from taskflow.shell.bus import Bus
 from taskflow.shell.kube import PLURAL, Conflict, Gone, Kube
+from taskflow.wire import journal as journal_entry
 from taskflow.wire.context import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
@@ -73,7 +78,7 @@ from taskflow.wire.links import (
     PARENT_TASK,
     PARENT_UID,
 )
-from taskflow.wire.replies import judge_reply, nested_of
+from taskflow.wire.replies import ReplyLimits, clip, read_reply
 from taskflow.wire.subjects import Subjects
 
 log = logging.getLogger("taskflow.runner")
@@ -83,7 +88,7 @@ log = logging.getLogger("taskflow.runner")
 @dataclass(frozen=True)
 class RunnerSettings:
     subjects: Subjects = field(default_factory=Subjects)
-    max_reply_bytes: int = 1024 * 1024
+    reply_limits: ReplyLimits = field(default_factory=ReplyLimits)
     # Responses larger than this go to the NATS object store; status keeps a reference.
     inline_response_bytes: int = 32 * 1024
     # All inline responses of one flow share this budget, so status stays far below etcd's
@@ -92,7 +97,6 @@ class RunnerSettings:
     # Task results alone are written at most this often (stage and flow changes at once).
     flush_interval_s: float = 1.0
     max_depth: int = 10
-    max_children_per_task: int = 100
     # After a cancel, the writer stays this long to record late replies (they change nothing).
     late_reply_window_s: float = 30.0
     # A writer idle this long keeps its status and spec serialised until it is woken.
@@ -105,6 +109,10 @@ class RunnerSettings:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _iso_now() -> str:
+    return iso(now_ms())
 
 
 def _rv(body: dict[str, Any]) -> int:
@@ -221,40 +229,32 @@ class Registry:
             runner.push(item)
 
     async def to_input(self, msg: Msg, parsed: tuple[str, str, str, int]) -> Input | None:
+        """The engine input for a message on a reply subject. Never raises: whatever a service
+        sends, the attempt gets an outcome (``BadReply`` when the message is unusable)."""
         uid, stage, task, attempt = parsed
-        headers = msg.headers or {}
-        if headers.get("Status") == "503":
-            return NoResponders(stage=stage, task=task, attempt=attempt)
-        if headers.get("Status"):
-            return None  # another control message, not a service's reply
-        ok, data, error = judge_reply(
-            msg.data, headers, max_bytes=self.settings.max_reply_bytes
-        )
-        if error is not None and error.reason == "BadReply":
+        item = read_reply(stage=stage, task=task, attempt=attempt, data=msg.data or b"",
+                          headers=msg.headers, limits=self.settings.reply_limits)
+        if not isinstance(item, Reply):
+            return item
+        if item.error is not None and item.error.reason == BAD_REPLY:
             metrics.BAD_REPLIES.labels(reason="malformed").inc()
             log.warning("bad reply for %s/%s/%s attempt %d: %s", uid, stage, task, attempt,
-                        error.message)
-        ref = None
-        children = nested_of(msg.data) if ok else ()
-        limit = self.settings.max_children_per_task
-        if len(children) > limit:
-            error = TaskError(
-                message=f"the service started {len(children)} child flows; the limit is {limit}",
-                reason="Child",
-            )
-            ok, data, children = False, None, ()
-        if ok and len(msg.data) > self.inline_limit(uid):
+                        item.error.message)
+        if item.ok and len(msg.data) > self.inline_limit(uid):
             try:
                 ref = await self.bus.store_response(
-                    f"{uid}/{stage}/{task}/{attempt}", json.dumps(data).encode()
+                    f"{uid}/{stage}/{task}/{attempt}", json.dumps(item.data).encode()
                 )
-                data = None
             except Exception as exc:
+                # Kept in the reply stream: a later writer of this flow reads it again.
                 log.warning("could not store a large response of %s/%s: %s", uid, task, exc)
-        if children:
-            self.spawn(self.check_children(uid, children))
-        return Reply(stage=stage, task=task, attempt=attempt, ok=ok, data=data, error=error,
-                     response_ref=ref, children=children)
+                return Reply(stage=stage, task=task, attempt=attempt, ok=False, error=TaskError(
+                    message=f"the response of {len(msg.data)} bytes could not be stored",
+                    reason=BAD_REPLY))
+            item = dataclasses.replace(item, data=None, response_ref=ref)
+        if item.children:
+            self.spawn(self.check_children(uid, item.children))
+        return item
 
     def inline_limit(self, uid: str) -> int:
         runner = self.runners.get(uid)
@@ -360,6 +360,9 @@ class FlowRunner:
         self.journal_rev: int | None = None  # of this writer's last journal entry
         self.last_write = 0.0
         self.sent_at: dict[tuple[str, str, int], float] = {}
+        # The last error that failed a round (reported once), and how many rounds in a row.
+        self.trouble: str | None = None
+        self.failures = 0
         self.log = logging.LoggerAdapter(
             log, {"flow": f"{self.namespace}/{self.name}", "uid": self.uid}
         )
@@ -506,11 +509,11 @@ class FlowRunner:
         if raw is None:
             return
         try:
-            copy = TaskflowStatus.model_validate_json(raw)
-        except ValidationError as exc:
-            self.log.warning("journal copy unreadable, ignored: %s", exc)
+            copy = journal_entry.decode(raw)
+        except ValueError as exc:
+            self.log.warning("journal copy ignored: %s", exc)
             return
-        if copy.write_seq > self.status.write_seq:
+        if journal_entry.resume_from(self.status, copy) is copy:
             self.log.info("resuming from the journal (record %d; the API has %d)",
                           copy.write_seq, self.status.write_seq)
             self.status = copy
@@ -521,9 +524,20 @@ class FlowRunner:
             self._woken = False  # a wake from here on (e.g. a spec change) means one more round
             inputs, self.inbox = self.inbox, []
             metrics.REPLY_QUEUE.dec(len(inputs))
-            decision = await self.decide_and_write(inputs)
+            decision: Decision | Literal[False] | None
+            try:
+                decision = await self.decide_and_write(inputs)
+            except (Gone, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                decision = await self.decide_despite(inputs, exc)
+            if decision is False:
+                continue
             if decision is None:
                 return
+            if self.trouble is not None:
+                self.log.info("flow writer recovered")
+                self.trouble, self.failures = None, 0
             await self.perform(decision)
             if self.unsaved or (self.dirty and not self.flush_in()):
                 self.unsaved = True
@@ -539,6 +553,69 @@ class FlowRunner:
                 wake_at = linger
             del decision, inputs  # nothing of this round stays alive while the writer sleeps
             await self.sleep(wake_at)
+
+    async def decide_despite(
+        self, inputs: list[Input], exc: Exception
+    ) -> Decision | Literal[False] | None:
+        """A round failed. An input that cannot be decided or recorded fails its attempt
+        (``BadReply``) and the round is made again without it. Any other failure is reported
+        (a ``Stalled`` condition and a Warning Event) and the round is made again after a
+        pause, with its inputs kept: the writer never gives up on a flow, so its timeouts,
+        ``maxAge`` and cancel still act once the cause is gone. False: nothing decided."""
+        if inputs:
+            try:
+                cleaned = quarantine(
+                    spec=self.spec(), status=self.status, inputs=inputs, now=now_ms(),
+                    uid=self.uid, generation=int(self.body["metadata"].get("generation") or 0),
+                    event_subject=self.settings.subjects.events(self.uid),
+                )
+            except Exception as inner:  # (the spec itself, say): reported below
+                cleaned, exc = inputs, inner
+            if cleaned != inputs:
+                metrics.BAD_REPLIES.labels(reason="unrecordable").inc(len(inputs) - sum(
+                    1 for a, b in zip(inputs, cleaned, strict=False) if a is b))
+                self.log.warning("a reply could not be recorded; its attempt fails: %s", exc)
+                try:
+                    return await self.decide_and_write(cleaned)
+                except (Gone, asyncio.CancelledError):
+                    raise
+                except Exception as again:
+                    exc, inputs = again, cleaned
+        self.inbox[:0] = inputs  # nothing is lost: the next round has them again
+        metrics.REPLY_QUEUE.inc(len(inputs))
+        await self.report_trouble(exc)
+        return False
+
+    async def report_trouble(self, exc: Exception) -> None:
+        self.failures += 1
+        pause = min(0.5 * 2 ** (self.failures - 1), 30.0)
+        message = clip(f"{type(exc).__name__}: {exc}", 300, "message")
+        self.log.error("flow writer failed (%d in a row), trying again in %.1f s: %s",
+                       self.failures, pause, message)
+        metrics.WRITER_FAILURES.inc()
+        if message != self.trouble:  # once per distinct error, not per try
+            self.trouble = message
+            text = f"the operator cannot record this flow and keeps trying: {message}"
+            self.registry.spawn(self.kube.event(self.body, reason="WriterFailing", message=text,
+                                                type_="Warning"))
+            self.registry.spawn(self.mark_stalled(text))
+        await asyncio.sleep(pause)
+
+    async def mark_stalled(self, message: str) -> None:
+        """A ``Stalled`` condition on the stored status as it is (the writer's own status may
+        be what cannot be written). The next full write drops it: the engine's conditions do
+        not include it."""
+        try:
+            fresh = await self.kube.get(self.namespace, self.name)
+            status = fresh.setdefault("status", {})
+            conditions = [c for c in status.get("conditions") or []
+                          if isinstance(c, dict) and c.get("type") != "Stalled"]
+            conditions.append({"type": "Stalled", "status": "True", "reason": "WriterFailing",
+                               "message": message, "lastTransitionTime": _iso_now()})
+            status["conditions"] = conditions
+            await self.kube.replace_status(fresh)
+        except Exception as exc:  # (a conflict: the writer got through meanwhile)
+            self.log.warning("could not set the Stalled condition: %s", exc)
 
     def spec(self) -> TaskflowSpec:
         generation = self.body["metadata"].get("generation")
@@ -596,9 +673,7 @@ class FlowRunner:
 
     async def journal(self, status: TaskflowStatus) -> bool:
         try:
-            self.journal_rev = await self.bus.journal(
-                self.uid, status.model_dump_json(by_alias=True, exclude_none=True).encode()
-            )
+            self.journal_rev = await self.bus.journal(self.uid, journal_entry.encode(status))
         except Exception as exc:
             self.log.warning("journal write failed; writing to the API first: %s", exc)
             return False
@@ -731,27 +806,33 @@ class FlowRunner:
     # -- effects -----------------------------------------------------------------------------
 
     async def perform(self, decision: Decision) -> None:
-        spec: TaskflowSpec | None = None
-        contexts: dict[int, Any] = {}
+        """Each effect on its own: one that fails is logged and counted, and the rest still
+        happen (the decision is recorded; a dispatch that did not leave times out as any lost
+        message does)."""
         for effect in decision.effects:
-            if isinstance(effect, Dispatch):
-                spec = spec or self.spec()
-                await self.dispatch(spec, effect, contexts)
-            elif isinstance(effect, Emit):
-                await self.emit(effect)
-            elif isinstance(effect, Record):
-                self.registry.spawn(
-                    self.kube.event(self.body, reason=effect.reason, message=effect.message,
-                                    type_=effect.type)
-                )
-            elif isinstance(effect, CancelNotice):
-                await self.cancel_notice(effect)
-            elif isinstance(effect, CreateChild):
-                spec = spec or self.spec()
-                self.registry.spawn(self.create_child(spec, effect))
-            elif isinstance(effect, CancelChild):
-                namespace, _, name = effect.child.partition("/")
-                self.registry.spawn(self.cancel_child(namespace, name))
+            try:
+                await self.perform_one(effect)
+            except Exception as exc:
+                metrics.EFFECT_FAILURES.labels(effect=type(effect).__name__).inc()
+                self.log.warning("%s failed: %s", type(effect).__name__, exc)
+
+    async def perform_one(self, effect: Effect) -> None:
+        if isinstance(effect, Dispatch):
+            await self.dispatch(self.spec(), effect)
+        elif isinstance(effect, Emit):
+            await self.emit(effect)
+        elif isinstance(effect, Record):
+            self.registry.spawn(
+                self.kube.event(self.body, reason=effect.reason, message=effect.message,
+                                type_=effect.type)
+            )
+        elif isinstance(effect, CancelNotice):
+            await self.cancel_notice(effect)
+        elif isinstance(effect, CreateChild):
+            self.registry.spawn(self.create_child(self.spec(), effect))
+        elif isinstance(effect, CancelChild):
+            namespace, _, name = effect.child.partition("/")
+            self.registry.spawn(self.cancel_child(namespace, name))
 
     def parent_context(self) -> dict[str, Any] | None:
         raw = (self.body["metadata"].get("annotations") or {}).get(PARENT_CONTEXT)
@@ -773,7 +854,7 @@ class FlowRunner:
             parent_context=self.parent_context(),
         )
 
-    async def dispatch(self, spec: TaskflowSpec, effect: Dispatch, _cache: dict[int, Any]) -> None:
+    async def dispatch(self, spec: TaskflowSpec, effect: Dispatch) -> None:
         stage_index = next(i for i, s in enumerate(spec.stages) if s.name == effect.stage)
         task = next(t for t in spec.stages[stage_index].tasks if t.name == effect.task)
         state = next(
