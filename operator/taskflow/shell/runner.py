@@ -589,7 +589,7 @@ class FlowRunner:
     async def report_trouble(self, exc: Exception) -> None:
         self.failures += 1
         pause = min(0.5 * 2 ** (self.failures - 1), 30.0)
-        message = clip(f"{type(exc).__name__}: {exc}", 300, "message")
+        message = clip(describe(exc), 300, "message")
         self.log.error("flow writer failed (%d in a row), trying again in %.1f s: %s",
                        self.failures, pause, message)
         metrics.WRITER_FAILURES.inc()
@@ -966,11 +966,9 @@ class FlowRunner:
         except Conflict:
             created = await self.kube.get(self.namespace, name)  # made before a restart
         except Exception as exc:
-            reason = getattr(exc, "body", None) or str(exc)
-            with contextlib.suppress(ValueError, TypeError):
-                reason = json.loads(reason).get("message", reason)
             self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
-                            ok=False, error=_child_error(f"child taskflow refused: {reason}")))
+                            ok=False, error=_child_error(f"child taskflow refused: "
+                                                         f"{describe(exc, typed=False)}")))
             return
         ref = f"{self.namespace}/{created['metadata']['name']}"
         self.push(ChildFinished(stage=effect.stage, task=effect.task, child=ref,
@@ -982,6 +980,20 @@ class FlowRunner:
     async def cancel_child(self, namespace: str, name: str) -> None:
         with contextlib.suppress(Gone):
             await self.kube.patch_spec(namespace, name, {"spec": {"cancel": True}})
+
+
+def describe(exc: BaseException, *, typed: bool = True) -> str:
+    """An error in one line: the API server's own message when it sent one (not the whole
+    HTTP exchange the Kubernetes client puts in ``str()``)."""
+    text = str(exc)
+    body = getattr(exc, "body", None)
+    if body:
+        text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            text = str(json.loads(text).get("message", text))
+        status = getattr(exc, "status", None)
+        text = f"{status} {text}" if status else text
+    return f"{type(exc).__name__}: {text}" if typed else text
 
 
 def _child_error(message: str) -> TaskError:

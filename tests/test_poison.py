@@ -1,0 +1,159 @@
+"""Poison replies on the real servers: each fails its attempt with a clear error and the flow
+moves on (retry, timeout, cancel); a writer that cannot record a flow says so and recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from conftest import Flows, flow, serve, task_status
+
+
+def attempt_of(msg: Any) -> int:
+    context = json.loads(msg.headers["taskflowExecutionContext"])
+    return int(context["taskflow"]["taskInfo"]["attempt"])
+
+
+def deep(levels: int) -> bytes:
+    return b'{"success": true, "data": ' + b"[" * levels + b"]" * levels + b"}"
+
+
+POISON = {
+    # ~600 bytes that once left a flow RUNNING for good (pydantic's serialisation depth).
+    "deep-300": (deep(300), None, "BadReply", "nested more than 64 levels deep"),
+    "deep-5000": (deep(5000), None, "BadReply", "nested more than 64 levels deep"),
+    "nan": (b'{"success": true, "data": {"x": NaN}}', None, "BadReply", "NaN is not"),
+    "huge-float": (b'{"success": true, "data": 1e999}', None, "BadReply", "out of range"),
+    "lone-surrogate": (b'{"success": true, "data": "\\udc00"}', None, "BadReply",
+                       "not valid Unicode"),
+    # Once dropped by the operator, so the attempt ended TIMED_OUT with the answer lost.
+    "long-error-code-header": (b"", {"Nats-Service-Error": "offline",
+                                     "Nats-Service-Error-Code": "9" * 400},
+                               "Service", "offline"),
+}
+
+
+@pytest.mark.parametrize("case", list(POISON))
+async def test_a_poison_reply_fails_its_attempt_and_the_retry_succeeds(
+    operator, flows: Flows, nc, svc: str, case: str
+) -> None:
+    body, headers, reason, message = POISON[case]
+
+    def reply(msg: Any) -> Any:
+        return (body, headers) if attempt_of(msg) == 0 else {"success": True, "data": "fine"}
+
+    rec = await serve(nc, f"{svc}.do", reply)
+    await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0,
+                                                 "timeout": "20s"}), "f")
+    done = await flows.wait("f", timeout=15)
+    a = task_status(done, "s1", "a")
+    assert done["status"]["phase"] == "SUCCEEDED", a
+    assert a["response"] == "fine" and len(rec.requests) == 2
+    first = a["attempts"][0]
+    assert first["status"] == "FAILED"
+    assert first["error"]["reason"] == reason
+    assert message in first["error"]["message"]
+    if case == "long-error-code-header":
+        assert first["error"]["code"].endswith("[code cut from 400 characters]")
+    assert operator.process.poll() is None
+
+
+async def test_a_huge_error_is_bounded_in_the_object(operator, flows: Flows, nc, svc: str
+                                                     ) -> None:
+    """200 KB of message and 300 KB of error.data once grew the object to 885 KB."""
+    error = {"message": "m" * 200_000, "code": "E", "data": {"blob": "d" * 300_000}}
+    await serve(nc, f"{svc}.do", lambda m: {"success": False, "error": error})
+    await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0}), "f")
+    done = await flows.wait("f")
+    a = task_status(done, "s1", "a")
+    assert done["status"]["phase"] == "FAILED"
+    assert "[error.data of 300011 bytes dropped" in a["error"]["message"]
+    assert len(json.dumps(done)) < 32 * 1024
+
+
+async def test_a_poison_reply_left_in_the_stream_is_not_replayed_forever(
+    operator, flows: Flows, nc, svc: str
+) -> None:
+    """The reply arrives while the operator is down: the restarted writer finds it in the
+    reply stream, fails the attempt with it, and the flow moves on."""
+    held: list[Any] = []
+
+    def reply(msg: Any) -> Any:
+        if attempt_of(msg) == 0:
+            held.append(msg)
+            return None
+        return {"success": True, "data": "fine"}
+
+    await serve(nc, f"{svc}.do", reply)
+    await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0,
+                                                 "timeout": "30s"}), "f")
+    for _ in range(200):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    assert held
+    operator.kill(signal.SIGKILL)
+    try:
+        await nc.publish(held[0].reply, deep(300))
+        await nc.flush()
+    finally:
+        operator.start()
+    done = await flows.wait("f", timeout=20)
+    a = task_status(done, "s1", "a")
+    assert done["status"]["phase"] == "SUCCEEDED"
+    assert a["attempts"][0]["error"]["reason"] == "BadReply"
+
+
+POLICY = "taskflow-test-refuse-results"
+
+
+async def test_a_writer_that_cannot_write_says_so_and_recovers(
+    operator, kube: client.ApiClient, flows: Flows, nc, svc: str
+) -> None:
+    """The API refuses every status write that records the result (an admission policy, as a
+    misconfigured cluster would). The writer does not give up: a Stalled condition and a
+    Warning Event name the error, and once the policy goes the flow finishes."""
+    admission = client.AdmissionregistrationV1Api(kube)
+    await asyncio.to_thread(admission.create_validating_admission_policy, {
+        "metadata": {"name": POLICY},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [{"apiGroups": ["taskflow.dev"], "apiVersions": ["*"],
+                                   "operations": ["UPDATE"], "resources": ["taskflows/status"]}],
+                "namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": flows.namespace}},
+            },
+            "validations": [{
+                "expression": "!has(object.status.progress) || object.status.progress != '1/1'",
+                "message": "results are refused by a test policy"}],
+        },
+    })
+    await asyncio.to_thread(admission.create_validating_admission_policy_binding, {
+        "metadata": {"name": POLICY},
+        "spec": {"policyName": POLICY, "validationActions": ["Deny"]},
+    })
+    try:
+        await asyncio.sleep(2)  # the policy takes a moment to reach the admission chain
+        await serve(nc, f"{svc}.do")
+        await flows.create(flow(svc, ["a"]), "f")
+        stalled = await flows.wait("f", timeout=30, until=lambda b: any(
+            c["type"] == "Stalled" for c in (b.get("status") or {}).get("conditions", [])))
+        condition = next(c for c in stalled["status"]["conditions"] if c["type"] == "Stalled")
+        assert condition["status"] == "True" and condition["reason"] == "WriterFailing"
+        assert "results are refused by a test policy" in condition["message"]
+        assert stalled["status"]["phase"] == "RUNNING"
+        events = await asyncio.to_thread(
+            client.CoreV1Api(kube).list_namespaced_event, flows.namespace)
+        assert any(e.reason == "WriterFailing" and e.type == "Warning" for e in events.items)
+    finally:
+        await asyncio.to_thread(admission.delete_validating_admission_policy_binding, POLICY)
+        await asyncio.to_thread(admission.delete_validating_admission_policy, POLICY)
+    done = await flows.wait("f", timeout=60)
+    assert done["status"]["phase"] == "SUCCEEDED"
+    assert not any(c["type"] == "Stalled" for c in done["status"]["conditions"])
