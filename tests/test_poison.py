@@ -157,3 +157,49 @@ async def test_a_writer_that_cannot_write_says_so_and_recovers(
     done = await flows.wait("f", timeout=60)
     assert done["status"]["phase"] == "SUCCEEDED"
     assert not any(c["type"] == "Stalled" for c in done["status"]["conditions"])
+
+
+async def test_replies_dropped_by_a_slow_consumer_are_read_from_the_stream(
+    tmp_path_factory: pytest.TempPathFactory, svc: str
+) -> None:
+    """An operator that may buffer only 8 KB of replies gets 100 replies of 4 KB at once: the
+    NATS client drops most of them, and the flow reads those from the reply stream instead of
+    waiting for them to time out. (Its own stack: no other operator may serve these flows.)"""
+    import nats
+    from kubernetes import config
+
+    from conftest import OperatorProcess
+    from taskflow.devstack.servers import DevStack
+
+    with DevStack(tmp_path_factory.mktemp("slow-consumer")) as stack:
+        api = config.new_client_from_config(str(stack.kubeconfig))
+        await asyncio.to_thread(client.CoreV1Api(api).create_namespace,
+                                client.V1Namespace(metadata={"name": "flows"}))
+        nc = await nats.connect(stack.nats.url)
+        small = OperatorProcess(stack, tmp_path_factory.mktemp("slow-operator"),
+                                extra=["--reply-pending-bytes", "8192"])
+        try:
+            gate = asyncio.Event()
+
+            async def reply(msg: Any) -> Any:
+                await gate.wait()
+                return {"success": True, "data": "x" * 4000}
+
+            rec = await serve(nc, f"{svc}.do", reply)
+            small.start()
+            flows = Flows(api, "flows")
+            await flows.create(flow(svc, [f"t{i}" for i in range(100)],
+                                    options={"timeout": "60s"}), "f")
+            for _ in range(400):
+                if len(rec.requests) == 100:
+                    break
+                await asyncio.sleep(0.05)
+            gate.set()
+            done = await flows.wait("f", timeout=30)
+            assert done["status"]["phase"] == "SUCCEEDED"
+            assert all(len(t["response"]) == 4000 for t in done["status"]["stages"][0]["tasks"])
+            assert small.metrics().get("taskflow_dropped_replies_total", 0) > 0
+        finally:
+            small.stop()
+            await nc.close()
+            api.close()

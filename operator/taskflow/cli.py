@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-depth", type=int, default=int(env("TASKFLOW_MAX_DEPTH", "10")))
     run.add_argument("--peering", default=env("TASKFLOW_PEERING", ""),
                      help="kopf peering name for active/standby replicas ('' = standalone)")
+    run.add_argument("--reply-pending-bytes", type=int,
+                     default=int(env("TASKFLOW_REPLY_PENDING_BYTES", str(64 * 1024 * 1024))),
+                     help="bytes of received replies the operator buffers; past it NATS drops "
+                          "them and the flows read them from the reply stream")
+    run.add_argument("--stream-max-bytes", type=int,
+                     default=int(env("TASKFLOW_STREAM_MAX_BYTES", str(512 * 1024**2))),
+                     help="size limit of each of the reply and event streams (oldest go first)")
     run.add_argument("--log-level", default=env("TASKFLOW_LOG_LEVEL", "INFO"))
     run.add_argument("--log-format", choices=["text", "json"],
                      default=env("TASKFLOW_LOG_FORMAT", "text"))
@@ -81,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         token=_read(args.nats_token_file), creds_file=args.nats_creds_file,
         nkey_seed_file=args.nats_nkey_file, tls_ca=args.nats_tls_ca,
         tls_cert=args.nats_tls_cert, tls_key=args.nats_tls_key,
+        reply_pending_bytes=args.reply_pending_bytes, stream_max_bytes=args.stream_max_bytes,
     )
     runner = RunnerSettings(
         subjects=Subjects(template=args.subject_template),

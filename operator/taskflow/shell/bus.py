@@ -26,6 +26,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import SlowConsumerError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -60,6 +61,16 @@ class NatsSettings:
     tls_key: str | None = None
     # How long replies and events are kept (seconds).
     retention_s: int = 24 * 3600
+    # Bytes of replies received and not yet read by the operator; past it the client drops
+    # them (a slow consumer) and the flows they belong to read them from the reply stream.
+    # Far below the chart's memory limit (512 MiB), whatever services send.
+    reply_pending_bytes: int = 64 * 1024 * 1024
+    reply_pending_msgs: int = 100_000
+    # Upper bounds of what the operator keeps in JetStream (a flood cannot fill the disk).
+    stream_max_bytes: int = 512 * 1024**2
+    objects_max_bytes: int = 1024**3
+    journal_max_bytes: int = 256 * 1024**2
+    max_reply_bytes: int = 1024 * 1024
 
     def connect_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -86,31 +97,55 @@ class NatsSettings:
 
 
 ReplyHandler = Callable[[Msg], Awaitable[None]]
+# Told the subject of a message the client dropped (a slow consumer).
+DropHandler = Callable[[str], None]
+# Headers and the reply's own envelope, over the largest reply the operator reads.
+_HEADROOM = 64 * 1024
 
 
 class Bus:
-    def __init__(self, nc: Client, js: JetStreamContext, subjects: Subjects) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, subjects: Subjects,
+                 settings: NatsSettings | None = None) -> None:
         self.nc = nc
         self.js = js
         self.subjects = subjects
+        self.settings = settings or NatsSettings()
         self._objects: Any = None
         self._journal: Any = None
+        self.on_dropped: DropHandler | None = None
+        self.dropped = 0
 
     @classmethod
     async def connect(cls, settings: NatsSettings, subjects: Subjects) -> Bus:
+        bus: Bus | None = None
+
         async def on_error(exc: Exception) -> None:
+            if isinstance(exc, SlowConsumerError):
+                if bus is not None:
+                    bus.was_dropped(exc.subject)
+                return
             log.warning("nats: %s", exc)
 
         nc = await nats.connect(**settings.connect_options(), error_cb=on_error)
         js = nc.jetstream()
-        bus = cls(nc, js, subjects)
+        bus = cls(nc, js, subjects, settings)
         await bus._ensure_streams(settings.retention_s)
         return bus
 
+    def was_dropped(self, subject: str) -> None:
+        self.dropped += 1
+        if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8...: a storm logs a few lines
+            log.warning("nats client dropped %d messages as a slow consumer (last on %s); "
+                        "their flows read them from the reply stream", self.dropped, subject)
+        if self.on_dropped is not None:
+            self.on_dropped(subject)
+
     async def _ensure_streams(self, retention_s: int) -> None:
-        for name, subject in (
-            (REPLY_STREAM, f"{self.subjects.reply_prefix}.>"),
-            (EVENT_STREAM, f"{self.subjects.events_prefix}.>"),
+        limits = self.settings
+        for name, subject, per_subject in (
+            # An attempt's subject has one answer; a storm on one keeps the last few.
+            (REPLY_STREAM, f"{self.subjects.reply_prefix}.>", 4),
+            (EVENT_STREAM, f"{self.subjects.events_prefix}.>", -1),
         ):
             cfg = StreamConfig(
                 name=name,
@@ -119,6 +154,9 @@ class Bus:
                 storage=StorageType.FILE,
                 discard=DiscardPolicy.OLD,
                 max_age=float(retention_s),
+                max_bytes=limits.stream_max_bytes,
+                max_msg_size=limits.max_reply_bytes + _HEADROOM,
+                max_msgs_per_subject=per_subject,
                 duplicate_window=120.0,
                 allow_direct=True,
             )
@@ -132,7 +170,8 @@ class Bus:
             self._objects = await self.js.create_object_store(
                 RESPONSE_BUCKET,
                 config=ObjectStoreConfig(
-                    bucket=RESPONSE_BUCKET, storage=StorageType.FILE, ttl=float(retention_s)
+                    bucket=RESPONSE_BUCKET, storage=StorageType.FILE, ttl=float(retention_s),
+                    max_bytes=limits.objects_max_bytes,
                 ),
             )
 
@@ -142,7 +181,8 @@ class Bus:
             self._journal = await self.js.create_key_value(
                 KeyValueConfig(
                     bucket=JOURNAL_BUCKET, history=1, storage=StorageType.FILE,
-                    ttl=float(retention_s),
+                    ttl=float(retention_s), max_bytes=limits.journal_max_bytes,
+                    max_value_size=limits.max_reply_bytes * 2,
                 )
             )
 
@@ -150,8 +190,8 @@ class Bus:
         await self.nc.subscribe(
             f"{self.subjects.reply_prefix}.>",
             cb=handler,
-            pending_msgs_limit=1_000_000,
-            pending_bytes_limit=512 * 1024 * 1024,
+            pending_msgs_limit=self.settings.reply_pending_msgs,
+            pending_bytes_limit=self.settings.reply_pending_bytes,
         )
 
     async def dispatch(
@@ -177,17 +217,38 @@ class Bus:
             self.nc, subject=raw.subject or subject, data=raw.data or b"", headers=raw.headers
         )
 
-    async def last_event_seq(self, subject: str) -> int:
+    async def last_event_seq(self, subject: str) -> int | None:
+        """The seq of the last event the stream keeps for a flow (0: none); None when NATS
+        cannot say."""
         try:
             raw = await self.js.get_last_msg(EVENT_STREAM, subject, direct=True)
         except NotFoundError:
             return 0
         except Exception as exc:
             log.warning("could not read the last event on %s: %s", subject, exc)
-            return 0
+            return None
         with contextlib.suppress(ValueError, TypeError, KeyError):
             return int(json.loads(raw.data or b"{}")["seq"])
-        return 0
+        return None
+
+    async def publish_events(
+        self, subject: str, uid: str, events: list[tuple[int, bytes]]
+    ) -> set[int]:
+        """Publish a flow's events in order, each acknowledged by the event stream; the seqs
+        it stored (a repeat is acknowledged as a duplicate, by its ``Nats-Msg-Id``)."""
+
+        async def one(seq: int, payload: bytes) -> int | None:
+            try:
+                await self.js.publish(subject, payload, timeout=5,
+                                      headers={"Nats-Msg-Id": f"{uid}:{seq}"})
+            except Exception as exc:
+                log.debug("event %s:%d not acknowledged: %s", uid, seq, exc)
+                return None
+            return seq
+
+        # Started in order on one connection, so the stream stores them in order.
+        done = await asyncio.gather(*(one(seq, payload) for seq, payload in events))
+        return {seq for seq in done if seq is not None}
 
     async def forget_replies(self, uid: str) -> None:
         """Drop a finished flow's replies: status now records them."""

@@ -32,3 +32,7 @@ WRITER_FAILURES = Counter(
 EFFECT_FAILURES = Counter(
     "taskflow_effect_failures_total", "Effects of a decision that failed (logged)", ["effect"]
 )
+DROPPED_REPLIES = Counter(
+    "taskflow_dropped_replies_total",
+    "Replies the NATS client dropped as a slow consumer (then read from the reply stream)",
+)
