@@ -10,7 +10,7 @@ IMAGE_TAG ?= dev
 IMAGE := $(IMAGE_REPO):$(IMAGE_TAG)
 KIND_CLUSTER ?= taskflow
 
-.PHONY: help venv tools generate test unit lint dev bench image kind-up kind-load deploy undeploy clean
+.PHONY: help venv tools generate test unit lint dev bench chaos image kind-up kind-load deploy undeploy clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ dev: venv ## the whole stack in the foreground: control plane, NATS, CRD, operat
 bench: venv ## the benchmark: prints figures, writes bench/results/
 	bash hack/build-tools.sh test >/dev/null
 	$(PY) -m bench
+
+chaos: venv ## the fault suite: prints figures, writes chaos/results/ (ARGS=--quick: a small run)
+	bash hack/build-tools.sh test >/dev/null
+	$(PY) -m chaos $(ARGS)
 
 image: ## build the operator image (needs Docker)
 	docker build -t $(IMAGE) .

@@ -1,0 +1,104 @@
+"""``make chaos`` in a small setting, and the figures it computes.
+
+The run itself (``python -m chaos --quick``: 80 flows, 5 operator SIGKILLs, one restart of
+nats-server, kube-apiserver and etcd each, one nats-server pause) asserts only what users rely
+on and what holds today: the run completes and prints its table, every flow ends, and nothing
+runs twice under ``exactlyOnceTaskExecution``. Its other figures (event-stream gaps, flows
+failed by the nats-server restart: issue #12 items 5 and 6) are printed, not asserted yet.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chaos.faults import KILL, Fault
+from chaos.figures import event_streams, executions, results
+from chaos.load import FlowRecord
+
+from conftest import ROOT
+
+UID = "0b6f1a52-6a4e-4d0e-9a53-3f1c2d4e5f60"
+
+
+@pytest.mark.integration
+def test_chaos_quick_run(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "chaos", "--quick", "--flows", "80", "--kills", "5",
+            "--deadline", "170", "--out", str(tmp_path)]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    print(run.stdout[-6000:])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| terminal % |" in run.stdout
+    assert (tmp_path / "quick.md").read_text() in run.stdout
+    result = json.loads((tmp_path / "quick.json").read_text())
+    assert result["faults"]["injected"][KILL] == 5
+    assert result["faults"]["injected"]["nats-restart"] == 1
+    assert result["outcomes"]["all"]["flows"] == 80
+    assert result["outcomes"]["all"]["terminal_pct"] == 100, result["outcomes"]
+    assert result["executions"]["exactlyOnce"]["executed_more_than_once"] == 0, (
+        result["executions"]["exactlyOnce"]["examples"])
+
+
+# -- the figures, fed by hand ------------------------------------------------------------
+
+
+def _flow(tasks: list[dict[str, Any]], *, last_event_seq: int = 0, once: bool = True
+          ) -> FlowRecord:
+    status = {"phase": "SUCCEEDED", "lastEventSeq": last_event_seq,
+              "completionTime": "2026-12-04T03:00:00.000Z",
+              "stages": [{"name": "s", "tasks": tasks}]}
+    return FlowRecord(index=1, name="cg-00001", exactly_once=once, created=1.0, uid=UID,
+                      final={"status": status})
+
+
+def _line(task: str, attempt: int, data: Any, *, repeat: bool = False) -> dict[str, Any]:
+    return {"key": f"{UID}/s/{task}/{attempt}", "received": 2.0, "sent": 2.1,
+            "repeat": repeat, "data": data, "error": None}
+
+
+def test_a_response_other_than_the_final_attempts_answer_is_a_lost_result() -> None:
+    flow = _flow([
+        {"name": "a", "status": "SUCCEEDED", "attempt": 1, "response": {"v": 2}},
+        {"name": "b", "status": "SUCCEEDED", "attempt": 0, "response": {"v": 9}},
+        {"name": "c", "status": "TIMED_OUT", "attempt": 0},
+        {"name": "d", "status": "SUCCEEDED", "attempt": 0, "response": {"v": 4}},
+    ])
+    ledger = [_line("a", 0, {"v": 1}), _line("a", 1, {"v": 2}), _line("b", 0, {"v": 3}),
+              _line("c", 0, {"v": 5})]
+    figures = results([flow], ledger, [])
+    assert (figures["response_differs"], figures["answer_not_recorded"],
+            figures["succeeded_without_service_answer"], figures["lost"]) == (1, 1, 1, 3)
+
+
+def test_duplicate_executions_count_distinct_attempts_not_redeliveries() -> None:
+    flow = _flow([])
+    ledger = [_line("a", 0, 1), _line("a", 1, 2), _line("a", 2, 3), _line("b", 0, 1),
+              _line("b", 0, 1, repeat=True)]
+    once = executions([flow], ledger)["exactlyOnce"]
+    assert once["executed_more_than_once"] == 1
+    assert once["extra_executions"] == 2
+    assert once["redeliveries_same_key"] == 1
+    assert executions([flow], ledger)["atLeastOnce"]["tasks_executed"] == 0
+
+
+def test_every_gap_duplicate_and_missing_final_event_is_found() -> None:
+    flow = _flow([], last_event_seq=6)
+    events = [(1, "TASKFLOW:RUNNING", 1.0), (2, "TASK:RUNNING", 1.1), (2, "TASK:RUNNING", 1.2),
+              (5, "TASK:SUCCEEDED", 1.3), (4, "STAGE:SUCCEEDED", 1.4)]
+    fault = Fault(kind=KILL, start=1.15, end=1.5)
+    figures = event_streams([flow], {UID: events}, [fault])
+    assert figures["flows_with_gaps"] == 1 and figures["events_missing"] == 2  # 3 and 6
+    assert figures["duplicate_events"] == 1
+    assert figures["flows_out_of_order"] == 1
+    assert figures["flows_without_final_event"] == 1
+    example = figures["examples"][0]
+    assert example["missing"] == "3, 6"
+    assert example["gap_after"] == "event 2 stored 0.05 s after operator-kill #1 began"
+    complete = [(i, "TASK:RUNNING", 1.0) for i in range(1, 6)] + [(6, "TASKFLOW:SUCCEEDED", 2.0)]
+    clean = event_streams([flow], {UID: complete}, [])
+    assert (clean["flows_with_gaps"], clean["flows_with_duplicates"],
+            clean["flows_without_final_event"]) == (0, 0, 0)
