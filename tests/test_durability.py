@@ -131,7 +131,7 @@ async def test_operator_killed_between_dispatch_and_api_write(
 
     uid = body["metadata"]["uid"]
     journal = await nc.jetstream().key_value("taskflow-journal")
-    kept = json.loads((await journal.get(uid)).value)
+    kept = json.loads((await journal.get(uid)).value)["status"]
     assert kept["writeSeq"] == body["status"]["writeSeq"]
     assert task_status({"status": kept}, "s2", "second")["status"] == "RUNNING"
 
@@ -229,11 +229,79 @@ async def test_a_crd_older_than_the_operator_turns_the_journal_off(
                 assert "writeSeq" not in done["status"]
                 journaled.append(operator.metrics().get("taskflow_journal_writes_total", 0))
             assert "older than this operator" in operator.log_path.read_text()
-            # The first flow's first API write showed it (its stage 2 may have been journaled
-            # before that write returned); the second flow was not journaled at all.
-            assert 1 <= journaled[0] <= 2
+            # The first flow's first API write showed it (its stage 2 and the results may have
+            # been journaled before that write returned); the second flow was not journaled.
+            assert 1 <= journaled[0] <= 4
             assert journaled[1] == journaled[0]
         finally:
             operator.stop()
             await nc.close()
             api.close()
+
+
+async def _events(nc: Any, uid: str) -> list[tuple[int, dict[str, Any]]]:
+    """(stream sequence, event) of every event the stream keeps for a flow, in stream order."""
+    sub = await nc.jetstream().subscribe(f"taskflow.events.{uid}", ordered_consumer=True)
+    out = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1)
+            except Exception:  # (nats' TimeoutError: nothing more)
+                return out
+            out.append((msg.metadata.sequence.stream, json.loads(msg.data)))
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_events_journaled_but_not_published_reach_the_stream_after_a_kill(
+    operator, flows: Flows, nc, svc: str
+) -> None:
+    """The operator dies after journaling a decision and before its events leave (made here
+    by adding three events to its last journal entry, as a decision it had not sent yet):
+    the restarted writer publishes them from the journal, and numbers on after them, so the
+    flow's stream holds seq 1..n, each once."""
+    held: list[Any] = []
+
+    def answer(msg: Any) -> Any:
+        if json.loads(msg.data)["task"] == "first":
+            return {"success": True, "data": "one"}
+        held.append(msg)
+        return None
+
+    await serve(nc, f"{svc}.do", answer)
+    await flows.create(flow(svc, ["first"], ["second", "third"], options={"timeout": "60s"}),
+                       "ev")
+    body = await flows.wait("ev", until=lambda b: len((b.get("status") or {}).get("stages", []))
+                            == 2 and task_status(b, "s2", "third")["status"] == "RUNNING")
+    for _ in range(100):
+        if len(held) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(held) == 2
+    await asyncio.sleep(0.3)  # the events of that round are in the stream by now
+    operator.kill(signal.SIGKILL)
+
+    uid = body["metadata"]["uid"]
+    kv = await nc.jetstream().key_value("taskflow-journal")
+    kept = json.loads((await kv.get(uid)).value)
+    assert kept["events"], "the journal keeps the events of its last decision"
+    status = kept["status"]
+    top = status["lastEventSeq"]
+    assert [e["seq"] for _, e in await _events(nc, uid)] == list(range(1, top + 1))
+    unsent = [{**kept["events"][-1], "seq": top + i} for i in (1, 2, 3)]
+    status["lastEventSeq"] = top + 3
+    status["writeSeq"] += 1
+    await kv.put(uid, json.dumps({"status": status, "events": unsent}).encode())
+
+    operator.start()
+    for msg in held:
+        await nc.publish(msg.reply, json.dumps({"success": True, "data": "two"}).encode())
+    done = await flows.wait("ev")
+    assert done["status"]["phase"] == "SUCCEEDED"
+    await asyncio.sleep(0.5)
+    after = [e for _, e in await _events(nc, uid)]
+    seqs = [e["seq"] for e in after]
+    assert seqs == list(range(1, len(after) + 1)), seqs
+    assert seqs[-1] == done["status"]["lastEventSeq"] > top + 3
+    assert after[top:top + 3] == unsent

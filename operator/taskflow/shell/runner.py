@@ -228,6 +228,15 @@ class Registry:
         if item is not None:
             runner.push(item)
 
+    def on_dropped(self, subject: str) -> None:
+        """The client dropped a reply (a slow consumer): the stream still has it, so its flow's
+        writer reads it from there rather than letting the attempt time out."""
+        parsed = self.settings.subjects.parse_reply(subject)
+        runner = self.runners.get(parsed[0]) if parsed else None
+        if parsed is not None and runner is not None:
+            metrics.DROPPED_REPLIES.inc()
+            runner.reread(parsed[1:])
+
     async def to_input(self, msg: Msg, parsed: tuple[str, str, str, int]) -> Input | None:
         """The engine input for a message on a reply subject. Never raises: whatever a service
         sends, the attempt gets an outcome (``BadReply`` when the message is unusable)."""
@@ -360,9 +369,14 @@ class FlowRunner:
         self.journal_rev: int | None = None  # of this writer's last journal entry
         self.last_write = 0.0
         self.sent_at: dict[tuple[str, str, int], float] = {}
+        # Events decided and not yet acknowledged by the event stream, (seq, payload), in order.
+        self.outbox: list[tuple[int, bytes]] = []
+        # Attempts whose reply the NATS client dropped (see Registry.on_dropped).
+        self.missed: set[tuple[str, str, int]] = set()
         # The last error that failed a round (reported once), and how many rounds in a row.
         self.trouble: str | None = None
         self.failures = 0
+        self.save_after = 0.0  # (monotonic) no background write before, after a failed one
         self.log = logging.LoggerAdapter(
             log, {"flow": f"{self.namespace}/{self.name}", "uid": self.uid}
         )
@@ -400,6 +414,24 @@ class FlowRunner:
         self.inbox.append(item)
         metrics.REPLY_QUEUE.inc()
         self.wake()
+
+    def reread(self, attempt: tuple[str, str, int]) -> None:
+        """Read this attempt's reply from the stream soon (once for a burst of drops)."""
+        first = not self.missed
+        self.missed.add(attempt)
+        if first:
+            self.registry.spawn(self._reread())
+
+    async def _reread(self) -> None:
+        await asyncio.sleep(0.2)  # a burst of drops: read them together, once stored
+        missed, self.missed = self.missed, set()
+        subjects = self.settings.subjects
+        for stage, task, attempt in missed:
+            msg = await self.bus.stored_reply(subjects.reply(self.uid, stage, task, attempt))
+            item = None if msg is None else await self.registry.to_input(
+                msg, (self.uid, stage, task, attempt))
+            if item is not None:
+                self.push(item)
 
     def observe(self, body: dict[str, Any]) -> None:
         """A newer object from the watch: take its spec and resourceVersion, keep our status."""
@@ -477,7 +509,18 @@ class FlowRunner:
             return
         subjects = self.settings.subjects
         last = await self.bus.last_event_seq(subjects.events(self.uid))
-        self.status.last_event_seq = max(self.status.last_event_seq, last)
+        if last is None:  # NATS cannot say: publish the whole outbox (repeats are dropped)
+            self.outbox = sorted(self.outbox)
+            self.status.last_event_seq = max([self.status.last_event_seq,
+                                              *(seq for seq, _ in self.outbox)])
+        else:
+            self.outbox = journal_entry.unpublished(self.outbox, stream_last=last)
+            # Number on from what the stream has or is about to get: events recorded but lost
+            # before the journal kept them (an operator without it) leave no hole in seq.
+            self.status.last_event_seq = max([last, *(seq for seq, _ in self.outbox)])
+        if self.outbox:
+            self.log.info("publishing %d events of the journal the event stream lacks",
+                          len(self.outbox))
         lookups = []
         for stage in self.status.stages:
             for task in stage.tasks:
@@ -498,9 +541,10 @@ class FlowRunner:
                     self.push(item)
 
     async def recover_journal(self) -> None:
-        """The operator may have stopped after dispatching but before the API write that
-        records it: the journal's copy is then the newer one, and the attempts it holds were
-        sent (so a reply or a timeout decides them, never a blind second send)."""
+        """The operator may have stopped after a record in the journal but before the API
+        write that follows: the journal's copy is then the newer one, the attempts it holds
+        were sent (so a reply or a timeout decides them, never a blind second send), and its
+        events may not have reached the event stream (resume() publishes them again)."""
         if self.status.stages and not self.status.write_seq:
             # Written by an operator without the journal, or by this one through a CRD too old
             # to keep writeSeq (see write()): there is no way to tell which copy is newer.
@@ -509,10 +553,12 @@ class FlowRunner:
         if raw is None:
             return
         try:
-            copy = journal_entry.decode(raw)
+            entry = journal_entry.decode_entry(raw)
         except ValueError as exc:
             self.log.warning("journal copy ignored: %s", exc)
             return
+        self.outbox = list(entry.events)  # (resume() keeps those the stream lacks)
+        copy = entry.status
         if journal_entry.resume_from(self.status, copy) is copy:
             self.log.info("resuming from the journal (record %d; the API has %d)",
                           copy.write_seq, self.status.write_seq)
@@ -535,9 +581,8 @@ class FlowRunner:
                 continue
             if decision is None:
                 return
-            if self.trouble is not None:
-                self.log.info("flow writer recovered")
-                self.trouble, self.failures = None, 0
+            if self.failures and not self.unsaved:
+                self.recovered()
             await self.perform(decision)
             if self.unsaved or (self.dirty and not self.flush_in()):
                 self.unsaved = True
@@ -545,7 +590,10 @@ class FlowRunner:
             if self.saving is None or self.saving.done():
                 self.started()  # (otherwise the background write says when)
             wake_at = decision.wake_at
-            if self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox:
+            if self.outbox:  # events NATS did not take: try again soon
+                retry = now_ms() + 1000
+                wake_at = retry if wake_at is None else min(wake_at, retry)
+            elif self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox:
                 linger = self.linger_until()
                 if linger is None:
                     await self.finish()
@@ -583,12 +631,14 @@ class FlowRunner:
                     exc, inputs = again, cleaned
         self.inbox[:0] = inputs  # nothing is lost: the next round has them again
         metrics.REPLY_QUEUE.inc(len(inputs))
-        await self.report_trouble(exc)
+        await asyncio.sleep(self.note_trouble(exc))
         return False
 
-    async def report_trouble(self, exc: Exception) -> None:
+    def note_trouble(self, exc: Exception) -> float:
+        """A round or a write failed: say so (a ``Stalled`` condition and a Warning Event,
+        once per distinct error) and return how long to pause before trying again."""
         self.failures += 1
-        pause = min(0.5 * 2 ** (self.failures - 1), 30.0)
+        pause: float = min(0.5 * 2.0 ** (self.failures - 1), 30.0)
         message = clip(describe(exc), 300, "message")
         self.log.error("flow writer failed (%d in a row), trying again in %.1f s: %s",
                        self.failures, pause, message)
@@ -599,7 +649,12 @@ class FlowRunner:
             self.registry.spawn(self.kube.event(self.body, reason="WriterFailing", message=text,
                                                 type_="Warning"))
             self.registry.spawn(self.mark_stalled(text))
-        await asyncio.sleep(pause)
+        return pause
+
+    def recovered(self) -> None:
+        if self.failures:
+            self.log.info("flow writer recovered")
+        self.trouble, self.failures, self.save_after = None, 0, 0.0
 
     async def mark_stalled(self, message: str) -> None:
         """A ``Stalled`` condition on the stored status as it is (the writer's own status may
@@ -645,12 +700,32 @@ class FlowRunner:
                 event_subject=self.settings.subjects.events(self.uid),
             )
             status = decision.status
-            journal_first = self.registry.journal_on and decision.durable
-            if journal_first and any(isinstance(e, Dispatch) for e in decision.effects):
+            events = self.events_of(decision)
+            dispatches = any(isinstance(e, Dispatch) for e in decision.effects)
+            if self.registry.journal_on and (dispatches or events):
+                # The journal first: what is dispatched or emitted is recorded before it goes.
                 status.write_seq = self.status.write_seq + 1
-                if await self.journal(status):
+                if await self.journal(status, [*self.outbox, *events]):
                     self.adopt(status, decision.changed)
-                    self.unsaved = True  # written to the API after the dispatch
+                    self.outbox.extend(events)
+                    if dispatches or not decision.durable:
+                        # The API write follows the dispatch (in the background), or results
+                        # alone are written lazily.
+                        self.unsaved = self.unsaved or dispatches
+                        return decision
+                    # A stage or flow transition is in the API before its effects, as ever.
+                    # Never void: the journal's record stands, whatever the spec says now (a
+                    # spec change reaches the engine next round).
+                    await self.settle()
+                    try:
+                        await self.write(status, generation=None)
+                    except Gone:
+                        raise
+                    except Exception as exc:  # the journal has it: the background writer tries
+                        self.log.warning("status write failed; trying again: %s", exc)
+                        self.unsaved = True
+                    else:
+                        self.dirty = self.unsaved = False
                     return decision
             if decision.durable:
                 await self.settle()  # our own background write goes first
@@ -658,10 +733,23 @@ class FlowRunner:
                 if not await self.write(status, generation=generation):
                     continue  # the spec changed under us: decide again with the same inputs
                 self.adopt(status, decision.changed)
+                self.outbox.extend(events)
                 self.dirty = self.unsaved = False
                 return decision
             self.adopt(status, decision.changed)
+            self.outbox.extend(events)
             return decision
+
+    def events_of(self, decision: Decision) -> list[tuple[int, bytes]]:
+        """The decision's events as they will be published: (seq, payload)."""
+        time_ms = now_ms()
+        return [
+            (effect.seq, json.dumps(
+                event_payload(effect, name=self.name, namespace=self.namespace,
+                              status=decision.status, time_ms=time_ms),
+                separators=(",", ":"), default=str).encode())
+            for effect in decision.effects if isinstance(effect, Emit)
+        ]
 
     def adopt(self, status: TaskflowStatus, changed: bool) -> None:
         """Take a decided status; ``changes`` moves with ``status`` (no await between), so a
@@ -671,9 +759,10 @@ class FlowRunner:
             self.dirty = True
             self.changes += 1
 
-    async def journal(self, status: TaskflowStatus) -> bool:
+    async def journal(self, status: TaskflowStatus, events: list[tuple[int, bytes]]) -> bool:
         try:
-            self.journal_rev = await self.bus.journal(self.uid, journal_entry.encode(status))
+            self.journal_rev = await self.bus.journal(
+                self.uid, journal_entry.encode(status, events))
         except Exception as exc:
             self.log.warning("journal write failed; writing to the API first: %s", exc)
             return False
@@ -686,14 +775,17 @@ class FlowRunner:
         return max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
 
     def save_soon(self) -> None:
-        """Write a journaled status to the API in the background (one write at a time)."""
-        if self.unsaved and (self.saving is None or self.saving.done()):
+        """Write a journaled status to the API in the background (one write at a time, none
+        before ``save_after`` when the last one failed)."""
+        if (self.unsaved and (self.saving is None or self.saving.done())
+                and time.monotonic() >= self.save_after):
             self.saving = asyncio.get_running_loop().create_task(self.save())
 
     async def save(self) -> None:
         """Write the newest status while one is owed (``unsaved``); the only background writer
-        of a flow. A new writer's first API write is part of its start: the slot goes after."""
-        backoff, failures = 0.5, 0
+        of a flow. A new writer's first API write is part of its start: the slot goes after.
+        A failed write is tried again by the loop after a pause that grows (``save_after``);
+        meanwhile the writer goes on deciding (timeouts, cancel), each decision journaled."""
         try:
             while self.unsaved:
                 self.unsaved = False
@@ -708,25 +800,15 @@ class FlowRunner:
                 except Exception as exc:
                     self.unsaved = True
                     self.started()  # a failing write must not hold a start slot
-                    failures += 1
-                    if self.stopped:
-                        return  # the journal has it; the next writer resumes from there
-                    if failures >= 5:
-                        # As a failed synchronous write does: end this writer; the next watch
-                        # event starts a new one, which resumes from the journal.
-                        self.log.error("status write failed %d times, writer stops: %s",
-                                       failures, exc)
-                        self.stop()
-                        return
-                    self.log.warning("status write failed, trying again in %.1f s: %s",
-                                     backoff, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    continue
+                    if not self.stopped:  # (else the journal has it for the next writer)
+                        self.save_after = time.monotonic() + self.note_trouble(exc)
+                        self.wake()  # the loop's sleep now counts to save_after
+                    return
                 if changes == self.changes:
                     self.dirty = False
-            if self.dirty:
-                self.wake()  # newer results came meanwhile: the loop sets their flush timer
+            self.recovered()
+            if self.dirty or self.status.phase in TERMINAL_FLOW_PHASES:
+                self.wake()  # newer results came meanwhile, or the flow may end now
         finally:
             self.started()
 
@@ -777,6 +859,8 @@ class FlowRunner:
             timeouts.append(max(0.0, (wake_at - now_ms()) / 1000))
         if self.dirty and not self.unsaved:  # (when unsaved, the background write has it)
             timeouts.append(self.flush_in())
+        if self.unsaved and (self.saving is None or self.saving.done()):
+            timeouts.append(max(0.0, self.save_after - time.monotonic()))  # a failed write
         timeout = min(timeouts) if timeouts else None
         idle = self.settings.compact_after_s
         with contextlib.suppress(TimeoutError):
@@ -815,12 +899,13 @@ class FlowRunner:
             except Exception as exc:
                 metrics.EFFECT_FAILURES.labels(effect=type(effect).__name__).inc()
                 self.log.warning("%s failed: %s", type(effect).__name__, exc)
+        await self.publish_outbox()
 
     async def perform_one(self, effect: Effect) -> None:
         if isinstance(effect, Dispatch):
             await self.dispatch(self.spec(), effect)
         elif isinstance(effect, Emit):
-            await self.emit(effect)
+            self.count(effect)  # (published from the outbox, after the other effects)
         elif isinstance(effect, Record):
             self.registry.spawn(
                 self.kube.event(self.body, reason=effect.reason, message=effect.message,
@@ -881,20 +966,28 @@ class FlowRunner:
             headers=headers,
         )
 
-    async def emit(self, effect: Emit) -> None:
+    def count(self, effect: Emit) -> None:
         if effect.kind == "TASK" and effect.status not in ("RUNNING",):
             metrics.TASKS_FINISHED.labels(status=effect.status).inc()
             key = (effect.stage or "", effect.task or "", effect.attempt or 0)
             sent = self.sent_at.pop(key, None)
             if sent is not None:
                 metrics.REPLY_LATENCY.observe(time.monotonic() - sent)
-        payload = event_payload(effect, name=self.name, namespace=self.namespace,
-                                status=self.status, time_ms=now_ms())
-        await self.bus.publish(
-            self.settings.subjects.events(self.uid),
-            json.dumps(payload, separators=(",", ":"), default=str).encode(),
-            headers={"Nats-Msg-Id": f"{self.uid}:{effect.seq}"},
-        )
+
+    async def publish_outbox(self) -> None:
+        """Publish the events not yet acknowledged by the event stream, in order. Those that
+        are not stay in the outbox (and in the next journal entry) for the next round."""
+        if not self.outbox:
+            return
+        events, self.outbox = self.outbox, []
+        stored = await self.bus.publish_events(self.settings.subjects.events(self.uid),
+                                               self.uid, events)
+        missed = [e for e in events if e[0] not in stored]
+        if missed:
+            metrics.EFFECT_FAILURES.labels(effect="Emit").inc(len(missed))
+            self.log.warning("%d events not acknowledged by the event stream; trying again",
+                             len(missed))
+            self.outbox[:0] = missed
 
     async def cancel_notice(self, effect: CancelNotice) -> None:
         spec = self.spec()

@@ -1,32 +1,75 @@
-"""The write-ahead copy of a flow's status in the NATS KV bucket ``taskflow-journal``.
+"""The write-ahead record of a flow in the NATS KV bucket ``taskflow-journal``.
 
-Encoded here and decoded here, so the writer that keeps it and the writer that resumes from it
-agree; ``resume_from`` is the rule that picks the newer of the API's copy and the journal's.
+An entry holds the flow's status as decided and the events that decision (and any before it
+not yet acknowledged by JetStream) emitted: the outbox. Kept before any effect, it lets a
+restarted writer know what was sent and publish what may not have reached the event stream
+(``Nats-Msg-Id`` makes a repeat harmless). Encoded and decoded here, so the writer that keeps
+it and the writer that resumes from it agree; ``resume_from`` picks the newer of the API's
+copy and the journal's.
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from taskflow.api.status import TaskflowStatus
 
+# (seq, the event as published): one event of a flow's outbox.
+Event = tuple[int, bytes]
 
-def encode(status: TaskflowStatus) -> bytes:
-    return status.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    status: TaskflowStatus
+    events: tuple[Event, ...] = ()
 
 
-def decode(raw: bytes) -> TaskflowStatus:
-    """The status kept in a journal entry; ValueError (naming the problem) if unreadable."""
+def encode(status: TaskflowStatus, events: Sequence[Event] = ()) -> bytes:
+    body = status.model_dump_json(by_alias=True, exclude_none=True).encode()
+    return b'{"status":' + body + b',"events":[' + b",".join(e for _, e in events) + b"]}"
+
+
+def decode_entry(raw: bytes) -> Entry:
+    """A journal entry; ValueError (naming the problem) if it is unreadable."""
     try:
-        return TaskflowStatus.model_validate_json(raw)
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError("journal entry unreadable: not JSON") from None
+    if not isinstance(doc, dict):
+        raise ValueError("journal entry unreadable: not an object")
+    events: tuple[Event, ...] = ()
+    if isinstance(doc.get("status"), dict):
+        events = tuple(
+            (e["seq"], json.dumps(e, separators=(",", ":")).encode())
+            for e in doc.get("events") or []
+            if isinstance(e, dict) and isinstance(e.get("seq"), int)
+        )
+        doc = doc["status"]
+    # (else: an entry of an operator before the outbox, the status alone)
+    try:
+        return Entry(status=TaskflowStatus.model_validate(doc), events=events)
     except ValidationError as exc:
         raise ValueError(f"journal entry unreadable: {exc.error_count()} errors, first: "
                          f"{exc.errors()[0]['msg']}") from None
 
 
+def decode(raw: bytes) -> TaskflowStatus:
+    """The status kept in a journal entry; ValueError (naming the problem) if unreadable."""
+    return decode_entry(raw).status
+
+
 def resume_from(api: TaskflowStatus, journaled: TaskflowStatus | None) -> TaskflowStatus:
     """The copy to resume from: the journal's when it records more (a higher ``writeSeq``:
-    the operator stopped between a dispatch and the API write that records it)."""
+    the operator stopped between a record in the journal and the API write that follows)."""
     if journaled is not None and journaled.write_seq > api.write_seq:
         return journaled
     return api
+
+
+def unpublished(events: Sequence[Event], *, stream_last: int) -> list[Event]:
+    """The events of an outbox that the event stream does not have yet, in order."""
+    return sorted((e for e in events if e[0] > stream_last), key=lambda e: e[0])
