@@ -217,7 +217,7 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             "settings": settings,
             "deadline_hit": time.time() >= deadline - collect_s or bool(injector.remaining),
             "outcomes": figures.outcomes(flows),
-            "failures": figures.failure_reasons(flows, injector.faults),
+            "failures": figures.failure_reasons(flows, ledger, injector.faults),
             "results": figures.results(flows, ledger, injector.faults),
             "executions": figures.executions(flows, ledger),
             "events": figures.event_streams(flows, streams, injector.faults),
@@ -302,6 +302,8 @@ def main() -> int:
     task = loop.create_task(run(args, started))
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C: the finally above stops everything
         loop.add_signal_handler(sig, task.cancel)
+    # Every phase keeps to the deadline; should one hang anyway, stop everything a minute on.
+    loop.call_later(args.deadline + 60, task.cancel)
     try:
         return loop.run_until_complete(task)
     except asyncio.CancelledError:

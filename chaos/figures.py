@@ -92,8 +92,11 @@ def outcomes(flows: list[FlowRecord]) -> dict[str, Any]:
     return out
 
 
-def failure_reasons(flows: list[FlowRecord], faults: list[Fault]) -> dict[str, Any]:
-    """Why flows did not succeed: each unsuccessful task's status, reason and message."""
+def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], faults: list[Fault]
+                    ) -> dict[str, Any]:
+    """Why flows did not succeed: each unsuccessful task's status, reason and message, and
+    what the service knows of its final attempt (never received it, or answered it)."""
+    seen = {line["key"]: not line.get("error") for line in ledger}
     reasons: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
     for flow in flows:
@@ -106,7 +109,11 @@ def failure_reasons(flows: list[FlowRecord], faults: list[Fault]) -> dict[str, A
                 error = task.get("error") or {}
                 message = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "<uid>",
                                  str(error.get("message", ""))[:120])
-                reason = f"{mode(flow)}: {task.get('status')} ({error.get('reason')}): {message}"
+                key = f"{flow.uid}/{stage['name']}/{task['name']}/{task.get('attempt', 0)}"
+                service = ("service never received it" if key not in seen else
+                           "service answered it" if seen[key] else "service could not answer")
+                reason = (f"{mode(flow)}: {task.get('status')} ({error.get('reason')}): "
+                          f"{message}; {service}")
                 reasons[reason] += 1
                 if len(examples) < EXAMPLES:
                     examples.append({"flow": flow.name, "uid": flow.uid, "mode": mode(flow),
@@ -227,6 +234,7 @@ def event_streams(flows: list[FlowRecord], streams: dict[str, list[Event]],
         disorder = sum(1 for a, b in itertools.pairwise(seqs) if b < a)
         problems = {
             "gaps": bool(missing),
+            "inner_gaps": bool(missing) and missing[0] < max(seqs, default=0),
             "duplicates": duplicates > 0,
             "out_of_order": disorder > 0,
             "beyond_last_event_seq": bool(seqs) and max(seqs) > n,
@@ -246,6 +254,7 @@ def event_streams(flows: list[FlowRecord], streams: dict[str, list[Event]],
                              "completed": around(completion(flow), faults)})
     return {"flows_checked": checked, "events_stored": sum(len(v) for v in streams.values()),
             "flows_with_gaps": counts["gaps"], "events_missing": missing_total,
+            "flows_with_inner_gaps": counts["inner_gaps"],
             "flows_with_duplicates": counts["duplicates"], "duplicate_events": duplicate_total,
             "flows_out_of_order": counts["out_of_order"],
             "flows_beyond_last_event_seq": counts["beyond_last_event_seq"],

@@ -51,7 +51,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| event streams checked (every flow) | {e['flows_checked']} flows, "
         f"{e['events_stored']} events |",
         f"| flows with gaps in seq 1..n | {e['flows_with_gaps']} "
-        f"({e['events_missing']} events missing) |",
+        f"({e['events_missing']} events missing; {e['flows_with_inner_gaps']} flows with "
+        f"events stored after a gap, the others lost their last events) |",
         f"| flows with duplicate seq | {e['flows_with_duplicates']} "
         f"({e['duplicate_events']} duplicates) |",
         f"| flows out of order / beyond lastEventSeq / without final event | "
