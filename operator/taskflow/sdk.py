@@ -309,7 +309,9 @@ class Service:
         self._micro = await add_service(
             self.nc, name=self.service_id, version=self.version,
             description=self.description, queue_group=self.queue_group,
-            metadata={"taskflow.dev/sdk": "python"},
+            # A repeated attempt is answered from the reply cache without running again, so
+            # the operator may re-ask an attempt whose reply NATS lost.
+            metadata={"taskflow.dev/sdk": "python", "taskflow.dev/idempotent": "true"},
         )
         for action in self.actions.values():
             await self._micro.add_endpoint(

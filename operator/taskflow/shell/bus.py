@@ -99,6 +99,10 @@ class NatsSettings:
 ReplyHandler = Callable[[Msg], Awaitable[None]]
 # Told the subject of a message the client dropped (a slow consumer).
 DropHandler = Callable[[str], None]
+# A service says in its NATS Services API metadata (of the service or of one endpoint) that it
+# answers a repeated attempt (same Taskflow-Idempotency-Key) with its first answer, without
+# running it again: the operator may then re-ask an attempt whose reply may have been lost.
+IDEMPOTENT = "taskflow.dev/idempotent"
 # Headers and the reply's own envelope, over the largest reply the operator reads.
 _HEADROOM = 64 * 1024
 
@@ -113,7 +117,10 @@ class Bus:
         self._objects: Any = None
         self._journal: Any = None
         self.on_dropped: DropHandler | None = None
+        self.on_reconnected: Callable[[], None] | None = None
         self.dropped = 0
+        self._idempotent: tuple[float, frozenset[str]] | None = None
+        self._discovery: asyncio.Lock | None = None
 
     @classmethod
     async def connect(cls, settings: NatsSettings, subjects: Subjects) -> Bus:
@@ -126,7 +133,13 @@ class Bus:
                 return
             log.warning("nats: %s", exc)
 
-        nc = await nats.connect(**settings.connect_options(), error_cb=on_error)
+        async def on_reconnect() -> None:
+            log.info("nats: reconnected")
+            if bus is not None and bus.on_reconnected is not None:
+                bus.on_reconnected()
+
+        nc = await nats.connect(**settings.connect_options(), error_cb=on_error,
+                                reconnected_cb=on_reconnect)
         js = nc.jetstream()
         bus = cls(nc, js, subjects, settings)
         await bus._ensure_streams(settings.retention_s)
@@ -203,6 +216,33 @@ class Bus:
         self, subject: str, body: bytes, headers: dict[str, str] | None = None
     ) -> None:
         await self.nc.publish(subject, body, headers=headers)
+
+    async def idempotent_subjects(self, *, max_age: float = 30.0) -> frozenset[str]:
+        """Request subjects of the services that declare idempotent replies (``$SRV.INFO``),
+        found at most every ``max_age`` seconds; empty when none answer or NATS cannot say."""
+        if self._discovery is None:
+            self._discovery = asyncio.Lock()
+        async with self._discovery:  # many flows resuming at once share one look-up
+            now = asyncio.get_running_loop().time()
+            if self._idempotent is not None and now - self._idempotent[0] < max_age:
+                return self._idempotent[1]
+            found: set[str] = set()
+            try:
+                inbox = self.nc.new_inbox()
+                sub = await self.nc.subscribe(inbox, max_msgs=10_000)
+                try:
+                    await self.nc.publish("$SRV.INFO", b"", reply=inbox)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):  # every instance answers at once
+                            async for msg in sub.messages:
+                                found |= idempotent_endpoints(msg.data)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+            except Exception as exc:
+                log.warning("could not ask services whether they are idempotent: %s", exc)
+            self._idempotent = (now, frozenset(found))
+            return self._idempotent[1]
 
     async def stored_reply(self, subject: str) -> Msg | None:
         """The reply kept by the stream for one attempt, if any (used when a flow resumes)."""
@@ -299,3 +339,23 @@ class Bus:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.drain(), 5)
+
+
+def idempotent_endpoints(info: bytes) -> set[str]:
+    """The endpoint subjects a ``$SRV.INFO`` answer declares idempotent (see IDEMPOTENT)."""
+    try:
+        doc = json.loads(info)
+    except (ValueError, RecursionError):
+        return set()
+    if not isinstance(doc, dict) or not isinstance(doc.get("endpoints"), list):
+        return set()
+    service = _flag(doc.get("metadata"))
+    return {
+        e["subject"] for e in doc["endpoints"]
+        if isinstance(e, dict) and isinstance(e.get("subject"), str)
+        and (service or _flag(e.get("metadata")))
+    }
+
+
+def _flag(metadata: Any) -> bool:
+    return isinstance(metadata, dict) and str(metadata.get(IDEMPOTENT, "")).lower() == "true"

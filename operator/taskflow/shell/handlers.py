@@ -111,6 +111,7 @@ class Operator:
         self.bus = await Bus.connect(self.nats, self.runner_settings.subjects)
         self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings)
         self.bus.on_dropped = self.registry.on_dropped
+        self.bus.on_reconnected = self.registry.on_reconnected
         await self.bus.subscribe_replies(self.registry.on_reply)
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's scans, which otherwise grow with every active flow.

@@ -36,3 +36,8 @@ DROPPED_REPLIES = Counter(
     "taskflow_dropped_replies_total",
     "Replies the NATS client dropped as a slow consumer (then read from the reply stream)",
 )
+REASKED = Counter(
+    "taskflow_reasked_attempts_total",
+    "In-flight attempts sent again to an idempotent service (after a NATS reconnect or a "
+    "restart) because their reply may have been lost",
+)

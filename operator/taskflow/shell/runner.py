@@ -228,6 +228,17 @@ class Registry:
         if item is not None:
             runner.push(item)
 
+    def on_reconnected(self) -> None:
+        """Replies sent while NATS was away were dropped by the services' clients: ask every
+        in-flight attempt of an idempotent service again (the same attempt, the same key)."""
+        self.spawn(self._reask_all())
+
+    async def _reask_all(self) -> None:
+        await asyncio.sleep(1.0)  # services reconnect too (no responders: redelivered anyway)
+        subjects = await self.bus.idempotent_subjects(max_age=0)
+        for runner in list(self.runners.values()):
+            runner.reask(subjects)
+
     def on_dropped(self, subject: str) -> None:
         """The client dropped a reply (a slow consumer): the stream still has it, so its flow's
         writer reads it from there rather than letting the attempt time out."""
@@ -415,6 +426,29 @@ class FlowRunner:
         metrics.REPLY_QUEUE.inc()
         self.wake()
 
+    def reask(self, idempotent: frozenset[str], only: set[tuple[str, str, int]] | None = None
+              ) -> None:
+        """Send again each in-flight attempt (``only`` those, if given) of a service that
+        declares idempotent replies: its answer may have been lost, and such a service answers
+        a repeated attempt without running it twice. Others time out as documented."""
+        if not idempotent or self.stopped or not self.status.stages:
+            return
+        spec = self.spec()
+        subjects = self.settings.subjects
+        for stage_spec, stage in zip(spec.stages, self.status.stages, strict=False):
+            for task_spec, task in zip(stage_spec.tasks, stage.tasks, strict=False):
+                key = (stage.name, task.name, task.attempt)
+                details = task_spec.task_details
+                if (task.status != Status.RUNNING or task.waiting_reason or details is None
+                        or (only is not None and key not in only)):
+                    continue
+                if subjects.request(details.service_id, details.action_name) in idempotent:
+                    metrics.REASKED.inc()
+                    self.registry.spawn(self.dispatch(spec, Dispatch(*key)))
+
+    async def _reask_unanswered(self, unanswered: set[tuple[str, str, int]]) -> None:
+        self.reask(await self.bus.idempotent_subjects(), only=unanswered)
+
     def reread(self, attempt: tuple[str, str, int]) -> None:
         """Read this attempt's reply from the stream soon (once for a burst of drops)."""
         first = not self.missed
@@ -529,11 +563,19 @@ class FlowRunner:
         replies = await asyncio.gather(
             *(self.bus.stored_reply(subjects.reply(self.uid, s, t, a)) for s, t, a in lookups)
         )
+        unanswered = set()
         for (s, t, a), msg in zip(lookups, replies, strict=True):
-            if msg is not None:
-                item = await self.registry.to_input(msg, (self.uid, s, t, a))
-                if item is not None:
-                    self.push(item)
+            if msg is None:
+                unanswered.add((s, t, a))
+                continue
+            item = await self.registry.to_input(msg, (self.uid, s, t, a))
+            if item is not None:
+                self.push(item)
+        if unanswered:
+            # Sent (the record says so) with no reply kept: the operator may have stopped
+            # before the request left, or the reply was lost with NATS. Ask idempotent
+            # services again; the others answer late or time out.
+            self.registry.spawn(self._reask_unanswered(unanswered))
         if any(s.status == Status.RUNNING for s in self.status.stages):
             for child in await self.kube.list_children(self.namespace, self.uid):
                 item = child_input(child)
