@@ -43,13 +43,14 @@ def log(message: str) -> None:
 class Service:
     """``python -m chaos.service`` in its own process group, writing its ledger to a file."""
 
-    def __init__(self, *, nats_url: str, tmp: Path, seed: int, delay_ms: tuple[int, int]
-                 ) -> None:
+    def __init__(self, *, nats_url: str, tmp: Path, seed: int, delay_ms: tuple[int, int],
+                 idempotent: bool) -> None:
         self.ledger = tmp / "ledger.jsonl"
         self.log = tmp / "service.log"
         self.argv = [sys.executable, "-m", "chaos.service", "--nats-url", nats_url,
                      "--ledger", str(self.ledger), "--seed", str(seed),
-                     "--delay-ms", str(delay_ms[0]), str(delay_ms[1])]
+                     "--delay-ms", str(delay_ms[0]), str(delay_ms[1]),
+                     "--idempotent" if idempotent else "--no-idempotent"]
         self.process: subprocess.Popen[bytes] | None = None
 
     async def start(self, nats_url: str, timeout: float = 30) -> None:
@@ -145,7 +146,8 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
         await asyncio.to_thread(stack.start)
         nats_url = stack.nats.url
         service = started_.service = Service(nats_url=nats_url, tmp=tmp, seed=args.seed,
-                          delay_ms=(args.delay_ms[0], args.delay_ms[1]))
+                          delay_ms=(args.delay_ms[0], args.delay_ms[1]),
+                          idempotent=args.idempotent_service)
         await service.start(nats_url)
         operators = started_.operators = Operators(
             kubeconfig=stack.kubeconfig, nats_url=nats_url, tmp=tmp,
@@ -282,6 +284,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar=("MIN", "MAX"), help="the service's random delay")
     parser.add_argument("--timeout-s", type=float,
                         help="every task's timeout (default 30; quick 15)")
+    parser.add_argument("--idempotent-service", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="the service declares idempotent replies (Services API metadata "
+                             "taskflow.dev/idempotent), so the operator may ask it again "
+                             "(default: on)")
     parser.add_argument("--retry-delay-s", type=float, default=1.0)
     parser.add_argument("--flush-interval", type=float, default=1.0,
                         help="the operator's --flush-interval")

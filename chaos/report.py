@@ -31,7 +31,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{'; stopped by the deadline' if result.get('deadline_hit') else ''}.", "",
         f"{s['flows']} seed-shaped flows (half exactlyOnce), service delay "
         f"{s['delay_ms'][0]}-{s['delay_ms'][1]} ms, task timeout {s['timeout_s']:g} s, "
-        f"maxRetries 3. Faults: {_faults(fa['injected'])}, over {fa['window_s']:g} s.", "",
+        f"maxRetries 3; the service {'declares' if s['idempotent_service'] else 'does not declare'}"
+        f" idempotent replies. Faults: {_faults(fa['injected'])}, over {fa['window_s']:g} s.",
+        "",
         "| figure | all | exactlyOnce | at-least-once |", "|---|---|---|---|",
         _row("flows", o, "flows"),
         _row("terminal %", o, "terminal_pct"),

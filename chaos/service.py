@@ -13,6 +13,10 @@ an attempt executed twice, both show up there.
   not executed again, as an idempotent service (and the SDK) does; the line says ``repeat``.
 - It reconnects to NATS forever (``max_reconnect_attempts=-1``): the run restarts and pauses
   nats-server under it.
+- It is a NATS Services API service (``group-core`` and ``appliance-core``, the seed's), and
+  with ``--idempotent`` (the default) it says in its metadata that it answers a repeated key
+  from its cache (``taskflow.dev/idempotent``, docs/wire-protocol.md): the operator may then
+  ask an attempt again whose reply may have been lost, instead of letting it time out.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from typing import IO, Any
 
 import nats
 from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
 
-SUBJECTS = ("group-core.createGroup", "appliance-core.AddApplianceToGroup")
+# The seed's services and actions: (service, endpoint); the subject is "<service>.<endpoint>".
+ENDPOINTS = (("group-core", "createGroup"), ("appliance-core", "AddApplianceToGroup"))
 PING = "chaos-ctl.ping"
 KEY_HEADER = "Taskflow-Idempotency-Key"
+IDEMPOTENT = "taskflow.dev/idempotent"
 
 
 class Ledger:
@@ -47,13 +55,13 @@ class Ledger:
         self.answers: dict[str, dict[str, Any]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def on_request(self, msg: Msg) -> None:
-        # Subscription callbacks run one at a time: answer in a task of its own.
-        task = asyncio.get_running_loop().create_task(self.answer(msg, time.time()))
+    async def on_request(self, request: Request) -> None:
+        # Endpoint handlers run one at a time: answer in a task of its own.
+        task = asyncio.get_running_loop().create_task(self.answer(request, time.time()))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def answer(self, msg: Msg, received: float) -> None:
+    async def answer(self, msg: Request, received: float) -> None:
         key = (msg.headers or {}).get(KEY_HEADER, "")
         repeat = key in self.answers
         if repeat:
@@ -71,7 +79,7 @@ class Ledger:
         await asyncio.sleep(self.rng.uniform(low, high) / 1000)
         error = None
         try:
-            await self.nc.publish(msg.reply, json.dumps(reply, separators=(",", ":")).encode())
+            await msg.respond(json.dumps(reply, separators=(",", ":")).encode())
         except Exception as exc:  # (a full reconnect buffer, a closed connection)
             error = f"{type(exc).__name__}: {exc}"
         line = {"key": key, "subject": msg.subject, "received": received, "sent": time.time(),
@@ -80,7 +88,8 @@ class Ledger:
         self.out.flush()
 
 
-async def main(*, url: str, ledger_path: str, seed: int, delay_ms: tuple[int, int]) -> None:
+async def main(*, url: str, ledger_path: str, seed: int, delay_ms: tuple[int, int],
+               idempotent: bool) -> None:
     async def on_error(exc: Exception) -> None:
         print(f"nats: {exc!r}", flush=True)
 
@@ -96,9 +105,11 @@ async def main(*, url: str, ledger_path: str, seed: int, delay_ms: tuple[int, in
                             disconnected_cb=on_disconnect)
     with open(ledger_path, "a", encoding="utf-8") as out:
         ledger = Ledger(nc=nc, out=out, rng=random.Random(seed), delay_ms=delay_ms)
-        for subject in SUBJECTS:
-            await nc.subscribe(subject, cb=ledger.on_request, pending_msgs_limit=1_000_000,
-                               pending_bytes_limit=512 * 1024 * 1024)
+        metadata = {IDEMPOTENT: "true"} if idempotent else {}
+        for name, endpoint in ENDPOINTS:
+            service = await add_service(nc, name=name, version="1.0.0", metadata=metadata)
+            await service.add_endpoint(name=endpoint, subject=f"{name}.{endpoint}",
+                                       handler=ledger.on_request)
 
         async def pong(msg: Msg) -> None:
             await msg.respond(b"pong")
@@ -127,6 +138,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--delay-ms", type=int, nargs=2, default=(100, 3000),
                         metavar=("MIN", "MAX"))
+    parser.add_argument("--idempotent", action=argparse.BooleanOptionalAction, default=True,
+                        help="declare idempotent replies in the Services API metadata")
     args = parser.parse_args()
     asyncio.run(main(url=args.nats_url, ledger_path=args.ledger, seed=args.seed,
-                     delay_ms=(args.delay_ms[0], args.delay_ms[1])))
+                     delay_ms=(args.delay_ms[0], args.delay_ms[1]), idempotent=args.idempotent))
