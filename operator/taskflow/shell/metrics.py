@@ -41,3 +41,7 @@ REASKED = Counter(
     "In-flight attempts sent again to an idempotent service (after a NATS reconnect or a "
     "restart) because their reply may have been lost",
 )
+FORGED_LINKS = Counter(
+    "taskflow_forged_links_total",
+    "Flows naming a parent they do not belong to (another namespace, or not owned by it)",
+)

@@ -77,6 +77,7 @@ from taskflow.wire.links import (
     PARENT_NAME,
     PARENT_TASK,
     PARENT_UID,
+    link_problem,
 )
 from taskflow.wire.replies import ReplyLimits, clip, read_reply
 from taskflow.wire.subjects import Subjects
@@ -211,6 +212,12 @@ class Registry:
         parent = self.runners.get(parent_uid)
         if parent is None:
             return
+        problem = link_problem(body, uid=parent.uid, namespace=parent.namespace)
+        if problem is not None:  # a label anyone creating a flow can write: not a link
+            metrics.FORGED_LINKS.inc()
+            log.warning("ignored a flow that names %s/%s as its parent: %s", parent.namespace,
+                        parent.name, problem)
+            return
         item = child_input(body)
         if item is not None:
             parent.push(item)
@@ -273,7 +280,14 @@ class Registry:
                     reason=BAD_REPLY))
             item = dataclasses.replace(item, data=None, response_ref=ref)
         if item.children:
-            self.spawn(self.check_children(uid, item.children))
+            problem, children = await self.verify_children(uid, attempt, item.children)
+            if problem is not None:
+                metrics.BAD_REPLIES.labels(reason="child").inc()
+                log.warning("reply for %s/%s/%s attempt %d names a child that does not count: "
+                            "%s", uid, stage, task, attempt, problem)
+                return Reply(stage=stage, task=task, attempt=attempt, ok=False,
+                             error=_child_error(problem))
+            self.spawn(self.report_children(uid, children))
         return item
 
     def inline_limit(self, uid: str) -> int:
@@ -282,16 +296,36 @@ class Registry:
         share = self.settings.inline_responses_budget // tasks
         return max(256, min(self.settings.inline_response_bytes, share))
 
-    async def check_children(self, uid: str, children: tuple[str, ...]) -> None:
-        """Children named in a reply may have finished before the reply arrived."""
-        for ref in children:
+    async def verify_children(
+        self, uid: str, attempt: int, refs: tuple[str, ...]
+    ) -> tuple[str | None, list[dict[str, Any]]]:
+        """The children a reply names, each checked to be this flow's own (same namespace,
+        owned by it, started for this attempt); or the first problem found."""
+        runner = self.runners.get(uid)
+        if runner is None:
+            return "the flow is not active", []
+        bodies = []
+        for ref in refs:
             namespace, _, name = ref.partition("/")
+            if namespace != runner.namespace:
+                return f"child flow {ref} is not in this flow's namespace {runner.namespace}", []
             try:
                 body = await self.kube.get(namespace, name)
-            except Exception:
-                continue
+            except Gone:
+                return f"child flow {ref} does not exist", []
+            except Exception as exc:  # (retried per maxRetries, as any failed attempt)
+                return f"child flow {ref} could not be read: {describe(exc)}", []
+            problem = link_problem(body, uid=uid, namespace=runner.namespace, attempt=attempt)
+            if problem is not None:
+                return problem, []
+            bodies.append(body)
+        return None, bodies
+
+    async def report_children(self, uid: str, children: list[dict[str, Any]]) -> None:
+        """Children named in a reply may have finished before the reply arrived."""
+        runner = self.runners.get(uid)
+        for body in children:
             item = child_input(body)
-            runner = self.runners.get(uid)
             if item is not None and runner is not None:
                 runner.push(item)
 

@@ -1,0 +1,102 @@
+"""Tenant isolation on the real servers: what a service's reply or a flow's labels may claim
+about other flows. A link counts only within the namespace and with an owner reference."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from kubernetes import client
+
+from conftest import Flows, flow, serve, task_status
+
+
+async def other_namespace(kube: client.ApiClient) -> Flows:
+    name = f"t-other-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(client.CoreV1Api(kube).create_namespace,
+                            client.V1Namespace(metadata={"name": name}))
+    return Flows(kube, name)
+
+
+async def test_a_child_in_another_namespace_fails_the_attempt_and_is_never_cancelled(
+    operator, kube: client.ApiClient, flows: Flows, nc, svc: str
+) -> None:
+    victims = await other_namespace(kube)
+    await serve(nc, f"{svc}.hold", lambda m: None)  # the victim's task stays running
+    await victims.create(flow(svc, ["v"], action="hold"), "victim")
+    await victims.wait("victim", until=lambda b: (b.get("status") or {}).get("phase")
+                       == "RUNNING")
+    claim = {"success": True, "data": 1, "nestedTaskflows": [f"{victims.namespace}/victim"]}
+    await serve(nc, f"{svc}.do", lambda m: claim)
+    await flows.create(flow(svc, ["a"], ["b"]), "f")
+    done = await flows.wait("f")
+    a = task_status(done, "s1", "a")
+    assert done["status"]["phase"] == "FAILED"
+    assert a["error"]["reason"] == "Child"
+    assert f"child flow {victims.namespace}/victim is not in this flow's namespace" in (
+        a["error"]["message"])
+    assert a["nestedTaskflows"] == []
+    await flows.patch("f", {"spec": {"cancel": True}})
+    await asyncio.sleep(1.0)
+    victim = await victims.get("victim")
+    assert victim["spec"].get("cancel") is not True
+    assert victim["status"]["phase"] == "RUNNING"
+
+
+async def test_a_child_that_does_not_exist_fails_the_attempt(operator, flows: Flows, nc,
+                                                             svc: str) -> None:
+    """Once a task waited for it forever, with no deadline."""
+    await serve(nc, f"{svc}.do", lambda m: {
+        "success": True, "nestedTaskflows": [f"{flows.namespace}/nobody"]})
+    await flows.create(flow(svc, ["a"]), "f")
+    done = await flows.wait("f", timeout=15)
+    a = task_status(done, "s1", "a")
+    assert a["status"] == "FAILED" and a["error"]["reason"] == "Child"
+    assert "does not exist" in a["error"]["message"]
+
+
+async def test_a_flow_that_claims_a_parent_by_label_changes_nothing(
+    operator, flows: Flows, nc, svc: str
+) -> None:
+    """Anyone who may create a flow may write its labels: a flow labelled as another flow's
+    child, without the owner reference, does not finish that flow's task when it ends."""
+    held: list[Any] = []
+
+    def hold(msg: Any) -> Any:
+        if json.loads(msg.data)["task"] == "a":
+            held.append(msg)
+            return None
+        return {"success": True, "data": "forged"}
+
+    await serve(nc, f"{svc}.do", hold)
+    parent = await flows.create(flow(svc, ["a"]), "parent")
+    uid = parent["metadata"]["uid"]
+    for _ in range(100):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    assert held
+    before = operator.metrics().get("taskflow_forged_links_total", 0)
+    forged = {
+        "metadata": {
+            "name": "forged",
+            "labels": {"taskflow.dev/parent-uid": uid},
+            "annotations": {"taskflow.dev/parent-task": "s1.a",
+                            "taskflow.dev/parent-attempt": "0"},
+        },
+        "spec": flow(svc, ["x"]),
+    }
+    await flows.create(forged)
+    assert (await flows.wait("forged"))["status"]["phase"] == "SUCCEEDED"
+    await asyncio.sleep(1.0)
+    assert operator.metrics().get("taskflow_forged_links_total", 0) > before
+    still = await flows.get("parent")
+    assert task_status(still, "s1", "a")["status"] == "RUNNING"
+    assert task_status(still, "s1", "a")["nestedTaskflows"] == []  # (once: the forged one)
+    await nc.publish(held[0].reply, json.dumps({"success": True, "data": "real"}).encode())
+    done = await flows.wait("parent")
+    assert done["status"]["phase"] == "SUCCEEDED"
+    assert task_status(done, "s1", "a")["response"] == "real"
+    assert task_status(done, "s1", "a")["nestedTaskflows"] == []
