@@ -43,7 +43,7 @@ class Echo:
         now = time.monotonic()
         reply = msg.reply or ""
         parts = reply.split(".")
-        if len(parts) == 6 and parts[0] == "taskflow":
+        if len(parts) in (6, 7) and parts[0] == "taskflow":  # (7: with the reply token)
             row = [parts[2], parts[3], parts[4], int(parts[5]), now, 0.0]
         else:  # a plain request (the raw NATS ceiling): not recorded per task
             return [None, None, None, 0, now, 0.0]

@@ -10,6 +10,8 @@ from collections import Counter
 from typing import Any
 
 from conftest import GROUP, PLURAL, VERSION, Flows, flow, serve, task_status
+from taskflow.api.status import Status, TaskflowStatus
+from taskflow.wire import journal
 
 
 async def test_stage_of_200_parallel_tasks_loses_no_reply(operator, flows: Flows, nc, svc: str
@@ -131,7 +133,7 @@ async def test_operator_killed_between_dispatch_and_api_write(
 
     uid = body["metadata"]["uid"]
     journal = await nc.jetstream().key_value("taskflow-journal")
-    kept = json.loads((await journal.get(uid)).value)["status"]
+    kept = (await _journal_entry(nc, uid)).status.model_dump(by_alias=True, exclude_none=True)
     assert kept["writeSeq"] == body["status"]["writeSeq"]
     assert task_status({"status": kept}, "s2", "second")["status"] == "RUNNING"
 
@@ -239,6 +241,23 @@ async def test_a_crd_older_than_the_operator_turns_the_journal_off(
             api.close()
 
 
+async def _operator_key(nc: Any) -> bytes:
+    entry = await (await nc.jetstream().key_value("taskflow-keys")).get("operator")
+    return bytes(entry.value)
+
+
+async def _journal_entry(nc: Any, uid: str) -> journal.Entry:
+    raw = (await (await nc.jetstream().key_value("taskflow-journal")).get(uid)).value
+    return journal.decode_entry(raw, key=await _operator_key(nc))
+
+
+async def _put_journal_entry(nc: Any, uid: str, status: TaskflowStatus,
+                             events: list[dict[str, Any]], *, signed: bool = True) -> None:
+    raw = journal.encode(status, [(e["seq"], json.dumps(e).encode()) for e in events],
+                         key=await _operator_key(nc) if signed else None)
+    await (await nc.jetstream().key_value("taskflow-journal")).put(uid, raw)
+
+
 async def _events(nc: Any, uid: str) -> list[tuple[int, dict[str, Any]]]:
     """(stream sequence, event) of every event the stream keeps for a flow, in stream order."""
     sub = await nc.jetstream().subscribe(f"taskflow.events.{uid}", ordered_consumer=True)
@@ -283,16 +302,15 @@ async def test_events_journaled_but_not_published_reach_the_stream_after_a_kill(
     operator.kill(signal.SIGKILL)
 
     uid = body["metadata"]["uid"]
-    kv = await nc.jetstream().key_value("taskflow-journal")
-    kept = json.loads((await kv.get(uid)).value)
-    assert kept["events"], "the journal keeps the events of its last decision"
-    status = kept["status"]
-    top = status["lastEventSeq"]
+    kept = await _journal_entry(nc, uid)
+    assert kept.events, "the journal keeps the events of its last decision"
+    status = kept.status
+    top = status.last_event_seq
     assert [e["seq"] for _, e in await _events(nc, uid)] == list(range(1, top + 1))
-    unsent = [{**kept["events"][-1], "seq": top + i} for i in (1, 2, 3)]
-    status["lastEventSeq"] = top + 3
-    status["writeSeq"] += 1
-    await kv.put(uid, json.dumps({"status": status, "events": unsent}).encode())
+    unsent = [{**json.loads(kept.events[-1][1]), "seq": top + i} for i in (1, 2, 3)]
+    status.last_event_seq = top + 3
+    status.write_seq += 1
+    await _put_journal_entry(nc, uid, status, unsent)
 
     operator.start()
     for msg in held:
@@ -305,3 +323,32 @@ async def test_events_journaled_but_not_published_reach_the_stream_after_a_kill(
     assert seqs == list(range(1, len(after) + 1)), seqs
     assert seqs[-1] == done["status"]["lastEventSeq"] > top + 3
     assert after[top:top + 3] == unsent
+
+
+async def test_a_forged_journal_entry_is_refused(operator, flows: Flows, nc, svc: str) -> None:
+    """Any client with JetStream access can write the journal bucket: an entry not signed
+    with the operator's key (here one claiming the task succeeded) is ignored on resume."""
+    held: list[Any] = []
+    await serve(nc, f"{svc}.do", lambda m: held.append(m))
+    body = await flows.create(flow(svc, ["a"], options={"timeout": "60s"}), "forge")
+    await flows.wait("forge", until=lambda b: "status" in b
+                     and task_status(b, "s1", "a")["status"] == "RUNNING")
+    for _ in range(100):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    assert held
+    operator.kill(signal.SIGKILL)
+    uid = body["metadata"]["uid"]
+    forged = (await _journal_entry(nc, uid)).status
+    forged.write_seq += 5
+    task = forged.stages[0].tasks[0]
+    task.status, task.response = Status.SUCCEEDED, {"forged": True}
+    await _put_journal_entry(nc, uid, forged, [], signed=False)
+    operator.start()
+    await asyncio.sleep(1.0)
+    assert task_status(await flows.get("forge"), "s1", "a")["status"] == "RUNNING"
+    assert "journal entry refused: not signed" in operator.log_path.read_text()
+    await nc.publish(held[0].reply, json.dumps({"success": True, "data": "real"}).encode())
+    done = await flows.wait("forge")
+    assert task_status(done, "s1", "a")["response"] == "real"

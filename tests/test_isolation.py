@@ -100,3 +100,31 @@ async def test_a_flow_that_claims_a_parent_by_label_changes_nothing(
     assert done["status"]["phase"] == "SUCCEEDED"
     assert task_status(done, "s1", "a")["response"] == "real"
     assert task_status(done, "s1", "a")["nestedTaskflows"] == []
+
+
+async def test_a_forged_reply_changes_nothing(operator, flows: Flows, nc, svc: str) -> None:
+    """Everything a subscriber of the flow's events sees (uid, stage, task, attempt) names the
+    reply subject but for its token: a reply forged on it, or with a guessed token, is
+    ignored and counted; the service's real answer is recorded."""
+    held: list[Any] = []
+    await serve(nc, f"{svc}.do", lambda m: held.append(m))
+    body = await flows.create(flow(svc, ["a"], options={"timeout": "60s"}), "f")
+    uid = body["metadata"]["uid"]
+    for _ in range(100):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    assert held
+    before = operator.metrics().get("taskflow_forged_replies_total", 0)
+    forged = json.dumps({"success": True, "data": {"forged": True}}).encode()
+    await nc.publish(f"taskflow.reply.{uid}.s1.a.0", forged)
+    await nc.publish(f"taskflow.reply.{uid}.s1.a.0.{'0' * 32}", forged)
+    await nc.flush()
+    await asyncio.sleep(0.5)
+    assert operator.metrics().get("taskflow_forged_replies_total", 0) >= before + 2
+    assert task_status(await flows.get("f"), "s1", "a")["status"] == "RUNNING"
+    token = held[0].reply.rsplit(".", 1)[1]
+    assert len(token) == 32 and token not in json.dumps(await flows.get("f"))
+    await nc.publish(held[0].reply, json.dumps({"success": True, "data": "real"}).encode())
+    done = await flows.wait("f")
+    assert task_status(done, "s1", "a")["response"] == "real"

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-depth", type=int, default=int(env("TASKFLOW_MAX_DEPTH", "10")))
     run.add_argument("--peering", default=env("TASKFLOW_PEERING", ""),
                      help="kopf peering name for active/standby replicas ('' = standalone)")
+    run.add_argument("--key-file", default=env("TASKFLOW_KEY_FILE"),
+                     help="file with the key (>= 16 bytes) that signs reply subjects, journal "
+                          "entries and event ids (a Secret; default: one kept in the NATS "
+                          "bucket taskflow-keys)")
     run.add_argument("--reply-pending-bytes", type=int,
                      default=int(env("TASKFLOW_REPLY_PENDING_BYTES", str(64 * 1024 * 1024))),
                      help="bytes of received replies the operator buffers; past it NATS drops "
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     operator = Operator(kubeconfig=args.kubeconfig, nats=nats_settings, runner=runner,
                         standalone=not args.peering, peering=args.peering or None,
                         api_namespaces=[n for n in api_namespaces if n != "none"] or None,
-                        serve_nats_api=api_namespaces != ["none"])
+                        serve_nats_api=api_namespaces != ["none"], key_file=args.key_file)
     registry = kopf.OperatorRegistry()
     operator.register(registry)
     if args.metrics_address:

@@ -280,7 +280,7 @@ class Bus:
         async def one(seq: int, payload: bytes) -> int | None:
             try:
                 await self.js.publish(subject, payload, timeout=5,
-                                      headers={"Nats-Msg-Id": f"{uid}:{seq}"})
+                                      headers={"Nats-Msg-Id": self.subjects.event_id(uid, seq)})
             except Exception as exc:
                 log.debug("event %s:%d not acknowledged: %s", uid, seq, exc)
                 return None

@@ -7,6 +7,7 @@ state in status instead.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ import kopf
 
 from taskflow.api.crd import GROUP, VERSION
 from taskflow.shell.bus import Bus, NatsSettings
+from taskflow.shell.keys import key_from_file, key_from_nats
 from taskflow.shell.kube import Kube, connection_config, load_api_client
 from taskflow.shell.runner import Registry, RunnerSettings
 
@@ -47,6 +49,7 @@ class Operator:
         peering: str | None = None,
         api_namespaces: list[str] | None = None,
         serve_nats_api: bool = True,
+        key_file: str | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
@@ -56,6 +59,7 @@ class Operator:
         # The NATS API (taskflow.api.*): where it may act; None = every namespace.
         self.api_namespaces = api_namespaces
         self.serve_nats_api = serve_nats_api
+        self.key_file = key_file
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
@@ -108,7 +112,14 @@ class Operator:
             settings.peering.mandatory = True
             settings.peering.clusterwide = True
         self.kube = Kube(load_api_client(self.kubeconfig))
+        key = key_from_file(self.key_file) if self.key_file else None
         self.bus = await Bus.connect(self.nats, self.runner_settings.subjects)
+        if key is None:
+            key = await key_from_nats(self.bus.js)
+        # Reply subjects, journal entries and event ids are signed with the key from here on.
+        subjects = dataclasses.replace(self.runner_settings.subjects, key=key)
+        self.runner_settings = dataclasses.replace(self.runner_settings, subjects=subjects)
+        self.bus.subjects = subjects
         self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings)
         self.bus.on_dropped = self.registry.on_dropped
         self.bus.on_reconnected = self.registry.on_reconnected

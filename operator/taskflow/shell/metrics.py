@@ -45,3 +45,7 @@ FORGED_LINKS = Counter(
     "taskflow_forged_links_total",
     "Flows naming a parent they do not belong to (another namespace, or not owned by it)",
 )
+FORGED_REPLIES = Counter(
+    "taskflow_forged_replies_total",
+    "Messages on the reply subjects that no dispatch made (ignored): guesses or forgeries",
+)

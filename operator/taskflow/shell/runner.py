@@ -226,7 +226,8 @@ class Registry:
 
     async def on_reply(self, msg: Msg) -> None:
         parsed = self.settings.subjects.parse_reply(msg.subject)
-        if parsed is None:
+        if parsed is None:  # a guess or a forgery: no reply subject this operator made
+            metrics.FORGED_REPLIES.inc()
             return
         runner = self.runners.get(parsed[0])
         if runner is None:
@@ -629,7 +630,7 @@ class FlowRunner:
         if raw is None:
             return
         try:
-            entry = journal_entry.decode_entry(raw)
+            entry = journal_entry.decode_entry(raw, key=self.settings.subjects.key)
         except ValueError as exc:
             self.log.warning("journal copy ignored: %s", exc)
             return
@@ -838,7 +839,7 @@ class FlowRunner:
     async def journal(self, status: TaskflowStatus, events: list[tuple[int, bytes]]) -> bool:
         try:
             self.journal_rev = await self.bus.journal(
-                self.uid, journal_entry.encode(status, events))
+                self.uid, journal_entry.encode(status, events, key=self.settings.subjects.key))
         except Exception as exc:
             self.log.warning("journal write failed; writing to the API first: %s", exc)
             return False

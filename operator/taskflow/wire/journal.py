@@ -10,6 +10,8 @@ copy and the journal's.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +30,26 @@ class Entry:
     events: tuple[Event, ...] = ()
 
 
-def encode(status: TaskflowStatus, events: Sequence[Event] = ()) -> bytes:
+def encode(status: TaskflowStatus, events: Sequence[Event] = (), *,
+           key: bytes | None = None) -> bytes:
+    """The entry's bytes; with a key, preceded by a line with their HMAC, so that an entry
+    written by anyone else (any client with JetStream access) is refused."""
     body = status.model_dump_json(by_alias=True, exclude_none=True).encode()
-    return b'{"status":' + body + b',"events":[' + b",".join(e for _, e in events) + b"]}"
+    entry = b'{"status":' + body + b',"events":[' + b",".join(e for _, e in events) + b"]}"
+    return entry if key is None else _mac(key, entry) + b"\n" + entry
 
 
-def decode_entry(raw: bytes) -> Entry:
-    """A journal entry; ValueError (naming the problem) if it is unreadable."""
+def _mac(key: bytes, entry: bytes) -> bytes:
+    return hmac.new(key, b"journal\n" + entry, hashlib.sha256).hexdigest().encode()
+
+
+def decode_entry(raw: bytes, *, key: bytes | None = None) -> Entry:
+    """A journal entry; ValueError (naming the problem) if it is unreadable, or, with a key,
+    not signed by it."""
+    if key is not None:
+        mac, _, raw = raw.partition(b"\n")
+        if not raw or not hmac.compare_digest(mac, _mac(key, raw)):
+            raise ValueError("journal entry refused: not signed with the operator's key")
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError):
@@ -57,9 +72,9 @@ def decode_entry(raw: bytes) -> Entry:
                          f"{exc.errors()[0]['msg']}") from None
 
 
-def decode(raw: bytes) -> TaskflowStatus:
+def decode(raw: bytes, *, key: bytes | None = None) -> TaskflowStatus:
     """The status kept in a journal entry; ValueError (naming the problem) if unreadable."""
-    return decode_entry(raw).status
+    return decode_entry(raw, key=key).status
 
 
 def resume_from(api: TaskflowStatus, journaled: TaskflowStatus | None) -> TaskflowStatus:
