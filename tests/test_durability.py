@@ -132,7 +132,6 @@ async def test_operator_killed_between_dispatch_and_api_write(
     operator.kill(signal.SIGKILL)
 
     uid = body["metadata"]["uid"]
-    journal = await nc.jetstream().key_value("taskflow-journal")
     kept = (await _journal_entry(nc, uid)).status.model_dump(by_alias=True, exclude_none=True)
     assert kept["writeSeq"] == body["status"]["writeSeq"]
     assert task_status({"status": kept}, "s2", "second")["status"] == "RUNNING"
