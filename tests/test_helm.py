@@ -173,6 +173,7 @@ def test_lint_with_every_option_on(tmp_path: Path) -> None:
                  "tls": {"enabled": True, "existingSecret": "nats-tls", "caKey": "ca.crt",
                          "certKey": "tls.crt", "keyKey": "tls.key"}},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "signingKey": {"existingSecret": "taskflow-key"},
     }
     helm("lint", "--strict", str(CHART), "-f", str(values_file(tmp_path, values)))
 
@@ -270,6 +271,16 @@ def test_tls_files_from_a_secret(tmp_path: Path) -> None:
     assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"},
                                          {"key": "tls.crt", "path": "tls.crt"},
                                          {"key": "tls.key", "path": "tls.key"}]
+
+
+def test_signing_key_file_from_a_secret(tmp_path: Path) -> None:
+    assert not any(a.startswith("--key-file") for a in container(render(tmp_path, {}))["args"])
+    docs = render(tmp_path, {"signingKey": {"existingSecret": "taskflow-key"}})
+    assert "--key-file=/etc/taskflow/key/key" in container(docs)["args"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "key"]
+    assert volume["secret"] == {"secretName": "taskflow-key", "defaultMode": 0o440,
+                                "items": [{"key": "key", "path": "key"}]}
 
 
 def test_replicas_run_with_kopf_peering(tmp_path: Path) -> None:
