@@ -226,6 +226,7 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             "faults": figures.fault_figures(flows, injector.faults),
             "drain": figures.drain(flows, injector.faults, load_start),
             "resume": figures.resume(flows, operators.runs, ledger, tap.arrivals),
+            "create_to_first_request_s": figures.start_latency(flows, ledger),
             "operator_logs": figures.scan_logs([Path(r.log) for r in operators.runs]),
             "operator_runs": len(operators.runs),
             "create_errors": creator.errors,

@@ -308,6 +308,15 @@ def in_flight(flows: list[FlowRecord], at: float) -> int:
     return count
 
 
+def start_latency(flows: list[FlowRecord], ledger: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds from a flow's creation to the first request the service received for it."""
+    first: dict[str, float] = {}
+    for line in ledger:
+        uid = line["key"].split("/")[0]
+        first[uid] = min(first.get(uid, line["received"]), line["received"])
+    return spread([first[f.uid] - f.created for f in flows if f.uid in first])
+
+
 def fault_figures(flows: list[FlowRecord], faults: list[Fault]) -> dict[str, Any]:
     kills = [f for f in faults if f.kind == KILL]
     others = [f for f in faults if f.kind != KILL]

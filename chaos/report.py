@@ -65,6 +65,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| restart-to-resume, s (spawn → first request or event) p50/p95/max | "
         f"{_s(rs['spawn_to_first_work_s'])} |",
         f"| operator spawn → ready, s p50/p95/max | {_s(rs['spawn_to_ready_s'])} |",
+        f"| flow created → its first request, s p50/p95/max | "
+        f"{_s(result['create_to_first_request_s'])} |",
         f"| kill → operator ready again, s p50/p95/max | {_s(fa['kill_to_ready_s'])} |",
         f"| flows in flight at a kill p50/p95/max | {_s(fa['in_flight_at_kill'])} |",
         f"| restarts with no work before the next kill | "
