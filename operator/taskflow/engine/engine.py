@@ -516,6 +516,11 @@ class _Step:
     # -- attempts ----------------------------------------------------------------------------
 
     def record_attempt(self, task: TaskStatus, outcome: Status, error: TaskError | None) -> None:
+        if error is not None and error.data is not None:
+            # A record keeps the message, code and reason; the data (up to the reply limit)
+            # stays on task.error and in the attempt's event only, or MAX_ATTEMPT_RECORDS
+            # failures of every task would each keep a copy of it in the object.
+            error = error.model_copy(update={"data": None})
         task.attempts.append(
             AttemptRecord(
                 attempt=task.attempt,

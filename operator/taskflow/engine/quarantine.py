@@ -52,6 +52,11 @@ def _problem(
         # Both ways status leaves the operator: the journal's JSON and the API's body.
         decision.status.model_dump_json(by_alias=True, exclude_none=True)
         json.dumps(decision.status.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        # Both write NaN and Infinity as null without a word (events and headers, written
+        # with json.dumps, would carry them as invalid JSON): refused here, with anything
+        # else that is not plain JSON.
+        json.dumps(decision.status.model_dump(by_alias=True, exclude_none=True),
+                   allow_nan=False)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"[:300]
     return None

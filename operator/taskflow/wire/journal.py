@@ -51,7 +51,7 @@ def decode_entry(raw: bytes, *, key: bytes | None = None) -> Entry:
         if not raw or not hmac.compare_digest(mac, _mac(key, raw)):
             raise ValueError("journal entry refused: not signed with the operator's key")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, parse_constant=_not_ours)  # (encode never writes NaN)
     except (ValueError, RecursionError):
         raise ValueError("journal entry unreadable: not JSON") from None
     if not isinstance(doc, dict):
@@ -66,10 +66,21 @@ def decode_entry(raw: bytes, *, key: bytes | None = None) -> Entry:
         doc = doc["status"]
     # (else: an entry of an operator before the outbox, the status alone)
     try:
-        return Entry(status=TaskflowStatus.model_validate(doc), events=events)
+        status = TaskflowStatus.model_validate(doc)
     except ValidationError as exc:
         raise ValueError(f"journal entry unreadable: {exc.error_count()} errors, first: "
                          f"{exc.errors()[0]['msg']}") from None
+    try:
+        # A status this operator cannot write again (nested too deep, say) would stall the
+        # writer that resumes from it: refused here, so it resumes from the API's copy.
+        status.model_dump_json(by_alias=True, exclude_none=True)
+    except Exception as exc:
+        raise ValueError(f"journal entry unusable: {type(exc).__name__}: {exc}"[:300]) from None
+    return Entry(status=status, events=events)
+
+
+def _not_ours(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 def decode(raw: bytes, *, key: bytes | None = None) -> TaskflowStatus:

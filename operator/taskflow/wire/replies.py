@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -187,11 +188,19 @@ def _read(
     return failed(_service_error(body.get("error"), limits))
 
 
+# "namespace/name" of a Kubernetes object: a DNS label (63) and a DNS subdomain (253), so a
+# reply cannot put an arbitrarily long (or non-ASCII) name in status, twice per child.
+_CHILD_REF = re.compile(
+    r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?"
+)
+
+
 def _children(refs: Any) -> tuple[str, ...]:
     """Child flows a successful reply names in ``nestedTaskflows`` ("namespace/name")."""
     if not isinstance(refs, list):
         return ()
-    return tuple(dict.fromkeys(r for r in refs if isinstance(r, str) and r.count("/") == 1))
+    return tuple(dict.fromkeys(
+        r for r in refs if isinstance(r, str) and r.isascii() and _CHILD_REF.fullmatch(r)))
 
 
 def _service_error(error: Any, limits: ReplyLimits) -> TaskError:
