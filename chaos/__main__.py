@@ -114,6 +114,23 @@ class Started:
             self.stack.stop()
 
 
+def operator_source() -> str:
+    """Which operator code ran: the package's directory, and its git commit when it has one."""
+    import taskflow
+
+    where = Path(taskflow.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = ""
+    if not commit:
+        return str(where)
+    return f"{where} at {commit}{' with uncommitted changes' if dirty else ''}"
+
+
 async def run(args: argparse.Namespace, started_: Started) -> int:
     from bench.kube import Api
 
@@ -217,6 +234,7 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}, "
                        "everything on one machine",
             "settings": settings,
+            "operator": operator_source(),
             "deadline_hit": time.time() >= deadline - collect_s or bool(injector.remaining),
             "outcomes": figures.outcomes(flows),
             "failures": figures.failure_reasons(flows, ledger, injector.faults),

@@ -28,7 +28,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Taskflow operator under faults ({result['mode']} run)", "",
         f"{result['started']}; {result['machine']}; {result['elapsed_s']:.0f} s in all"
-        f"{'; stopped by the deadline' if result.get('deadline_hit') else ''}.", "",
+        f"{'; stopped by the deadline' if result.get('deadline_hit') else ''}; operator code: "
+        f"{result.get('operator', '?')}.", "",
         f"{s['flows']} seed-shaped flows (half exactlyOnce), service delay "
         f"{s['delay_ms'][0]}-{s['delay_ms'][1]} ms, task timeout {s['timeout_s']:g} s, "
         f"maxRetries 3; the service {'declares' if s['idempotent_service'] else 'does not declare'}"
