@@ -97,11 +97,14 @@ def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], fault
     """Why flows did not succeed: each unsuccessful task's status, reason and message, and
     what the service knows of its final attempt (never received it, or answered it)."""
     seen = {line["key"]: not line.get("error") for line in ledger}
+    answered = {line["key"]: line["sent"] for line in ledger if not line.get("error")}
     reasons: Counter[str] = Counter()
+    by_fault: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
     for flow in flows:
         if phase(flow) == "SUCCEEDED" or phase(flow) not in FINAL:
             continue
+        blamed = False
         for stage in status(flow).get("stages", []):
             for task in stage.get("tasks", []):
                 if task.get("status") in ("SUCCEEDED", "SKIPPED", "WAITING"):
@@ -115,15 +118,27 @@ def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], fault
                 reason = (f"{mode(flow)}: {task.get('status')} ({error.get('reason')}): "
                           f"{message}; {service}")
                 reasons[reason] += 1
+                # The fault that began last before the attempt was lost: before the service
+                # answered it if it did, else before the operator dispatched it.
+                at = answered.get(key) or parse_time(task.get("dispatchTime"))
+                if not blamed:
+                    by_fault[last_fault(at, faults)] += 1
+                    blamed = True
                 if len(examples) < EXAMPLES:
                     examples.append({"flow": flow.name, "uid": flow.uid, "mode": mode(flow),
                                      "stage": stage.get("name"), "task": task.get("name"),
                                      "status": task.get("status"),
                                      "attempt": task.get("attempt"), "error": error,
                                      "attempts": task.get("attempts"),
-                                     "started": around(parse_time(task.get("startTime")),
-                                                       faults)})
-    return {"reasons": dict(reasons.most_common()), "examples": examples}
+                                     "lost": around(at, faults)})
+    return {"reasons": dict(reasons.most_common()),
+            "failed_flows_by_fault": dict(by_fault.most_common()), "examples": examples}
+
+
+def last_fault(at: float | None, faults: list[Fault]) -> str:
+    """The kind of the fault that began last before ``at``."""
+    before = [f for f in faults if at is not None and f.start <= at]
+    return before[-1].kind if before else "no fault before it"
 
 
 # -- the service's ledger ---------------------------------------------------------------

@@ -80,6 +80,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| operator log | {logs['errors']} error lines, "
                  f"{logs['resumed_from_journal']} resumes from the journal, "
                  f"{logs['writer_failures']} writer failures |")
+    blamed = result["failures"].get("failed_flows_by_fault") or {}
+    if blamed:
+        lines.append("| FAILED flows by the last fault before their attempt was lost | "
+                     + ", ".join(f"{n} after {k}" for k, n in blamed.items()) + " |")
     reasons = result["failures"]["reasons"]
     if reasons:
         lines += ["", "Why tasks of unsuccessful flows did not succeed:", "",

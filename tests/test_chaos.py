@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from chaos.faults import KILL, Fault
-from chaos.figures import event_streams, executions, results
+from chaos.figures import event_streams, executions, failure_reasons, results
 from chaos.load import FlowRecord
 
 from conftest import ROOT
@@ -46,9 +46,9 @@ def test_chaos_quick_run(tmp_path: Path) -> None:
 # -- the figures, fed by hand ------------------------------------------------------------
 
 
-def _flow(tasks: list[dict[str, Any]], *, last_event_seq: int = 0, once: bool = True
-          ) -> FlowRecord:
-    status = {"phase": "SUCCEEDED", "lastEventSeq": last_event_seq,
+def _flow(tasks: list[dict[str, Any]], *, last_event_seq: int = 0, once: bool = True,
+          phase: str = "SUCCEEDED") -> FlowRecord:
+    status = {"phase": phase, "lastEventSeq": last_event_seq,
               "completionTime": "2026-12-04T03:00:00.000Z",
               "stages": [{"name": "s", "tasks": tasks}]}
     return FlowRecord(index=1, name="cg-00001", exactly_once=once, created=1.0, uid=UID,
@@ -102,3 +102,18 @@ def test_every_gap_duplicate_and_missing_final_event_is_found() -> None:
     clean = event_streams([flow], {UID: complete}, [])
     assert (clean["flows_with_gaps"], clean["flows_with_duplicates"],
             clean["flows_without_final_event"]) == (0, 0, 0)
+
+
+def test_a_failed_flow_is_blamed_on_the_fault_before_its_attempt_was_lost() -> None:
+    timed_out = {"status": "TIMED_OUT", "attempt": 0, "dispatchTime": "1970-01-01T00:00:02Z",
+                 "error": {"reason": "Timeout", "message": "no reply"}}
+    answered = _flow([{"name": "a", **timed_out}], phase="FAILED")
+    never_sent = _flow([{"name": "b", **timed_out}], phase="FAILED")
+    ledger = [{**_line("a", 0, 1), "sent": 5.0}]
+    faults = [Fault(kind=KILL, start=1.0, end=1.5), Fault(kind="nats-restart", start=4.9,
+                                                          end=5.1)]
+    figures = failure_reasons([answered, never_sent], ledger, faults)
+    assert figures["failed_flows_by_fault"] == {"nats-restart": 1, KILL: 1}
+    assert list(figures["reasons"].values()) == [1, 1]
+    assert {k.rsplit("; ", 1)[1] for k in figures["reasons"]} == {
+        "service answered it", "service never received it"}
