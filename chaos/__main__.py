@@ -162,9 +162,9 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
     try:
         await asyncio.to_thread(stack.start)
         nats_url = stack.nats.url
-        service = started_.service = Service(nats_url=nats_url, tmp=tmp, seed=args.seed,
-                          delay_ms=(args.delay_ms[0], args.delay_ms[1]),
-                          idempotent=args.idempotent_service)
+        service = started_.service = Service(
+            nats_url=nats_url, tmp=tmp, seed=args.seed,
+            delay_ms=(args.delay_ms[0], args.delay_ms[1]), idempotent=args.idempotent_service)
         await service.start(nats_url)
         operators = started_.operators = Operators(
             kubeconfig=stack.kubeconfig, nats_url=nats_url, tmp=tmp,
@@ -216,6 +216,10 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             flow.final = by_name.get(flow.name)
 
         # -- collect: nothing moves any more --------------------------------------------
+        assert service.process is not None
+        if service.process.poll() is not None:
+            notes.append(f"the service exited on its own ({service.process.returncode}); "
+                         f"see {service.log}")
         await asyncio.to_thread(operators.stop)
         await asyncio.to_thread(service.stop)
         ledger = service.records()

@@ -118,11 +118,11 @@ def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], fault
                 reason = (f"{mode(flow)}: {task.get('status')} ({error.get('reason')}): "
                           f"{message}; {service}")
                 reasons[reason] += 1
-                # The fault that began last before the attempt was lost: before the service
-                # answered it if it did, else before the operator dispatched it.
+                # What lost the attempt: the fault under way when the service answered it
+                # (or the operator dispatched it, if the service never got it), else the next.
                 at = answered.get(key) or parse_time(task.get("dispatchTime"))
                 if not blamed:
-                    by_fault[last_fault(at, faults)] += 1
+                    by_fault[fault_at(at, faults)] += 1
                     blamed = True
                 if len(examples) < EXAMPLES:
                     examples.append({"flow": flow.name, "uid": flow.uid, "mode": mode(flow),
@@ -135,10 +135,13 @@ def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], fault
             "failed_flows_by_fault": dict(by_fault.most_common()), "examples": examples}
 
 
-def last_fault(at: float | None, faults: list[Fault]) -> str:
-    """The kind of the fault that began last before ``at``."""
-    before = [f for f in faults if at is not None and f.start <= at]
-    return before[-1].kind if before else "no fault before it"
+def fault_at(at: float | None, faults: list[Fault]) -> str:
+    """The kind of the fault under way at ``at``, else of the next one to begin."""
+    if at is not None:
+        for fault in faults:
+            if at <= fault.start or at <= fault.end:
+                return fault.kind
+    return "no fault after it"
 
 
 # -- the service's ledger ---------------------------------------------------------------

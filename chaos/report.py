@@ -82,8 +82,8 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{logs['writer_failures']} writer failures |")
     blamed = result["failures"].get("failed_flows_by_fault") or {}
     if blamed:
-        lines.append("| FAILED flows by the last fault before their attempt was lost | "
-                     + ", ".join(f"{n} after {k}" for k, n in blamed.items()) + " |")
+        lines.append("| FAILED flows by the fault that lost their attempt | "
+                     + ", ".join(f"{n} {k}" for k, n in blamed.items()) + " |")
     reasons = result["failures"]["reasons"]
     if reasons:
         lines += ["", "Why tasks of unsuccessful flows did not succeed:", "",

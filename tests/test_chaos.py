@@ -104,14 +104,16 @@ def test_every_gap_duplicate_and_missing_final_event_is_found() -> None:
             clean["flows_without_final_event"]) == (0, 0, 0)
 
 
-def test_a_failed_flow_is_blamed_on_the_fault_before_its_attempt_was_lost() -> None:
+def test_a_failed_flow_is_blamed_on_the_fault_that_lost_its_attempt() -> None:
     timed_out = {"status": "TIMED_OUT", "attempt": 0, "dispatchTime": "1970-01-01T00:00:02Z",
                  "error": {"reason": "Timeout", "message": "no reply"}}
     answered = _flow([{"name": "a", **timed_out}], phase="FAILED")
     never_sent = _flow([{"name": "b", **timed_out}], phase="FAILED")
     ledger = [{**_line("a", 0, 1), "sent": 5.0}]
-    faults = [Fault(kind=KILL, start=1.0, end=1.5), Fault(kind="nats-restart", start=4.9,
-                                                          end=5.1)]
+    # Dispatched at 2.0 and never received: lost by the kill at 3.0. Answered at 5.0, while
+    # nats-server was being restarted: lost by the restart.
+    faults = [Fault(kind=KILL, start=1.0, end=1.5), Fault(kind=KILL, start=3.0, end=3.5),
+              Fault(kind="nats-restart", start=4.9, end=5.1)]
     figures = failure_reasons([answered, never_sent], ledger, faults)
     assert figures["failed_flows_by_fault"] == {"nats-restart": 1, KILL: 1}
     assert list(figures["reasons"].values()) == [1, 1]
