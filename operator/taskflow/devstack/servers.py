@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from taskflow.devstack.certs import write_pki
+from taskflow.devstack.natsauth import NatsAuth
 
 BINARIES = ("etcd", "kube-apiserver", "nats-server")
 
@@ -136,6 +137,8 @@ class NatsServer:
     port: int = 0
     monitor_port: int = 0
     max_payload: str = "8MB"
+    # More configuration, e.g. accounts and users with permissions (devstack.natsauth).
+    extra_config: str = ""
     server: Server | None = None
 
     @property
@@ -156,6 +159,7 @@ class NatsServer:
             "  max_memory_store: 256MB\n"
             "  max_file_store: 4GB\n"
             "}\n"
+            + self.extra_config
         )
         self.server = Server("nats-server", [str(self.binary), "-c", str(config)],
                              self.workdir / "nats.log")
@@ -313,7 +317,8 @@ class ControlPlane:
 class DevStack:
     """The whole local stack: control plane, NATS, and the Taskflow CRD applied and Established."""
 
-    def __init__(self, workdir: Path | None = None, *, keep: bool = False) -> None:
+    def __init__(self, workdir: Path | None = None, *, keep: bool = False,
+                 nats_auth: NatsAuth | None = None) -> None:
         self._tmp = None if workdir else tempfile.mkdtemp(prefix="taskflow-stack-")
         self.workdir = workdir or Path(self._tmp)  # type: ignore[arg-type]
         self.keep = keep
@@ -327,7 +332,10 @@ class DevStack:
             self.workdir / "kube", bins["etcd"], bins["kube-apiserver"],
             controller_manager_binary=kcm,
         )
-        self.nats = NatsServer(self.workdir / "nats", bins["nats-server"])
+        # With users and permissions (the auth mode), every client connects as one of them.
+        self.nats_auth = nats_auth
+        self.nats = NatsServer(self.workdir / "nats", bins["nats-server"],
+                               extra_config=nats_auth.config() if nats_auth else "")
 
     @property
     def kubeconfig(self) -> Path:

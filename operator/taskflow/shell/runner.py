@@ -670,7 +670,8 @@ class FlowRunner:
             if self.outbox:  # events NATS did not take: try again soon
                 retry = now_ms() + 1000
                 wake_at = retry if wake_at is None else min(wake_at, retry)
-            elif self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox:
+            elif (self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox
+                  and not self._woken):  # (woken: e.g. a retry patched in during this round)
                 linger = self.linger_until()
                 if linger is None:
                     await self.finish()
