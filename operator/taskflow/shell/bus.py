@@ -303,9 +303,9 @@ class Bus:
         revision: int = await self._journal.put(uid, status)
         return revision
 
-    async def journaled(self, uid: str) -> bytes | None:
-        """The last status kept for a flow, if any. Raises when NATS cannot say: resuming
-        from the API's copy alone could send an attempt a second time."""
+    async def journaled(self, uid: str) -> tuple[bytes, int] | None:
+        """The last entry kept for a flow and its revision, if any. Raises when NATS cannot
+        say: resuming from the API's copy alone could send an attempt a second time."""
         for attempt in range(3):
             try:
                 entry = await self._journal.get(uid)
@@ -317,8 +317,18 @@ class Bus:
                 log.warning("could not read the journal of %s (trying again): %s", uid, exc)
                 await asyncio.sleep(0.5 * (attempt + 1))
             else:
-                return bytes(entry.value) if entry.value else None
+                return (bytes(entry.value), int(entry.revision or 0)) if entry.value else None
         return None
+
+    async def journal_keys(self) -> set[str]:
+        """The uids the journal holds an entry for: flows whose writer did not finish (an
+        entry goes when its flow has ended and its events are in the stream)."""
+        try:
+            return set(await self._journal.keys())
+        except Exception as exc:  # (NoKeysError: an empty bucket)
+            if type(exc).__name__ != "NoKeysError":
+                log.warning("could not list the journal: %s", exc)
+            return set()
 
     async def forget_journal(self, uid: str, revision: int) -> None:
         """A finished flow's status is in the API: its write-ahead copy is not needed. Only

@@ -121,6 +121,7 @@ class Operator:
         self.runner_settings = dataclasses.replace(self.runner_settings, subjects=subjects)
         self.bus.subjects = subjects
         self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings)
+        self.registry.unfinished = await self.bus.journal_keys()
         self.bus.on_dropped = self.registry.on_dropped
         self.bus.on_reconnected = self.registry.on_reconnected
         await self.bus.subscribe_replies(self.registry.on_reply)

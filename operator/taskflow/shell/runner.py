@@ -153,6 +153,10 @@ class Registry:
         self.starting = asyncio.Semaphore(settings.max_starting)
         self._background: set[asyncio.Task[Any]] = set()
         self.journal_on = True
+        # Flows with a journal entry at startup: a writer may have stopped after recording the
+        # end of its flow and before its last events reached the stream; one runs again for
+        # each, even if it looks finished, and publishes what the stream lacks.
+        self.unfinished: set[str] = set()
 
     def journal_unusable(self) -> None:
         """The API dropped status.writeSeq: the CRD predates it, and without it a restarted
@@ -182,7 +186,8 @@ class Registry:
             return
         if runner is not None:
             runner.observe(body)
-        elif needs_runner(body):
+        elif needs_runner(body) or uid in self.unfinished:
+            self.unfinished.discard(uid)
             self.start(body)
         self.notify_parent(body)
 
@@ -626,9 +631,10 @@ class FlowRunner:
             # Written by an operator without the journal, or by this one through a CRD too old
             # to keep writeSeq (see write()): there is no way to tell which copy is newer.
             return
-        raw = await self.bus.journaled(self.uid)
-        if raw is None:
+        found = await self.bus.journaled(self.uid)
+        if found is None:
             return
+        raw, self.journal_rev = found  # (dropped at the end, if still this one)
         try:
             entry = journal_entry.decode_entry(raw, key=self.settings.subjects.key)
         except ValueError as exc:
