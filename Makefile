@@ -40,9 +40,9 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/mypy
 
-dev: venv ## the whole stack in the foreground: control plane, NATS, CRD, operator, demo services
+dev: venv ## the whole stack in the foreground (AUTH=1: NATS users with least privilege)
 	bash hack/build-tools.sh test >/dev/null
-	$(PY) -m taskflow.devstack --dir .dev
+	$(PY) -m taskflow.devstack --dir .dev $(if $(AUTH),--auth)
 
 bench: venv ## the benchmark: prints figures, writes bench/results/
 	bash hack/build-tools.sh test >/dev/null

@@ -14,7 +14,7 @@ import pytest
 from kubernetes import client, config
 
 from conftest import Flows, OperatorProcess, flow, task_status
-from taskflow.devstack.natsauth import OPERATOR_USER, NatsAuth
+from taskflow.devstack.natsauth import OPERATOR_USER, VIEWER_USER, NatsAuth
 from taskflow.devstack.servers import DevStack
 
 
@@ -109,6 +109,17 @@ async def test_a_service_user_may_answer_its_own_request_and_nothing_else(
             await theirs[0].respond(json.dumps({"success": True, "data": "theirs"}).encode())
             done = await flows.wait("f")
             assert done["status"]["phase"] == "SUCCEEDED"
+            # The viewer replays the flow's events, and may do nothing else.
+            viewer = await nats.connect(auth.url(stack.nats.url, VIEWER_USER))
+            try:
+                sub = await viewer.jetstream().subscribe(f"taskflow.events.{uid}",
+                                                         ordered_consumer=True)
+                first = json.loads((await sub.next_msg(timeout=5)).data)
+                assert first["seq"] == 1 and first["data"]["taskflowId"] == uid
+                with pytest.raises(Exception, match=r"[Pp]ermissions"):
+                    await viewer.request("taskflow.api.produce", b"{}", timeout=2)
+            finally:
+                await viewer.close()
             assert task_status(done, "s1", "a")["response"] == "mine"
             assert task_status(done, "s1", "b")["response"] == "other"
             assert task_status(done, "s1", "c")["response"] == "theirs"

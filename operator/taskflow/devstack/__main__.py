@@ -16,7 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from taskflow.devstack.natsauth import OPERATOR_USER, VIEWER_USER, NatsAuth
 from taskflow.devstack.servers import DevStack, Server, free_port
+
+# The seed's demo services (taskflow.demo), served by one connection.
+DEMO_SERVICES = ("group-core", "appliance-core", "hello")
 
 
 def _alive(pid: int) -> bool:
@@ -34,6 +38,9 @@ def main() -> int:
     parser.add_argument("--dir", default=".dev", help="where state, logs and kubeconfig go")
     parser.add_argument("--no-operator", action="store_true")
     parser.add_argument("--no-demo", action="store_true")
+    parser.add_argument("--auth", action="store_true",
+                        help="NATS with users and least-privilege permissions "
+                             "(docs/security.md); prints the credentials")
     args = parser.parse_args()
 
     root = Path(args.dir).resolve()
@@ -62,7 +69,8 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stack = DevStack(root)
+    auth = NatsAuth.make(users={"svc-demo": DEMO_SERVICES}) if args.auth else None
+    stack = DevStack(root, nats_auth=auth)
     children: list[Server] = []
     try:
         print("starting etcd, kube-apiserver and nats-server ...", flush=True)
@@ -71,20 +79,33 @@ def main() -> int:
         shutil.copy(stack.kubeconfig, kubeconfig)
         kubeconfig.chmod(0o600)
         env_file = root / "env"
-        env_file.write_text(
-            f"export KUBECONFIG={kubeconfig}\nexport NATS_URL={stack.nats.url}\n"
-        )
+        # With --auth, the user's NATS_URL is the viewer's (it may replay events only).
+        user_url = auth.url(stack.nats.url, VIEWER_USER) if auth else stack.nats.url
+        env_file.write_text(f"export KUBECONFIG={kubeconfig}\nexport NATS_URL={user_url}\n")
+        env_file.chmod(0o600)
+        operator_auth: list[str] = []
+        if auth:
+            secret = root / "nats-operator-password"
+            secret.write_text(auth.passwords[OPERATOR_USER])
+            secret.chmod(0o600)
+            operator_auth = ["--nats-user", OPERATOR_USER, "--nats-password-file", str(secret)]
         python = sys.executable
         if not args.no_demo:
+            demo_url = auth.url(stack.nats.url, "svc-demo") if auth else stack.nats.url
             children.append(Server("demo", [python, "-m", "taskflow.demo",
-                                            "--nats-url", stack.nats.url], root / "demo.log"))
+                                            "--nats-url", demo_url], root / "demo.log"))
         if not args.no_operator:
             children.append(Server("operator", [
                 python, "-m", "taskflow.cli", "run", "--kubeconfig", str(kubeconfig),
                 "--nats-url", stack.nats.url, "--metrics-address", f"127.0.0.1:{free_port()}",
+                *operator_auth,
             ], root / "operator.log"))
         for child in children:
             child.start()
+        if auth:
+            print(f"\nNATS users (their permissions: {root}/nats/nats.conf):")
+            for user, password in auth.passwords.items():
+                print(f"  {user:20} {password}")
         print(f"""
 The taskflow dev stack is up.
   kube-apiserver  {stack.control_plane.url}

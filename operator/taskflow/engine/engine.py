@@ -627,7 +627,9 @@ class _Step:
         self.finish_stage(stage, Status.FAILED if failed else Status.SUCCEEDED)
         if failed:
             first = failed[0]
-            detail = f"{first.name}: {first.error.message}" if first.error else first.name
+            # The reason code only: a service's error text stays in status (Events are often
+            # readable more widely, and a service may put anything in its message).
+            detail = f"{first.name}: {first.error.reason}" if first.error else first.name
             self.effects.append(
                 Record(
                     reason="StageFailed",

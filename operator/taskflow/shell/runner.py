@@ -273,11 +273,11 @@ class Registry:
             metrics.BAD_REPLIES.labels(reason="malformed").inc()
             log.warning("bad reply for %s/%s/%s attempt %d: %s", uid, stage, task, attempt,
                         item.error.message)
-        if item.ok and len(msg.data) > self.inline_limit(uid):
+        # Measured as status keeps it: a body of "1E15"s is 4.5 times larger once parsed.
+        stored = json.dumps(item.data, separators=(",", ":")).encode() if item.ok else b""
+        if item.ok and max(len(msg.data), len(stored)) > self.inline_limit(uid):
             try:
-                ref = await self.bus.store_response(
-                    f"{uid}/{stage}/{task}/{attempt}", json.dumps(item.data).encode()
-                )
+                ref = await self.bus.store_response(f"{uid}/{stage}/{task}/{attempt}", stored)
             except Exception as exc:
                 # Kept in the reply stream: a later writer of this flow reads it again.
                 log.warning("could not store a large response of %s/%s: %s", uid, task, exc)
@@ -703,7 +703,10 @@ class FlowRunner:
                 )
             except Exception as inner:  # (the spec itself, say): reported below
                 cleaned, exc = inputs, inner
-            if cleaned != inputs:
+            # By identity: comparing a deep input by value could itself raise.
+            replaced = len(cleaned) != len(inputs) or any(
+                a is not b for a, b in zip(inputs, cleaned, strict=False))
+            if replaced:
                 metrics.BAD_REPLIES.labels(reason="unrecordable").inc(len(inputs) - sum(
                     1 for a, b in zip(inputs, cleaned, strict=False) if a is b))
                 self.log.warning("a reply could not be recorded; its attempt fails: %s", exc)
@@ -730,8 +733,14 @@ class FlowRunner:
         if message != self.trouble:  # once per distinct error, not per try
             self.trouble = message
             text = f"the operator cannot record this flow and keeps trying: {message}"
-            self.registry.spawn(self.kube.event(self.body, reason="WriterFailing", message=text,
-                                                type_="Warning"))
+            # The Event names the kind of error only; its text (which may quote status) goes
+            # to the condition, as namespace-private as the status itself.
+            code = getattr(exc, "status", None)
+            kind = f"{type(exc).__name__}{f' {code}' if code else ''}"
+            self.registry.spawn(self.kube.event(
+                self.body, reason="WriterFailing", type_="Warning",
+                message=f"the operator cannot record this flow and keeps trying ({kind}); "
+                        "see the Stalled condition"))
             self.registry.spawn(self.mark_stalled(text))
         return pause
 
