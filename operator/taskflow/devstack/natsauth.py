@@ -45,7 +45,9 @@ def service_permissions(*service_ids: str) -> dict[str, object]:
 def viewer_permissions() -> dict[str, object]:
     """Replays a flow's events (an ordered consumer on TASKFLOW_EVENTS), nothing more."""
     return {
-        "publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.INFO.TASKFLOW_EVENTS",
+        "publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.NAMES",
+                              "$JS.API.STREAM.INFO.TASKFLOW_EVENTS",
+                              "$JS.API.CONSUMER.CREATE.TASKFLOW_EVENTS",
                               "$JS.API.CONSUMER.CREATE.TASKFLOW_EVENTS.>",
                               "$JS.API.CONSUMER.DELETE.TASKFLOW_EVENTS.>", "$JS.FC.>"]},
         "subscribe": {"allow": ["taskflow.events.>", "_INBOX.>"]},
