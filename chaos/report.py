@@ -53,9 +53,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"service never gave |",
         f"| event streams checked (every flow) | {e['flows_checked']} flows, "
         f"{e['events_stored']} events |",
-        f"| flows with gaps in seq 1..n | {e['flows_with_gaps']} "
-        f"({e['events_missing']} events missing; {e['flows_with_inner_gaps']} flows with "
-        f"events stored after a gap, the others lost their last events) |",
+        f"| flows with gaps in seq 1..n | {e['flows_with_gaps']}"
+        + (f" ({e['events_missing']} events missing; {e['flows_with_inner_gaps']} flows with "
+           f"events stored after a gap, the others lost their last events)"
+           if e["flows_with_gaps"] else "") + " |",
         f"| flows with duplicate seq | {e['flows_with_duplicates']} "
         f"({e['duplicate_events']} duplicates) |",
         f"| flows out of order / beyond lastEventSeq / without final event | "

@@ -1,10 +1,12 @@
 """``make chaos`` in a small setting, and the figures it computes.
 
 The run itself (``python -m chaos --quick``: 80 flows, 5 operator SIGKILLs, one restart of
-nats-server, kube-apiserver and etcd each, one nats-server pause) asserts only what users rely
-on and what holds today: the run completes and prints its table, every flow ends, and nothing
-runs twice under ``exactlyOnceTaskExecution``. Its other figures (event-stream gaps, flows
-failed by the nats-server restart: issue #12 items 5 and 6) are printed, not asserted yet.
+nats-server, kube-apiserver and etcd each, one nats-server pause) asserts what users rely on
+and what holds since the fixes of issue #12 items 5 and 6 (and a0f5b96): the run completes and
+prints its table, every flow ends and succeeds (the service declares idempotent replies, so a
+reply lost in a fault is asked for again), no result is lost, nothing runs twice under
+``exactlyOnceTaskExecution``, and every flow's event stream is exactly 1..n with its final
+event. Timings (drain, restart-to-resume) are printed, not asserted.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ def test_chaos_quick_run(tmp_path: Path) -> None:
     assert result["outcomes"]["all"]["terminal_pct"] == 100, result["outcomes"]
     assert result["executions"]["exactlyOnce"]["executed_more_than_once"] == 0, (
         result["executions"]["exactlyOnce"]["examples"])
+    assert result["outcomes"]["all"]["succeeded_pct"] == 100, result["failures"]
+    assert result["results"]["lost"] == 0, result["results"]["examples"]
+    events = result["events"]
+    assert events["flows_checked"] == 80
+    problems = {k: events[k] for k in (
+        "flows_with_gaps", "flows_with_duplicates", "flows_out_of_order",
+        "flows_beyond_last_event_seq", "flows_without_final_event")}
+    assert set(problems.values()) == {0}, (problems, events["examples"])
 
 
 # -- the figures, fed by hand ------------------------------------------------------------
