@@ -209,8 +209,8 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
                                    max(1.0, deadline - collect_s - time.time()))
         created = sum(1 for f in creator.flows if f.uid)
         log(f"faults done; {created} flows created; waiting for every flow to end")
-        items = await wait_terminal(api, NAMESPACE, creator.flows, until=deadline - collect_s,
-                                    log=log)
+        items = await wait_terminal(api, namespace=NAMESPACE, flows=creator.flows,
+                                    until=deadline - collect_s, log=log)
         by_name = {i["metadata"]["name"]: i for i in items}
         for flow in creator.flows:
             flow.final = by_name.get(flow.name)
@@ -241,14 +241,15 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             "operator": operator_source(),
             "deadline_hit": time.time() >= deadline - collect_s or bool(injector.remaining),
             "outcomes": figures.outcomes(flows),
-            "failures": figures.failure_reasons(flows, ledger, injector.faults),
-            "results": figures.results(flows, ledger, injector.faults),
-            "executions": figures.executions(flows, ledger),
-            "events": figures.event_streams(flows, streams, injector.faults),
-            "faults": figures.fault_figures(flows, injector.faults),
-            "drain": figures.drain(flows, injector.faults, load_start),
-            "resume": figures.resume(flows, operators.runs, ledger, tap.arrivals),
-            "create_to_first_request_s": figures.start_latency(flows, ledger),
+            "failures": figures.failure_reasons(flows, ledger=ledger, faults=injector.faults),
+            "results": figures.results(flows, ledger=ledger, faults=injector.faults),
+            "executions": figures.executions(flows, ledger=ledger),
+            "events": figures.event_streams(flows, streams=streams, faults=injector.faults),
+            "faults": figures.fault_figures(flows, faults=injector.faults),
+            "drain": figures.drain(flows, faults=injector.faults, load_start=load_start),
+            "resume": figures.resume(flows, runs=operators.runs, ledger=ledger,
+                                    arrivals=tap.arrivals),
+            "create_to_first_request_s": figures.start_latency(flows, ledger=ledger),
             "operator_logs": figures.scan_logs([Path(r.log) for r in operators.runs]),
             "operator_runs": len(operators.runs),
             "create_errors": creator.errors,

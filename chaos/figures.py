@@ -92,8 +92,8 @@ def outcomes(flows: list[FlowRecord]) -> dict[str, Any]:
     return out
 
 
-def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], faults: list[Fault]
-                    ) -> dict[str, Any]:
+def failure_reasons(flows: list[FlowRecord], *, ledger: list[dict[str, Any]],
+                    faults: list[Fault]) -> dict[str, Any]:
     """Why flows did not succeed: each unsuccessful task's status, reason and message, and
     what the service knows of its final attempt (never received it, or answered it)."""
     seen = {line["key"]: not line.get("error") for line in ledger}
@@ -122,7 +122,7 @@ def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], fault
                 # (or the operator dispatched it, if the service never got it), else the next.
                 at = answered.get(key) or parse_time(task.get("dispatchTime"))
                 if not blamed:
-                    by_fault[fault_at(at, faults)] += 1
+                    by_fault[fault_at(at, faults=faults)] += 1
                     blamed = True
                 if len(examples) < EXAMPLES:
                     examples.append({"flow": flow.name, "uid": flow.uid, "mode": mode(flow),
@@ -130,12 +130,12 @@ def failure_reasons(flows: list[FlowRecord], ledger: list[dict[str, Any]], fault
                                      "status": task.get("status"),
                                      "attempt": task.get("attempt"), "error": error,
                                      "attempts": task.get("attempts"),
-                                     "lost": around(at, faults)})
+                                     "lost": around(at, faults=faults)})
     return {"reasons": dict(reasons.most_common()),
             "failed_flows_by_fault": dict(by_fault.most_common()), "examples": examples}
 
 
-def fault_at(at: float | None, faults: list[Fault]) -> str:
+def fault_at(at: float | None, *, faults: list[Fault]) -> str:
     """The kind of the fault under way at ``at``, else of the next one to begin."""
     if at is not None:
         for fault in faults:
@@ -154,7 +154,7 @@ def split_key(key: str) -> tuple[str, str, str, int] | None:
     return parts[0], parts[1], parts[2], int(parts[3])
 
 
-def results(flows: list[FlowRecord], ledger: list[dict[str, Any]], faults: list[Fault]
+def results(flows: list[FlowRecord], *, ledger: list[dict[str, Any]], faults: list[Fault]
             ) -> dict[str, Any]:
     """Final task responses against what the service answered for the final attempt."""
     answered: dict[str, Any] = {}
@@ -190,13 +190,14 @@ def results(flows: list[FlowRecord], ledger: list[dict[str, Any]], faults: list[
                                      "response": task.get("response"),
                                      "service_answered": answered.get(key),
                                      "dispatched": around(
-                                         parse_time(task.get("dispatchTime")), faults)})
+                                         parse_time(task.get("dispatchTime")),
+                                         faults=faults)})
     return {"tasks_checked": checked, "lost": sum(counts.values()), **{
         k: counts[k] for k in ("response_differs", "answer_not_recorded",
                                "succeeded_without_service_answer")}, "examples": examples}
 
 
-def executions(flows: list[FlowRecord], ledger: list[dict[str, Any]]) -> dict[str, Any]:
+def executions(flows: list[FlowRecord], *, ledger: list[dict[str, Any]]) -> dict[str, Any]:
     """Per mode: (flow, task) pairs the service executed more than once (distinct attempt
     keys), extra executions, and redeliveries of a key it had already seen."""
     by_uid = {f.uid: f for f in flows if f.uid}
@@ -231,7 +232,7 @@ def executions(flows: list[FlowRecord], ledger: list[dict[str, Any]]) -> dict[st
 # -- event streams ---------------------------------------------------------------------
 
 
-def event_streams(flows: list[FlowRecord], streams: dict[str, list[Event]],
+def event_streams(flows: list[FlowRecord], *, streams: dict[str, list[Event]],
                   faults: list[Fault]) -> dict[str, Any]:
     """Every created flow's stream: exactly 1..n in order, n = status.lastEventSeq."""
     counts: Counter[str] = Counter()
@@ -268,8 +269,8 @@ def event_streams(flows: list[FlowRecord], streams: dict[str, list[Event]],
                              "phase": phase(flow), "last_event_seq": n,
                              "stored": len(seqs), "missing": _ranges(missing),
                              "problems": [k for k, v in problems.items() if v],
-                             "gap_after": _gap_after(events, missing, faults),
-                             "completed": around(completion(flow), faults)})
+                             "gap_after": _gap_after(events, missing=missing, faults=faults),
+                             "completed": around(completion(flow), faults=faults)})
     return {"flows_checked": checked, "events_stored": sum(len(v) for v in streams.values()),
             "flows_with_gaps": counts["gaps"], "events_missing": missing_total,
             "flows_with_inner_gaps": counts["inner_gaps"],
@@ -280,7 +281,7 @@ def event_streams(flows: list[FlowRecord], streams: dict[str, list[Event]],
             "examples": examples}
 
 
-def _gap_after(events: list[Event], missing: list[int], faults: list[Fault]) -> str:
+def _gap_after(events: list[Event], *, missing: list[int], faults: list[Fault]) -> str:
     """When the stream stored the last event before the first missing one."""
     if not missing:
         return ""
@@ -288,7 +289,7 @@ def _gap_after(events: list[Event], missing: list[int], faults: list[Fault]) -> 
     if not before:
         return "no event before the gap"
     seq, stored = max(before)
-    return f"event {seq} stored {around(stored, faults)}"
+    return f"event {seq} stored {around(stored, faults=faults)}"
 
 
 def _ranges(values: list[int]) -> str:
@@ -305,7 +306,7 @@ def _ranges(values: list[int]) -> str:
 # -- time --------------------------------------------------------------------------------
 
 
-def around(at: float | None, faults: list[Fault]) -> str:
+def around(at: float | None, *, faults: list[Fault]) -> str:
     """Where ``at`` falls among the faults: "2.1 s after operator-kill #7 began"."""
     if at is None or not faults:
         return ""
@@ -316,7 +317,7 @@ def around(at: float | None, faults: list[Fault]) -> str:
     return f"{at - fault.start:.2f} s after {fault.kind} #{i + 1} began"
 
 
-def in_flight(flows: list[FlowRecord], at: float) -> int:
+def in_flight(flows: list[FlowRecord], *, at: float) -> int:
     """Flows created by ``at`` and not finished at ``at``."""
     count = 0
     for flow in flows:
@@ -326,7 +327,7 @@ def in_flight(flows: list[FlowRecord], at: float) -> int:
     return count
 
 
-def start_latency(flows: list[FlowRecord], ledger: list[dict[str, Any]]) -> dict[str, Any]:
+def start_latency(flows: list[FlowRecord], *, ledger: list[dict[str, Any]]) -> dict[str, Any]:
     """Seconds from a flow's creation to the first request the service received for it."""
     first: dict[str, float] = {}
     for line in ledger:
@@ -335,22 +336,22 @@ def start_latency(flows: list[FlowRecord], ledger: list[dict[str, Any]]) -> dict
     return spread([first[f.uid] - f.created for f in flows if f.uid in first])
 
 
-def fault_figures(flows: list[FlowRecord], faults: list[Fault]) -> dict[str, Any]:
+def fault_figures(flows: list[FlowRecord], *, faults: list[Fault]) -> dict[str, Any]:
     kills = [f for f in faults if f.kind == KILL]
     others = [f for f in faults if f.kind != KILL]
     return {
         "injected": dict(Counter(f.kind for f in faults)),
-        "in_flight_at_kill": spread([float(in_flight(flows, f.start)) for f in kills]),
+        "in_flight_at_kill": spread([float(in_flight(flows, at=f.start)) for f in kills]),
         "kill_to_ready_s": spread([f.end - f.start for f in kills]),
         "others": [{"kind": f.kind, "at_s_into_faults": round(f.start - faults[0].start, 1),
                     "back_after_s": round(f.end - f.start, 2),
-                    "in_flight": in_flight(flows, f.start), "detail": f.detail}
+                    "in_flight": in_flight(flows, at=f.start), "detail": f.detail}
                    for f in others],
         "window_s": round(faults[-1].end - faults[0].start, 1) if faults else 0.0,
     }
 
 
-def drain(flows: list[FlowRecord], faults: list[Fault], load_start: float) -> dict[str, Any]:
+def drain(flows: list[FlowRecord], *, faults: list[Fault], load_start: float) -> dict[str, Any]:
     last_fault = max((f.end for f in faults), default=load_start)
     ends = [completion(f) for f in flows if f.uid]
     open_ = sum(1 for e in ends if e is None)
@@ -360,7 +361,7 @@ def drain(flows: list[FlowRecord], faults: list[Fault], load_start: float) -> di
                         if done and not open_ else None)}
 
 
-def resume(flows: list[FlowRecord], runs: list[Run], ledger: list[dict[str, Any]],
+def resume(flows: list[FlowRecord], *, runs: list[Run], ledger: list[dict[str, Any]],
            arrivals: list[float]) -> dict[str, Any]:
     """For every operator run after the first with flows in flight at its spawn: seconds
     from spawn to ready, and to the first request served or event published."""
@@ -369,7 +370,7 @@ def resume(flows: list[FlowRecord], runs: list[Run], ledger: list[dict[str, Any]
     to_work: list[float] = []
     idle = 0
     for run in runs[1:]:
-        if in_flight(flows, run.spawned) == 0:
+        if in_flight(flows, at=run.spawned) == 0:
             continue
         if run.ready is not None:
             to_ready.append(run.ready - run.spawned)

@@ -89,7 +89,7 @@ class Creator:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def wait_terminal(api: Api, namespace: str, flows: list[FlowRecord], *, until: float,
+async def wait_terminal(api: Api, *, namespace: str, flows: list[FlowRecord], until: float,
                         log: Any, every: float = 2.0) -> list[dict[str, Any]]:
     """Poll the API until every created flow has a final phase (or ``until``); the last list."""
     names = {f.name for f in flows if f.uid}
@@ -97,7 +97,7 @@ async def wait_terminal(api: Api, namespace: str, flows: list[FlowRecord], *, un
     last_line = 0.0
     while True:
         try:
-            items = await list_flows(api, namespace, until=until)
+            items = await list_flows(api, namespace=namespace, until=until)
         except Exception as exc:
             log(f"could not list the flows: {exc}")
         phase = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items}

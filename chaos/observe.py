@@ -115,7 +115,7 @@ async def read_streams(url: str, *, timeout: float = 120) -> dict[str, list[Even
     return dict(seqs)
 
 
-async def list_flows(api: Api, namespace: str, *, until: float) -> list[dict[str, Any]]:
+async def list_flows(api: Api, *, namespace: str, until: float) -> list[dict[str, Any]]:
     """Every Taskflow in ``namespace`` (one list call, retried while the API is away)."""
     async def call() -> list[dict[str, Any]]:
         result = await api.request("GET", api.flows(namespace))

@@ -79,7 +79,7 @@ def test_a_response_other_than_the_final_attempts_answer_is_a_lost_result() -> N
     ])
     ledger = [_line("a", 0, {"v": 1}), _line("a", 1, {"v": 2}), _line("b", 0, {"v": 3}),
               _line("c", 0, {"v": 5})]
-    figures = results([flow], ledger, [])
+    figures = results([flow], ledger=ledger, faults=[])
     assert (figures["response_differs"], figures["answer_not_recorded"],
             figures["succeeded_without_service_answer"], figures["lost"]) == (1, 1, 1, 3)
 
@@ -88,11 +88,11 @@ def test_duplicate_executions_count_distinct_attempts_not_redeliveries() -> None
     flow = _flow([])
     ledger = [_line("a", 0, 1), _line("a", 1, 2), _line("a", 2, 3), _line("b", 0, 1),
               _line("b", 0, 1, repeat=True)]
-    once = executions([flow], ledger)["exactlyOnce"]
+    once = executions([flow], ledger=ledger)["exactlyOnce"]
     assert once["executed_more_than_once"] == 1
     assert once["extra_executions"] == 2
     assert once["redeliveries_same_key"] == 1
-    assert executions([flow], ledger)["atLeastOnce"]["tasks_executed"] == 0
+    assert executions([flow], ledger=ledger)["atLeastOnce"]["tasks_executed"] == 0
 
 
 def test_every_gap_duplicate_and_missing_final_event_is_found() -> None:
@@ -100,7 +100,7 @@ def test_every_gap_duplicate_and_missing_final_event_is_found() -> None:
     events = [(1, "TASKFLOW:RUNNING", 1.0), (2, "TASK:RUNNING", 1.1), (2, "TASK:RUNNING", 1.2),
               (5, "TASK:SUCCEEDED", 1.3), (4, "STAGE:SUCCEEDED", 1.4)]
     fault = Fault(kind=KILL, start=1.15, end=1.5)
-    figures = event_streams([flow], {UID: events}, [fault])
+    figures = event_streams([flow], streams={UID: events}, faults=[fault])
     assert figures["flows_with_gaps"] == 1 and figures["events_missing"] == 2  # 3 and 6
     assert figures["duplicate_events"] == 1
     assert figures["flows_out_of_order"] == 1
@@ -109,7 +109,7 @@ def test_every_gap_duplicate_and_missing_final_event_is_found() -> None:
     assert example["missing"] == "3, 6"
     assert example["gap_after"] == "event 2 stored 0.05 s after operator-kill #1 began"
     complete = [(i, "TASK:RUNNING", 1.0) for i in range(1, 6)] + [(6, "TASKFLOW:SUCCEEDED", 2.0)]
-    clean = event_streams([flow], {UID: complete}, [])
+    clean = event_streams([flow], streams={UID: complete}, faults=[])
     assert (clean["flows_with_gaps"], clean["flows_with_duplicates"],
             clean["flows_without_final_event"]) == (0, 0, 0)
 
@@ -124,7 +124,7 @@ def test_a_failed_flow_is_blamed_on_the_fault_that_lost_its_attempt() -> None:
     # nats-server was being restarted: lost by the restart.
     faults = [Fault(kind=KILL, start=1.0, end=1.5), Fault(kind=KILL, start=3.0, end=3.5),
               Fault(kind="nats-restart", start=4.9, end=5.1)]
-    figures = failure_reasons([answered, never_sent], ledger, faults)
+    figures = failure_reasons([answered, never_sent], ledger=ledger, faults=faults)
     assert figures["failed_flows_by_fault"] == {"nats-restart": 1, KILL: 1}
     assert list(figures["reasons"].values()) == [1, 1]
     assert {k.rsplit("; ", 1)[1] for k in figures["reasons"]} == {
