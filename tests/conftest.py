@@ -146,10 +146,36 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def operator(stack: DevStack, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(stack, tmp_path_factory.mktemp("operator"))
+    proc = OperatorProcess(stack, tmp_path_factory.mktemp("operator"), extra=["--nats-api", "on"])
     proc.start()
     yield proc
     proc.stop()
+
+
+def service_account_token(kube: client.ApiClient, namespace: str, name: str, *,
+                          verbs: list[str] | None = None) -> str:
+    """A TokenRequest token of a new ServiceAccount that may ``verbs`` taskflows in
+    ``namespace`` (none: a ServiceAccount with no rights on them)."""
+    core = client.CoreV1Api(kube)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+    if verbs:
+        rbac = client.RbacAuthorizationV1Api(kube)
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": [
+            {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": verbs}]})
+        rbac.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
+    token = core.create_namespaced_service_account_token(
+        name, namespace, {"spec": {"expirationSeconds": 3600}})
+    return str(token.status.token)
+
+
+@pytest.fixture
+def api_token(kube: client.ApiClient, namespace: str) -> str:
+    """A caller of the NATS API that may do everything with taskflows in the test's namespace."""
+    return service_account_token(kube, namespace, "caller",
+                                 verbs=["get", "list", "watch", "create", "patch"])
 
 
 @pytest.fixture

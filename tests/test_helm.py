@@ -304,14 +304,20 @@ def test_service_monitor_is_optional(tmp_path: Path) -> None:
     assert "--metrics-address=" in container(docs)["args"]
 
 
-def test_nats_api_can_be_limited_or_turned_off(tmp_path: Path) -> None:
-    assert not [a for a in container(render(tmp_path, {}))["args"]
-                if a.startswith("--api-namespaces")]
-    args = container(render(tmp_path, {"natsApi": {"enabled": False}}))["args"]
-    assert "--api-namespaces=none" in args
-    args = container(render(tmp_path, {"watchNamespaces": ["a", "b"],
-                                       "natsApi": {"namespaces": ["b"]}}))["args"]
-    assert "--api-namespaces=b" in args
+def test_nats_api_is_off_by_default_and_authorizes_callers_when_on(tmp_path: Path) -> None:
+    docs = render(tmp_path, {})
+    assert not [a for a in container(docs)["args"]
+                if a.startswith(("--api-namespaces", "--nats-api"))]
+    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding"
+                and d["roleRef"]["name"] == "system:auth-delegator"]
+    docs = render(tmp_path, {"natsApi": {"enabled": True}})
+    assert "--nats-api=on" in container(docs)["args"]
+    (delegate,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"
+                   and d["roleRef"]["name"] == "system:auth-delegator"]
+    assert delegate["subjects"][0]["kind"] == "ServiceAccount"
+    args = container(render(tmp_path, {"watchNamespaces": ["a", "b"], "natsApi": {
+        "enabled": True, "namespaces": ["b"]}}))["args"]
+    assert {"--nats-api=on", "--api-namespaces=b"} <= set(args)
 
 
 @pytest.mark.parametrize(("values", "message"), [

@@ -20,9 +20,11 @@ from taskflow.shell.natsapi import serve_api
 from test_client import extract_example, one_task, seed_schema, serve, succeed
 
 
-async def call(nc: Any, subject: str, request: Any, timeout: float = 20) -> dict[str, Any]:
+async def call(nc: Any, subject: str, request: Any, timeout: float = 20,
+               token: str | None = None) -> dict[str, Any]:
     data = request if isinstance(request, bytes) else json.dumps(request).encode()
-    reply = await nc.request(subject, data, timeout=timeout)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    reply = await nc.request(subject, data, timeout=timeout, headers=headers)
     result: dict[str, Any] = json.loads(reply.data)
     return result
 
@@ -31,13 +33,14 @@ async def call(nc: Any, subject: str, request: Any, timeout: float = 20) -> dict
 async def restricted(kube: k8s.ApiClient, nc, namespace: str) -> AsyncIterator[str]:
     """``serve_api`` limited to the test's namespace, on a prefix of its own."""
     prefix = f"test.api.{uuid.uuid4().hex[:8]}"
-    await serve_api(nc, kube, namespaces=[namespace], prefix=prefix)
+    await serve_api(nc, kube, namespaces=[namespace], prefix=prefix, authorize=False)
     yield prefix
 
 
-async def wait_phase(nc: Any, prefix: str, ident: str, phases: set[str]) -> dict[str, Any]:
+async def wait_phase(nc: Any, prefix: str, ident: str, phases: set[str],
+                     token: str | None = None) -> dict[str, Any]:
     for _ in range(300):
-        res = await call(nc, f"{prefix}.details", {"taskflowId": ident})
+        res = await call(nc, f"{prefix}.details", {"taskflowId": ident}, token=token)
         assert res["success"], res
         if res["data"]["phase"] in phases:
             return dict(res["data"])
@@ -46,7 +49,7 @@ async def wait_phase(nc: Any, prefix: str, ident: str, phases: set[str]) -> dict
 
 
 async def test_the_operator_serves_produce_details_cancel_and_retry(
-    operator, nc, svc: str, namespace: str
+    operator, nc, svc: str, namespace: str, api_token: str
 ) -> None:
     await serve(nc, f"{svc}-group.createGroup", succeed)
     failing = {"on": True}
@@ -61,35 +64,83 @@ async def test_the_operator_serves_produce_details_cancel_and_retry(
     schema["options"]["retryDelay"] = 0
     schema["stages"][1]["tasks"][0]["options"] = {"maxRetries": 0}
 
-    res = await call(nc, "taskflow.api.produce", {"namespace": namespace, "schema": schema})
+    res = await call(nc, "taskflow.api.produce", {"namespace": namespace, "schema": schema},
+                     token=api_token)
 
     assert res["success"], res
     assert set(res["data"]) == {"taskflowId", "eventSubscription"}
     uid = res["data"]["taskflowId"]
     assert res["data"]["eventSubscription"] == f"taskflow.events.{uid}"
-    tree = await wait_phase(nc, "taskflow.api", uid, {"COMPLETED_WITH_FAILURES"})
+    tree = await wait_phase(nc, "taskflow.api", uid, {"COMPLETED_WITH_FAILURES"},
+                            token=api_token)
     alpha = next(t for t in tree["stages"][1]["tasks"] if t["name"] == "addApplianceAlpha")
     assert alpha["status"] == "FAILED" and alpha["error"]["code"] == "DOWN"
 
     failing["on"] = False
     retried = await call(nc, "taskflow.api.retry", {
         "taskflowId": uid, "stages": [{"stageId": tree["stages"][1]["id"],
-                                       "taskIds": [alpha["id"]]}]})
+                                       "taskIds": [alpha["id"]]}]}, token=api_token)
     assert retried["success"] and retried["data"]["accepted"], retried
-    tree = await wait_phase(nc, "taskflow.api", uid, {"SUCCEEDED"})
+    tree = await wait_phase(nc, "taskflow.api", uid, {"SUCCEEDED"}, token=api_token)
     assert tree["progress"] == "3/3"
 
     by_name = await call(nc, "taskflow.api.details",
-                         {"taskflowId": f"{namespace}/{tree['name']}"})
+                         {"taskflowId": f"{namespace}/{tree['name']}"}, token=api_token)
     assert by_name["data"]["taskflowId"] == uid
 
     running = await call(nc, "taskflow.api.produce", {
-        "namespace": namespace, "name": "held", "schema": one_task(f"{svc}-nobody")})
-    await wait_phase(nc, "taskflow.api", running["data"]["taskflowId"], {"RUNNING"})
-    cancelled = await call(nc, "taskflow.api.cancel", {"taskflowId": f"{namespace}/held"})
+        "namespace": namespace, "name": "held", "schema": one_task(f"{svc}-nobody")},
+        token=api_token)
+    await wait_phase(nc, "taskflow.api", running["data"]["taskflowId"], {"RUNNING"},
+                     token=api_token)
+    cancelled = await call(nc, "taskflow.api.cancel", {"taskflowId": f"{namespace}/held"},
+                           token=api_token)
     assert cancelled["success"], cancelled
     assert cancelled["data"]["acknowledged"] is True
     assert cancelled["data"]["phase"] == "CANCELLED"
+
+
+async def test_every_call_is_authorized_as_kubernetes_would(
+    operator, kube: k8s.ApiClient, nc, svc: str, namespace: str, flows: Flows, api_token: str
+) -> None:
+    """No token, a token Kubernetes does not accept, a ServiceAccount without rights, and one
+    with rights in another namespace only: each refused, and nothing changes."""
+    from conftest import service_account_token
+
+    reader = service_account_token(kube, namespace, "reader", verbs=["get"])
+    other = f"{namespace[:50]}-auth"
+    k8s.CoreV1Api(kube).create_namespace(k8s.V1Namespace(metadata={"name": other}))
+    outsider = service_account_token(kube, other, "outsider", verbs=["get", "create", "patch"])
+    produce = {"namespace": namespace, "schema": one_task(svc)}
+
+    none = await call(nc, "taskflow.api.produce", produce)
+    assert none["error"]["code"] == "Unauthorized"
+    assert "bearer token" in none["error"]["message"]
+    forged = await call(nc, "taskflow.api.produce", produce, token="not-a-token")
+    assert forged["error"] == {"message": "the bearer token was not accepted by Kubernetes",
+                               "code": "Unauthorized"}
+    read_only = await call(nc, "taskflow.api.produce", produce, token=reader)
+    assert read_only["error"] == {"code": "Forbidden", "message":
+                                  f"system:serviceaccount:{namespace}:reader may not create "
+                                  f"taskflows in namespace {namespace}"}
+    elsewhere = await call(nc, "taskflow.api.produce", produce, token=outsider)
+    assert elsewhere["error"]["code"] == "Forbidden"
+    assert await flows.list() == []
+
+    await serve(nc, f"{svc}.act", succeed)
+    made = await call(nc, "taskflow.api.produce", produce, token=api_token)
+    assert made["success"], made
+    uid = made["data"]["taskflowId"]
+    seen = await call(nc, "taskflow.api.details", {"taskflowId": uid}, token=reader)
+    assert seen["success"] and seen["data"]["taskflowId"] == uid
+    for verb in ("cancel", "retry"):
+        refused = await call(nc, f"taskflow.api.{verb}", {"taskflowId": uid}, token=reader)
+        assert refused["error"]["code"] == "Forbidden", refused
+        assert f"may not patch taskflows in namespace {namespace}" in refused["error"]["message"]
+    assert (await call(nc, "taskflow.api.details", {"taskflowId": uid}, token=outsider)
+            )["error"]["code"] == "Forbidden"
+    body = (await flows.list())[0]
+    assert body["spec"].get("cancel") is None and body["spec"].get("retry") is None
 
 
 async def test_produce_with_an_invalid_schema_returns_the_api_servers_message(
@@ -155,7 +206,7 @@ async def test_bad_requests_get_clear_answers(restricted: str, nc) -> None:
 
 
 async def test_a_child_produced_with_a_parent_context_is_linked_to_the_task(
-    operator, nc, svc: str, namespace: str, flows: Flows
+    operator, nc, svc: str, namespace: str, flows: Flows, api_token: str
 ) -> None:
     """What the SDK does for a service without Kubernetes access, by hand: a plain nats-py
     service starts a child of the task it serves and names it in its reply."""
@@ -164,7 +215,7 @@ async def test_a_child_produced_with_a_parent_context_is_linked_to_the_task(
         parent = {"taskflowExecutionContext": json.loads(msg.headers["taskflowExecutionContext"]),
                   "idempotencyKey": msg.headers["Taskflow-Idempotency-Key"]}
         res = await call(nc, "taskflow.api.produce", {"schema": one_task(f"{svc}-leaf"),
-                                                      "parent": parent})
+                                                      "parent": parent}, token=api_token)
         assert res["success"], res
         await msg.respond(json.dumps({"success": True, "data": "started",
                                       "nestedTaskflows": [res["data"]["ref"]]}).encode())
@@ -187,10 +238,11 @@ async def test_a_child_produced_with_a_parent_context_is_linked_to_the_task(
     assert child["status"]["phase"] == "SUCCEEDED"
 
 
-async def test_the_docs_example_runs(operator, stack, namespace: str, svc: str) -> None:
+async def test_the_docs_example_runs(operator, stack, namespace: str, svc: str,
+                                     api_token: str) -> None:
     code = extract_example(ROOT / "docs/nats-api.md")
     env = {**os.environ, "NATS_URL": stack.nats.url, "TASKFLOW_NAMESPACE": namespace,
-           "SERVICE_ID": svc}
+           "SERVICE_ID": svc, "TASKFLOW_API_TOKEN": api_token}
     env.pop("KUBECONFIG", None)  # the point: no Kubernetes access needed
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--namespace", action="append",
                      default=[n for n in env("TASKFLOW_NAMESPACES", "").split(",") if n],
                      help="namespace to watch (repeat; default: all namespaces)")
+    run.add_argument("--nats-api", choices=["off", "on"],
+                     default=env("TASKFLOW_NATS_API", "off"),
+                     help="the NATS API (taskflow.api.*); when on, each call is authorized "
+                          "by the caller's Kubernetes bearer token (docs/nats-api.md)")
     run.add_argument("--api-namespaces", default=env("TASKFLOW_API_NAMESPACES"),
                      help="comma-separated namespaces the NATS API (taskflow.api.*) may act in "
                           "(default: the watched namespaces; 'none' turns the API off)")
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     operator = Operator(kubeconfig=args.kubeconfig, nats=nats_settings, runner=runner,
                         standalone=not args.peering, peering=args.peering or None,
                         api_namespaces=[n for n in api_namespaces if n != "none"] or None,
-                        serve_nats_api=api_namespaces != ["none"], key_file=args.key_file)
+                        serve_nats_api=args.nats_api == "on" and api_namespaces != ["none"],
+                        key_file=args.key_file)
     registry = kopf.OperatorRegistry()
     operator.register(registry)
     if args.metrics_address:

@@ -43,6 +43,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -61,6 +62,8 @@ log = logging.getLogger("taskflow.sdk")
 ActionHandler = Callable[[Any, "TaskContext"], Awaitable[Any]]
 # How many finished replies are kept to answer a redelivered attempt the same way.
 REPLY_CACHE_SIZE = 1000
+# The ServiceAccount token the kubelet mounts into a pod.
+POD_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 # How long a cancelled attempt's key is remembered (a notice may overtake its request).
 CANCEL_MEMORY_S = 600.0
 
@@ -250,8 +253,10 @@ class Service:
         max_concurrency: int | None = None,
         max_children_per_task: int = 100,
         request_timeout: float = 10.0,
+        api_token: str | None = None,
     ) -> None:
         self.service_id = service_id
+        self.api_token = api_token
         self.version = version
         self.description = description or f"taskflow service {service_id}"
         self.nats_url = nats_url or os.environ.get("NATS_URL") or DEFAULT_NATS_URL
@@ -561,13 +566,23 @@ class Service:
         subject = f"{self.subjects.api_prefix}.produce"
         try:
             reply = await self.nc.request(subject, json.dumps(request).encode(),
-                                          timeout=self.request_timeout)
+                                          timeout=self.request_timeout,
+                                          headers=self._api_headers())
             result: dict[str, Any] = json.loads(reply.data)
         except Exception as exc:
             return {"success": False, "error": {
                 "message": f"no answer from the operator's NATS API on {subject}: {exc}",
                 "code": "Unavailable"}}
         return result
+
+    def _api_headers(self) -> dict[str, str]:
+        """The NATS API authorizes each call by a Kubernetes bearer token: the service's own
+        (``api_token=``, ``TASKFLOW_API_TOKEN``, or the token its pod has mounted)."""
+        token = self.api_token or os.environ.get("TASKFLOW_API_TOKEN")
+        if not token and os.path.exists(POD_TOKEN):
+            with contextlib.suppress(OSError):
+                token = Path(POD_TOKEN).read_text().strip()  # (re-read: kubelet rotates it)
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _cancel_children(self, children: Sequence[str]) -> None:
         """A handler that failed after starting children: cancel them (best effort)."""
@@ -579,7 +594,7 @@ class Service:
                     await self.nc.request(
                         f"{self.subjects.api_prefix}.cancel",
                         json.dumps({"taskflowId": ref, "wait": False}).encode(),
-                        timeout=self.request_timeout,
+                        timeout=self.request_timeout, headers=self._api_headers(),
                     )
             except Exception as exc:
                 log.warning("could not cancel child %s: %s", ref, exc)

@@ -98,7 +98,7 @@ def main() -> int:
             children.append(Server("operator", [
                 python, "-m", "taskflow.cli", "run", "--kubeconfig", str(kubeconfig),
                 "--nats-url", stack.nats.url, "--metrics-address", f"127.0.0.1:{free_port()}",
-                *operator_auth,
+                "--nats-api", "on", *operator_auth,
             ], root / "operator.log"))
         for child in children:
             child.start()

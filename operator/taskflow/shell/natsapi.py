@@ -20,6 +20,13 @@ a JSON object and every answer is the client's envelope, ``{"success": true, "da
 
 Only the configured namespaces are served: a request naming (or resolving to) another namespace
 is refused with code ``Forbidden``; uids are looked up in the allowed namespaces only.
+
+Off unless the operator runs with ``--nats-api on``. Then every call carries a Kubernetes
+bearer token (``Authorization: Bearer <token>`` header; a ServiceAccount's token, as mounted in
+its pods): the operator checks it with a TokenReview and asks a SubjectAccessReview whether that
+user may ``create`` (produce), ``get`` (details) or ``patch`` (cancel, retry) taskflows in the
+flow's namespace, as if the caller had gone to the API server itself. A refusal is code
+``Unauthorized`` or ``Forbidden``; at most ``MAX_CONCURRENT`` calls are served at once.
 """
 
 from __future__ import annotations
@@ -28,26 +35,112 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.msg import Msg
 
+from taskflow.api.crd import GROUP
 from taskflow.client import Envelope, TaskflowClient, TaskflowError, fail
+from taskflow.shell.kube import PLURAL
 from taskflow.wire.subjects import Subjects
 
 log = logging.getLogger("taskflow.natsapi")
 
 QUEUE_GROUP = "taskflow-api"
 MAX_WAIT_S = 30.0
-Handler = Callable[[dict[str, Any]], Awaitable[Envelope]]
+MAX_CONCURRENT = 64
+AUTHORIZATION = "Authorization"
+Handler = Callable[[dict[str, Any], str | None], Awaitable[Envelope]]
+
+
+class Authorizer:
+    """Kubernetes authentication and authorization of a NATS API caller, by its bearer token.
+    Answers are kept for a minute (a busy service does not cost two API calls per request)."""
+
+    TTL_S = 60.0
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self.authn = client.AuthenticationV1Api(api_client)
+        self.authz = client.AuthorizationV1Api(api_client)
+        self._users: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._decisions: dict[tuple[str, str, str], tuple[float, bool]] = {}
+
+    async def check(self, token: str | None, *, verb: str, namespace: str) -> None:
+        if not token:
+            raise TaskflowError("the NATS API needs a Kubernetes bearer token in the "
+                                f"{AUTHORIZATION} header", "Unauthorized")
+        user = await self._user(token)
+        if user is None:
+            raise TaskflowError("the bearer token was not accepted by Kubernetes",
+                                "Unauthorized")
+        if not await self._allowed(token, user, verb, namespace):
+            raise TaskflowError(f"{user.get('username')} may not {verb} taskflows in "
+                                f"namespace {namespace}", "Forbidden")
+
+    async def _user(self, token: str) -> dict[str, Any] | None:
+        now = time.monotonic()
+        cached = self._users.get(token)
+        if cached is not None and now - cached[0] < self.TTL_S:
+            return cached[1]
+        body: Any = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                     "spec": {"token": token}}
+        review = await asyncio.to_thread(self.authn.create_token_review, body)
+        status = review.status
+        user = None
+        if status is not None and status.authenticated and status.user is not None:
+            user = {"username": status.user.username, "uid": status.user.uid,
+                    "groups": status.user.groups or [], "extra": status.user.extra or {}}
+        self._remember(self._users, token, (now, user))
+        return user
+
+    async def _allowed(self, token: str, user: dict[str, Any], verb: str, namespace: str
+                       ) -> bool:
+        now = time.monotonic()
+        key = (token, verb, namespace)
+        cached = self._decisions.get(key)
+        if cached is not None and now - cached[0] < self.TTL_S:
+            return cached[1]
+        body: Any = {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": user["username"], "uid": user["uid"], "groups": user["groups"],
+                     "extra": user["extra"],
+                     "resourceAttributes": {"group": GROUP, "resource": PLURAL, "verb": verb,
+                                            "namespace": namespace}}}
+        review = await asyncio.to_thread(self.authz.create_subject_access_review, body)
+        allowed = bool(review.status is not None and review.status.allowed)
+        self._remember(self._decisions, key, (now, allowed))
+        return allowed
+
+    @staticmethod
+    def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+        if len(cache) >= 10_000:  # bounded: forget the oldest half
+            for old in list(cache)[:5_000]:
+                del cache[old]
+        cache[key] = value
 
 
 class NatsApi:
-    """The four endpoints over one ``TaskflowClient`` limited to the allowed namespaces."""
+    """The four endpoints over one ``TaskflowClient`` limited to the allowed namespaces;
+    each call authorized by ``authorizer`` (None: by NATS permissions alone, for tests)."""
 
-    def __init__(self, client: TaskflowClient) -> None:
+    def __init__(self, client: TaskflowClient, authorizer: Authorizer | None = None) -> None:
         self.client = client
+        self.authorizer = authorizer
+
+    async def allow(self, token: str | None, *, verb: str, namespace: str) -> None:
+        self.client.check_namespace(namespace)
+        if self.authorizer is not None:
+            await self.authorizer.check(token, verb=verb, namespace=namespace)
+
+    async def _flow(self, request: dict[str, Any], token: str | None, *, verb: str) -> str:
+        """The flow a request names, once the caller may ``verb`` it; as namespace/name."""
+        namespace, name = await self.client.locate(self._id(request))
+        await self.allow(token, verb=verb, namespace=namespace)
+        return f"{namespace}/{name}"
 
     def _id(self, request: dict[str, Any]) -> str:
         ident = request.get("taskflowId") or request.get("id")
@@ -71,7 +164,7 @@ class NatsApi:
             raise TaskflowError('"wait" is a boolean or a number of seconds', "BadRequest") \
                 from None
 
-    async def produce(self, request: dict[str, Any]) -> Envelope:
+    async def produce(self, request: dict[str, Any], token: str | None) -> Envelope:
         schema = request.get("schema", request.get("spec", request.get("taskflow")))
         if not isinstance(schema, dict):
             raise TaskflowError('"schema" (the TaskFlowSchema object) is required', "BadRequest")
@@ -88,6 +181,7 @@ class NatsApi:
                                     "BadRequest")
             key = parent.get("idempotencyKey")
             link = await self.client.parent_link(context, key if isinstance(key, str) else None)
+            await self.allow(token, verb="create", namespace=link.namespace)
             index = parent.get("index", 0)
             name = name or link.child_name(index if isinstance(index, int) else 0)
             result = await self.client.produce(schema, name=name, parent=link)
@@ -97,24 +191,25 @@ class NatsApi:
         namespace = request.get("namespace")
         if not isinstance(namespace, str) or not namespace:
             raise TaskflowError('"namespace" is required', "BadRequest")
-        self.client.check_namespace(namespace)
+        await self.allow(token, verb="create", namespace=namespace)
         return await self.client.produce(schema, namespace=namespace, name=name)
 
-    async def details(self, request: dict[str, Any]) -> Envelope:
-        return await self.client.get_details(self._id(request))
+    async def details(self, request: dict[str, Any], token: str | None) -> Envelope:
+        return await self.client.get_details(await self._flow(request, token, verb="get"))
 
-    async def cancel(self, request: dict[str, Any]) -> Envelope:
-        return await self.client.cancel(self._id(request), wait=self._wait(request))
+    async def cancel(self, request: dict[str, Any], token: str | None) -> Envelope:
+        return await self.client.cancel(await self._flow(request, token, verb="patch"),
+                                        wait=self._wait(request))
 
-    async def retry(self, request: dict[str, Any]) -> Envelope:
+    async def retry(self, request: dict[str, Any], token: str | None) -> Envelope:
         stages = request.get("stages", request.get("stagesInfo"))
         tasks = request.get("tasks", request.get("tasksInfo"))
         for value, what in ((stages, "stages"), (tasks, "tasks")):
             if value is not None and not isinstance(value, list):
                 raise TaskflowError(f'"{what}" is a list', "BadRequest")
         return await self.client.retry(
-            self._id(request), stages, tasks, bool(request.get("failedOnly", False)),
-            wait=self._wait(request),
+            await self._flow(request, token, verb="patch"), stages, tasks,
+            bool(request.get("failedOnly", False)), wait=self._wait(request),
         )
 
     def handlers(self) -> dict[str, Handler]:
@@ -128,22 +223,27 @@ async def serve_api(
     *,
     namespaces: list[str] | None,
     prefix: str = "taskflow.api",
+    authorize: bool = True,
 ) -> None:
     """Subscribe the API's subjects on ``nc`` (queue group ``taskflow-api``, so replicas share
     the load) and return; the subscriptions live as long as the connection.
 
-    ``namespaces``: where the API may act; None means every namespace.
+    ``namespaces``: where the API may act; None means every namespace. ``authorize``: check
+    every caller's bearer token with Kubernetes (False only where NATS permissions are the
+    whole boundary, e.g. tests of the API itself).
     """
     client = TaskflowClient(
         api_client=kube_api_client, nc=nc, namespace=(namespaces or ["default"])[0],
         search_namespaces=namespaces, subjects=Subjects(),
     )
-    api = NatsApi(client)
+    api = NatsApi(client, Authorizer(kube_api_client) if authorize else None)
     background: set[asyncio.Task[None]] = set()
+    slots = asyncio.Semaphore(MAX_CONCURRENT)
 
     def subscriber(verb: str, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
         async def answer(msg: Msg) -> None:
-            result = await _handle(verb, handler, msg.data)
+            async with slots:
+                result = await _handle(verb, handler, msg.data, _bearer(msg.headers))
             if msg.reply:
                 with contextlib.suppress(Exception):
                     await msg.respond(json.dumps(result, separators=(",", ":"),
@@ -165,7 +265,13 @@ async def serve_api(
     log.info("NATS API on %s.{produce,details,cancel,retry} for %s", prefix, where)
 
 
-async def _handle(verb: str, handler: Handler, data: bytes) -> Envelope:
+def _bearer(headers: dict[str, str] | None) -> str | None:
+    value = (headers or {}).get(AUTHORIZATION, "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def _handle(verb: str, handler: Handler, data: bytes, token: str | None) -> Envelope:
     try:
         request = json.loads(data or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -173,7 +279,7 @@ async def _handle(verb: str, handler: Handler, data: bytes) -> Envelope:
     if not isinstance(request, dict):
         return fail("the request is a JSON object", "BadRequest")
     try:
-        return await handler(request)
+        return await handler(request, token)
     except TaskflowError as exc:
         return exc.envelope()
     except Exception as exc:
@@ -181,4 +287,4 @@ async def _handle(verb: str, handler: Handler, data: bytes) -> Envelope:
         return fail(f"{verb} failed: {exc}", "Internal")
 
 
-__all__ = ["NatsApi", "serve_api"]
+__all__ = ["Authorizer", "NatsApi", "serve_api"]
