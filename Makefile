@@ -36,9 +36,10 @@ test: venv ## every test, against real kube-apiserver, etcd and nats-server
 unit: venv ## the fast tests only (no servers)
 	$(PY) -m pytest -q -m "not integration"
 
-lint: venv ## ruff and mypy
-	$(VENV)/bin/ruff check operator tests
+lint: venv ## ruff, mypy (strict) and the import contracts (the layers: pyproject.toml)
+	$(VENV)/bin/ruff check operator tests bench chaos
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 dev: venv ## the whole stack in the foreground (AUTH=1: NATS users with least privilege)
 	bash hack/build-tools.sh test >/dev/null
