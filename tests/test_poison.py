@@ -203,3 +203,20 @@ async def test_replies_dropped_by_a_slow_consumer_are_read_from_the_stream(
             small.stop()
             await nc.close()
             api.close()
+
+
+async def test_cancel_acts_on_a_flow_that_got_a_poison_reply(operator, flows: Flows, nc,
+                                                            svc: str) -> None:
+    """Once a poison reply left a flow RUNNING for good and a cancel changed nothing."""
+    def reply(msg: Any) -> Any:
+        return deep(300) if json.loads(msg.data)["task"] == "a" else None  # b: held
+
+    await serve(nc, f"{svc}.do", reply)
+    await flows.create(flow(svc, ["a", "b"], options={"timeout": "60s"}), "f")
+    await flows.wait("f", until=lambda b: "status" in b
+                     and task_status(b, "s1", "a")["status"] == "FAILED")
+    await flows.patch("f", {"spec": {"cancel": True}})
+    done = await flows.wait("f", timeout=15)
+    assert done["status"]["phase"] == "CANCELLED"
+    assert task_status(done, "s1", "a")["error"]["reason"] == "BadReply"
+    assert task_status(done, "s1", "b")["status"] == "CANCELLED"
