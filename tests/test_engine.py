@@ -1114,6 +1114,24 @@ def test_action_whose_service_started_children_ends_with_them() -> None:
     assert dispatched(d) == [("s2", "b", 0)]
 
 
+def test_waiting_for_a_services_children_is_bounded_by_max_age() -> None:
+    spec = make_spec({"stages": {"s1": ["a"]}, "options": {"timeout": "1s", "maxAge": "10s"}})
+    d = step(spec)
+    reply = Reply(stage="s1", task="a", attempt=0, ok=True, children=("ns/k1", "ns/k2"))
+    d = step(spec, d.status, T0 + 100, [reply])
+    d = step(spec, d.status, T0 + 200, [ChildFinished("s1", "a", "ns/k1", Status.SUCCEEDED,
+                                                     attempt=0)])
+    assert d.wake_at == T0 + 10_000  # the end of the budget, not the reply's timeout
+    d = step(spec, d.status, T0 + 9_999)
+    assert task(d.status, "s1", "a").status == Status.RUNNING
+    d = step(spec, d.status, T0 + 10_000)
+    a = task(d.status, "s1", "a")
+    assert (a.status, a.error.reason if a.error else None) == (Status.FAILED, "Expired")
+    assert "while waiting for its child flows" in (a.error.message if a.error else "")
+    assert of(d.effects, CancelChild) == [CancelChild(child="ns/k2")]
+    assert d.status.phase == FlowPhase.FAILED
+
+
 def test_cancel_cascades_to_children_started_by_a_service() -> None:
     spec = make_spec({"stages": {"s1": ["a"]}})
     d = step(spec)

@@ -488,6 +488,19 @@ class _Step:
             ):
                 self.expire(stage, task, opts)
             elif (
+                task.expires_at
+                and parse_iso(task.expires_at) <= self.now
+                and task.waiting_reason == "Children"
+            ):
+                # The task's whole budget bounds the wait for child flows a service started
+                # (the attempt's timeout covered its reply only): they are cancelled.
+                for child in task.nested_active_running_taskflow_ids:
+                    self.effects.append(CancelChild(child=child))
+                task.nested_active_running_taskflow_ids = []
+                self.end_attempt(stage, task, Status.FAILED, TaskError(
+                    message=f"expired: maxAge of {opts.max_age_ms} ms passed while waiting "
+                            "for its child flows", reason="Expired"))
+            elif (
                 task.deadline
                 and parse_iso(task.deadline) <= self.now
                 and (task.status == Status.RUNNING or task.waiting_reason == "NoResponders")
@@ -719,6 +732,8 @@ class _Step:
         for task in self.status.stages[index].tasks:
             if task.status == Status.RUNNING and task.deadline:
                 times.append(parse_iso(task.deadline))
+            elif task.waiting_reason == "Children" and task.expires_at:
+                times.append(parse_iso(task.expires_at))
             elif task.status == Status.WAITING:
                 for value in (task.not_before, task.expires_at):
                     if value:
