@@ -183,6 +183,23 @@ def test_chart_crd_is_the_generated_one() -> None:
     assert (CHART / "crds/taskflow.dev_taskflows.yaml").read_bytes() == generated
 
 
+def test_chart_admission_policy_is_the_generated_one(tmp_path: Path) -> None:
+    from taskflow.api import admission
+
+    assert (CHART / "files/parent-links-policy.yaml").read_text() == admission.render(), (
+        "the chart's admission policy drifted from operator/taskflow/api: run make generate")
+    docs = render(tmp_path, {})
+    rendered = [d for d in docs if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    name = "taskflow-system-taskflow-taskflow-operator-parent-links"
+    assert [d["metadata"]["name"] for d in rendered] == [name, name]
+    assert rendered[1]["spec"]["policyName"] == name
+    for doc, want in zip(rendered, admission.policy(), strict=True):
+        assert doc["spec"] == {**want["spec"], **(
+            {"policyName": name} if "policyName" in want["spec"] else {})}
+    assert not [d for d in render(tmp_path, {"admissionPolicy": {"enabled": False}})
+                if d["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
 def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
     docs = render(tmp_path, {})
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]

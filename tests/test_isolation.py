@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from conftest import Flows, flow, serve, task_status
@@ -57,11 +59,40 @@ async def test_a_child_that_does_not_exist_fails_the_attempt(operator, flows: Fl
     assert "does not exist" in a["error"]["message"]
 
 
-async def test_a_flow_that_claims_a_parent_by_label_changes_nothing(
-    operator, flows: Flows, nc, svc: str
+async def test_a_parent_label_without_its_owner_reference_is_refused_at_apply(
+    flows: Flows, svc: str
 ) -> None:
-    """Anyone who may create a flow may write its labels: a flow labelled as another flow's
-    child, without the owner reference, does not finish that flow's task when it ends."""
+    """The admission policy the chart ships (and the dev stack installs)."""
+    forged = {"metadata": {"name": "forged", "labels": {
+        "taskflow.dev/parent-uid": "00000000-0000-0000-0000-000000000001"}},
+        "spec": flow(svc, ["x"])}
+    with pytest.raises(client.ApiException) as refused:
+        await flows.create(forged)
+    assert refused.value.status == 403
+    assert ("metadata.labels[taskflow.dev/parent-uid] names a parent only together with an "
+            "ownerReference to that Taskflow") in str(refused.value.body)
+    assert await flows.list() == []
+
+
+@pytest.fixture
+def without_admission_policy(kube: client.ApiClient) -> Iterator[None]:
+    """As on a cluster without the policy (admissionPolicy.enabled=false, Kubernetes < 1.30)."""
+    from taskflow.api.admission import NAME, policy
+
+    api = client.AdmissionregistrationV1Api(kube)
+    api.delete_validating_admission_policy_binding(NAME)
+    try:
+        yield
+    finally:
+        api.create_validating_admission_policy_binding(policy()[1])
+
+
+async def test_a_flow_that_claims_a_parent_by_label_changes_nothing(
+    operator, flows: Flows, nc, svc: str, without_admission_policy: None
+) -> None:
+    """Where no admission policy refuses it, a flow labelled as another flow's child, without
+    the owner reference, does not finish that flow's task when it ends: the operator checks
+    links itself."""
     held: list[Any] = []
 
     def hold(msg: Any) -> Any:
@@ -88,7 +119,12 @@ async def test_a_flow_that_claims_a_parent_by_label_changes_nothing(
         },
         "spec": flow(svc, ["x"]),
     }
-    await flows.create(forged)
+    for _ in range(100):  # (the binding's removal takes a moment to reach admission)
+        try:
+            await flows.create(forged)
+            break
+        except client.ApiException:
+            await asyncio.sleep(0.1)
     assert (await flows.wait("forged"))["status"]["phase"] == "SUCCEEDED"
     await asyncio.sleep(1.0)
     assert operator.metrics().get("taskflow_forged_links_total", 0) > before

@@ -1,12 +1,15 @@
-"""``make generate``: write the CRD YAML from the models (and the Helm chart's copy)."""
+"""``make generate``: write the CRD YAML from the models (and the Helm chart's copy), and the
+chart's copy of the admission policy."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from taskflow.api import admission
 from taskflow.api.crd import render
 
+POLICY = Path("charts/taskflow-operator/files/parent-links-policy.yaml")
 TARGETS = (
     Path("crds/taskflow.dev_taskflows.yaml"),
     Path("charts/taskflow-operator/crds/taskflow.dev_taskflows.yaml"),
@@ -20,6 +23,10 @@ def main() -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
             print(f"wrote {target}")
+    if POLICY.parent.parent.exists():
+        POLICY.parent.mkdir(parents=True, exist_ok=True)
+        POLICY.write_text(admission.render())
+        print(f"wrote {POLICY}")
     return 0
 
 

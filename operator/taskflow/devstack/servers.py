@@ -352,6 +352,7 @@ class DevStack:
             self.nats.start()
             self.control_plane.start()
             install_crd(self.kubeconfig)
+            install_admission_policy(self.kubeconfig)
         except BaseException:
             self.stop()
             raise
@@ -395,5 +396,25 @@ def install_crd(kubeconfig: Path, timeout: float = 30) -> None:
                 return
             time.sleep(0.2)
         raise TimeoutError("the Taskflow CRD was not Established in time")
+    finally:
+        api_client.close()
+
+
+def install_admission_policy(kubeconfig: Path) -> None:
+    """The chart's ValidatingAdmissionPolicy for parent links (taskflow.api.admission)."""
+    from kubernetes import client, config
+
+    from taskflow.api.admission import policy
+
+    api_client = config.new_client_from_config(str(kubeconfig))
+    try:
+        api = client.AdmissionregistrationV1Api(api_client)
+        vap, binding = policy()
+        api.patch_validating_admission_policy(
+            name=vap["metadata"]["name"], body=vap, field_manager="taskflow-devstack",
+            force=True, _content_type="application/apply-patch+yaml")
+        api.patch_validating_admission_policy_binding(
+            name=binding["metadata"]["name"], body=binding, field_manager="taskflow-devstack",
+            force=True, _content_type="application/apply-patch+yaml")
     finally:
         api_client.close()

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-PARENT_UID = "taskflow.dev/parent-uid"  # label: list a flow's children by selector
-PARENT_NAME = "taskflow.dev/parent-name"  # label
-PARENT_TASK = "taskflow.dev/parent-task"  # annotation: "<stage>.<task>"
-PARENT_ATTEMPT = "taskflow.dev/parent-attempt"  # annotation: the parent task's attempt
-PARENT_CONTEXT = "taskflow.dev/parent-context"  # annotation: the parent's execution context
-DEPTH = "taskflow.dev/depth"  # annotation: 1 for a child of a top-level flow
+from taskflow.api.links import (
+    DEPTH,
+    PARENT_ATTEMPT,
+    PARENT_CONTEXT,
+    PARENT_NAME,
+    PARENT_TASK,
+    PARENT_UID,
+)
+
+__all__ = ["DEPTH", "PARENT_ATTEMPT", "PARENT_CONTEXT", "PARENT_NAME", "PARENT_TASK",
+           "PARENT_UID", "link_problem"]
 
 
 def link_problem(
