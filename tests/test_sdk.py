@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, Flows, task_status
 from taskflow.client import TaskflowClient
 from taskflow.sdk import Nested, Service, TaskContext, TaskFailure
-from taskflow.shell import runner
+from taskflow.wire import links
 from taskflow.wire.context import EXPIRES_HEADER, IDEMPOTENCY_HEADER
 from test_client import extract_example
 
@@ -424,12 +424,12 @@ async def test_a_service_starts_two_children_and_its_task_ends_after_both(
     # Linked exactly as the operator links an inline nested flow.
     child = await flows.get(refs[0].split("/")[1])
     meta = child["metadata"]
-    assert meta["labels"][runner.PARENT_UID] == uid
-    assert meta["labels"][runner.PARENT_NAME] == name
-    assert meta["annotations"][runner.PARENT_TASK] == "spawn.fanout"
-    assert meta["annotations"][runner.PARENT_ATTEMPT] == "0"
-    assert meta["annotations"][runner.DEPTH] == "1"
-    assert json.loads(meta["annotations"][runner.PARENT_CONTEXT]) == parent_ctx["ctx"].raw
+    assert meta["labels"][links.PARENT_UID] == uid
+    assert meta["labels"][links.PARENT_NAME] == name
+    assert meta["annotations"][links.PARENT_TASK] == "spawn.fanout"
+    assert meta["annotations"][links.PARENT_ATTEMPT] == "0"
+    assert meta["annotations"][links.DEPTH] == "1"
+    assert json.loads(meta["annotations"][links.PARENT_CONTEXT]) == parent_ctx["ctx"].raw
     assert meta["ownerReferences"] == [{
         "apiVersion": "taskflow.dev/v1alpha1", "kind": "Taskflow", "name": name, "uid": uid,
         "controller": True, "blockOwnerDeletion": True}]
@@ -472,7 +472,7 @@ async def test_children_can_be_started_through_the_operators_nats_api(
     assert done["status"]["phase"] == "SUCCEEDED"
     children = [f for f in await flows.list() if f["metadata"]["name"] != name]
     assert len(children) == 2
-    assert {c["metadata"]["labels"][runner.PARENT_UID] for c in children} == {
+    assert {c["metadata"]["labels"][links.PARENT_UID] for c in children} == {
         created["metadata"]["uid"]}
 
 

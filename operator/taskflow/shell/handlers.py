@@ -19,7 +19,8 @@ from taskflow.api.crd import GROUP, VERSION
 from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
 from taskflow.shell.kube import Kube, connection_config, load_api_client
-from taskflow.shell.runner import Registry, RunnerSettings
+from taskflow.shell.registry import Registry
+from taskflow.shell.runner import RunnerSettings
 
 log = logging.getLogger("taskflow.handlers")
 

@@ -15,72 +15,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import dataclasses
-import hashlib
 import json
 import logging
 import pickle
-import re
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from taskflow.api.spec import TaskflowSpec, TaskType
+from taskflow.api.spec import TaskflowSpec
 from taskflow.api.status import (
     TERMINAL_FLOW_PHASES,
     FlowPhase,
     Status,
-    TaskError,
     TaskflowStatus,
 )
 from taskflow.engine import (
-    BAD_REPLY,
-    CancelChild,
-    CancelNotice,
-    ChildFinished,
-    CreateChild,
     Decision,
     Dispatch,
-    Effect,
     Emit,
     Input,
-    Record,
-    Reply,
     decide,
-    effective_options,
     iso,
     parse_iso,
     quarantine,
 )
 from taskflow.shell import metrics
-from taskflow.shell.bus import Bus
-from taskflow.shell.kube import PLURAL, Conflict, Gone, Kube
+from taskflow.shell.effects import Effects, describe
+from taskflow.shell.kube import PLURAL, Conflict, Gone
 from taskflow.wire import journal as journal_entry
-from taskflow.wire.context import (
-    CONTEXT_HEADER,
-    DEADLINE_HEADER,
-    EXPIRES_HEADER,
-    IDEMPOTENCY_HEADER,
-    execution_context,
-    idempotency_key,
-)
 from taskflow.wire.events import event_payload
 from taskflow.wire.links import (
-    DEPTH,
-    PARENT_ATTEMPT,
-    PARENT_CONTEXT,
-    PARENT_NAME,
-    PARENT_TASK,
-    PARENT_UID,
-    link_problem,
+    child_input,
 )
-from taskflow.wire.replies import ReplyLimits, clip, read_reply
+from taskflow.wire.replies import ReplyLimits, clip
 from taskflow.wire.subjects import Subjects
+
+if TYPE_CHECKING:
+    from taskflow.shell.registry import Registry
 
 log = logging.getLogger("taskflow.runner")
 
@@ -135,253 +109,7 @@ def _lean(body: dict[str, Any]) -> dict[str, Any]:
     return lean
 
 
-def child_name(parent: str, stage: str, task: str, attempt: int) -> str:
-    """A deterministic, DNS-safe name, so that a restart never creates a second child."""
-    digest = hashlib.sha256(f"{parent}/{stage}/{task}/{attempt}".encode()).hexdigest()[:8]
-    stem = re.sub(r"[^a-z0-9-]", "-", f"{parent}-{task}".lower()).strip("-")[:200]
-    return f"{stem}-{attempt}-{digest}"
-
-
-class Registry:
-    """All active flow writers, keyed by uid; routes watch events and replies to them."""
-
-    def __init__(self, *, kube: Kube, bus: Bus, settings: RunnerSettings) -> None:
-        self.kube = kube
-        self.bus = bus
-        self.settings = settings
-        self.runners: dict[str, FlowRunner] = {}
-        self.starting = asyncio.Semaphore(settings.max_starting)
-        self._background: set[asyncio.Task[Any]] = set()
-        self.journal_on = True
-        # Flows with a journal entry at startup: a writer may have stopped after recording the
-        # end of its flow and before its last events reached the stream; one runs again for
-        # each, even if it looks finished, and publishes what the stream lacks.
-        self.unfinished: set[str] = set()
-
-    def journal_unusable(self) -> None:
-        """The API dropped status.writeSeq: the CRD predates it, and without it a restarted
-        writer cannot tell the journal's copy from an older one. Write the API first again."""
-        if self.journal_on:
-            self.journal_on = False
-            log.error("the Taskflow CRD in the cluster is older than this operator (it drops "
-                      "status.writeSeq): apply crds/ from this release; until then dispatches "
-                      "wait for the API write")
-
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    # -- watch events (kopf) -----------------------------------------------------------------
-
-    def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
-        meta = body.get("metadata", {})
-        uid = meta.get("uid")
-        if not uid:
-            return
-        runner = self.runners.get(uid)
-        if event_type == "DELETED":
-            if runner:
-                runner.stop()
-            return
-        if runner is not None:
-            runner.observe(body)
-        elif needs_runner(body) or uid in self.unfinished:
-            self.unfinished.discard(uid)
-            self.start(body)
-        self.notify_parent(body)
-
-    def start(self, body: dict[str, Any]) -> FlowRunner:
-        runner = FlowRunner(registry=self, body=body)
-        self.runners[runner.uid] = runner
-        metrics.ACTIVE_FLOWS.set(len(self.runners))
-        # An empty context, not a copy of the caller's: a task started from a kopf handler
-        # would otherwise keep kopf's context variables (the handler's cause, with the whole
-        # watch-event body, its patch, logger and memo) alive for as long as the flow runs.
-        runner.task = asyncio.get_running_loop().create_task(
-            runner.run(), context=contextvars.Context()
-        )
-        return runner
-
-    def finished(self, runner: FlowRunner) -> None:
-        if self.runners.get(runner.uid) is runner:
-            del self.runners[runner.uid]
-        metrics.ACTIVE_FLOWS.set(len(self.runners))
-
-    def notify_parent(self, body: dict[str, Any]) -> None:
-        """A child flow changed: tell its parent's writer (if the parent is active)."""
-        labels = body.get("metadata", {}).get("labels") or {}
-        parent_uid = labels.get(PARENT_UID)
-        if not parent_uid:
-            return
-        parent = self.runners.get(parent_uid)
-        if parent is None:
-            return
-        problem = link_problem(body, uid=parent.uid, namespace=parent.namespace)
-        if problem is not None:  # a label anyone creating a flow can write: not a link
-            metrics.FORGED_LINKS.inc()
-            log.warning("ignored a flow that names %s/%s as its parent: %s", parent.namespace,
-                        parent.name, problem)
-            return
-        item = child_input(body)
-        if item is not None:
-            parent.push(item)
-
-    # -- replies (NATS) ----------------------------------------------------------------------
-
-    async def on_reply(self, msg: Msg) -> None:
-        parsed = self.settings.subjects.parse_reply(msg.subject)
-        if parsed is None:  # a guess or a forgery: no reply subject this operator made
-            metrics.FORGED_REPLIES.inc()
-            return
-        runner = self.runners.get(parsed[0])
-        if runner is None:
-            return  # the stream keeps it; the flow's writer finds it when it resumes
-        item = await self.to_input(msg, parsed)
-        if item is not None:
-            runner.push(item)
-
-    def on_reconnected(self) -> None:
-        """Replies sent while NATS was away were dropped by the services' clients: ask every
-        in-flight attempt of an idempotent service again (the same attempt, the same key)."""
-        self.spawn(self._reask_all())
-
-    async def _reask_all(self) -> None:
-        await asyncio.sleep(1.0)  # services reconnect too (no responders: redelivered anyway)
-        subjects = await self.bus.idempotent_subjects(max_age=0)
-        for runner in list(self.runners.values()):
-            runner.reask(subjects)
-
-    def on_dropped(self, subject: str) -> None:
-        """The client dropped a reply (a slow consumer): the stream still has it, so its flow's
-        writer reads it from there rather than letting the attempt time out."""
-        parsed = self.settings.subjects.parse_reply(subject)
-        runner = self.runners.get(parsed[0]) if parsed else None
-        if parsed is not None and runner is not None:
-            metrics.DROPPED_REPLIES.inc()
-            runner.reread(parsed[1:])
-
-    async def to_input(self, msg: Msg, parsed: tuple[str, str, str, int]) -> Input | None:
-        """The engine input for a message on a reply subject. Never raises: whatever a service
-        sends, the attempt gets an outcome (``BadReply`` when the message is unusable)."""
-        uid, stage, task, attempt = parsed
-        item = read_reply(stage=stage, task=task, attempt=attempt, data=msg.data or b"",
-                          headers=msg.headers, limits=self.settings.reply_limits)
-        if not isinstance(item, Reply):
-            return item
-        if item.error is not None and item.error.reason == BAD_REPLY:
-            metrics.BAD_REPLIES.labels(reason="malformed").inc()
-            log.warning("bad reply for %s/%s/%s attempt %d: %s", uid, stage, task, attempt,
-                        item.error.message)
-        # Measured as status keeps it: a body of "1E15"s is 4.5 times larger once parsed.
-        stored = json.dumps(item.data, separators=(",", ":")).encode() if item.ok else b""
-        if item.ok and max(len(msg.data), len(stored)) > self.inline_limit(uid):
-            try:
-                ref = await self.bus.store_response(f"{uid}/{stage}/{task}/{attempt}", stored)
-            except Exception as exc:
-                # Kept in the reply stream: a later writer of this flow reads it again.
-                log.warning("could not store a large response of %s/%s: %s", uid, task, exc)
-                return Reply(stage=stage, task=task, attempt=attempt, ok=False, error=TaskError(
-                    message=f"the response of {len(msg.data)} bytes could not be stored",
-                    reason=BAD_REPLY))
-            item = dataclasses.replace(item, data=None, response_ref=ref)
-        if item.children:
-            problem, children = await self.verify_children(uid, attempt, item.children)
-            if problem is not None:
-                metrics.BAD_REPLIES.labels(reason="child").inc()
-                log.warning("reply for %s/%s/%s attempt %d names a child that does not count: "
-                            "%s", uid, stage, task, attempt, problem)
-                return Reply(stage=stage, task=task, attempt=attempt, ok=False,
-                             error=_child_error(problem))
-            self.spawn(self.report_children(uid, children))
-        return item
-
-    def inline_limit(self, uid: str) -> int:
-        runner = self.runners.get(uid)
-        tasks = max(1, sum(len(s.tasks) for s in runner.status.stages)) if runner else 1
-        share = self.settings.inline_responses_budget // tasks
-        return max(256, min(self.settings.inline_response_bytes, share))
-
-    async def verify_children(
-        self, uid: str, attempt: int, refs: tuple[str, ...]
-    ) -> tuple[str | None, list[dict[str, Any]]]:
-        """The children a reply names, each checked to be this flow's own (same namespace,
-        owned by it, started for this attempt); or the first problem found."""
-        runner = self.runners.get(uid)
-        if runner is None:
-            return "the flow is not active", []
-        bodies = []
-        for ref in refs:
-            namespace, _, name = ref.partition("/")
-            if namespace != runner.namespace:
-                return f"child flow {ref} is not in this flow's namespace {runner.namespace}", []
-            try:
-                body = await self.kube.get(namespace, name)
-            except Gone:
-                return f"child flow {ref} does not exist", []
-            except Exception as exc:  # (retried per maxRetries, as any failed attempt)
-                return f"child flow {ref} could not be read: {describe(exc)}", []
-            problem = link_problem(body, uid=uid, namespace=runner.namespace, attempt=attempt)
-            if problem is not None:
-                return problem, []
-            bodies.append(body)
-        return None, bodies
-
-    async def report_children(self, uid: str, children: list[dict[str, Any]]) -> None:
-        """Children named in a reply may have finished before the reply arrived."""
-        runner = self.runners.get(uid)
-        for body in children:
-            item = child_input(body)
-            if item is not None and runner is not None:
-                runner.push(item)
-
-    async def close(self) -> None:
-        for runner in list(self.runners.values()):
-            runner.stop()
-        for runner in list(self.runners.values()):
-            if runner.task:
-                with contextlib.suppress(BaseException):
-                    await runner.task
-
-
-def needs_runner(body: dict[str, Any]) -> bool:
-    """Active flows, and finished ones whose spec changed since (a retry or a cancel)."""
-    status = body.get("status") or {}
-    if status.get("phase") not in {str(p) for p in TERMINAL_FLOW_PHASES}:
-        return True
-    return bool(body.get("metadata", {}).get("generation") != status.get("observedGeneration"))
-
-
-def child_input(body: dict[str, Any]) -> ChildFinished | None:
-    meta = body.get("metadata", {})
-    annotations = meta.get("annotations") or {}
-    ref = annotations.get(PARENT_TASK, "")
-    stage, _, task = ref.partition(".")
-    status = body.get("status") or {}
-    phase = status.get("phase")
-    if not stage or not task or not phase:
-        return None
-    outcome = {
-        "SUCCEEDED": Status.SUCCEEDED,
-        "COMPLETED_WITH_FAILURES": Status.FAILED,
-        "FAILED": Status.FAILED,
-        "CANCELLED": Status.CANCELLED,
-    }.get(phase, Status.RUNNING)
-    summary = {
-        "taskflowId": meta.get("uid"),
-        "name": meta.get("name"),
-        "phase": phase,
-        "progress": status.get("progress"),
-    }
-    attempt = annotations.get(PARENT_ATTEMPT)
-    return ChildFinished(
-        stage=stage, task=task, child=f"{meta.get('namespace')}/{meta.get('name')}",
-        status=outcome, summary=summary,
-        attempt=int(attempt) if attempt and attempt.isdigit() else None,
-    )
-
-
-class FlowRunner:
+class FlowRunner(Effects):
     def __init__(self, *, registry: Registry, body: dict[str, Any]) -> None:
         self.registry = registry
         self.kube = registry.kube
@@ -980,210 +708,5 @@ class FlowRunner:
             self.registry.spawn(self.bus.forget_journal(self.uid, self.journal_rev))
         self.log.info("flow ended %s", phase)
 
-    # -- effects -----------------------------------------------------------------------------
 
-    async def perform(self, decision: Decision) -> None:
-        """Each effect on its own: one that fails is logged and counted, and the rest still
-        happen (the decision is recorded; a dispatch that did not leave times out as any lost
-        message does)."""
-        for effect in decision.effects:
-            try:
-                await self.perform_one(effect)
-            except Exception as exc:
-                metrics.EFFECT_FAILURES.labels(effect=type(effect).__name__).inc()
-                self.log.warning("%s failed: %s", type(effect).__name__, exc)
-        await self.publish_outbox()
-
-    async def perform_one(self, effect: Effect) -> None:
-        if isinstance(effect, Dispatch):
-            await self.dispatch(self.spec(), effect)
-        elif isinstance(effect, Emit):
-            self.count(effect)  # (published from the outbox, after the other effects)
-        elif isinstance(effect, Record):
-            self.registry.spawn(
-                self.kube.event(self.body, reason=effect.reason, message=effect.message,
-                                type_=effect.type)
-            )
-        elif isinstance(effect, CancelNotice):
-            await self.cancel_notice(effect)
-        elif isinstance(effect, CreateChild):
-            self.registry.spawn(self.create_child(self.spec(), effect))
-        elif isinstance(effect, CancelChild):
-            namespace, _, name = effect.child.partition("/")
-            self.registry.spawn(self.cancel_child(namespace, name))
-
-    def parent_context(self) -> dict[str, Any] | None:
-        raw = (self.body["metadata"].get("annotations") or {}).get(PARENT_CONTEXT)
-        if not raw:
-            return None
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
-
-    def context_for(self, spec: TaskflowSpec, stage_name: str, task_name: str) -> dict[str, Any]:
-        index = next(i for i, s in enumerate(self.status.stages) if s.name == stage_name)
-        state = next(t for t in self.status.stages[index].tasks if t.name == task_name)
-        task = next(t for t in spec.stages[index].tasks if t.name == task_name)
-        return execution_context(
-            uid=self.uid, status=self.status, stage_index=index, task=task, state=state,
-            options=effective_options(spec.options, task.options),
-            parent_context=self.parent_context(),
-        )
-
-    async def dispatch(self, spec: TaskflowSpec, effect: Dispatch) -> None:
-        stage_index = next(i for i, s in enumerate(spec.stages) if s.name == effect.stage)
-        task = next(t for t in spec.stages[stage_index].tasks if t.name == effect.task)
-        state = next(
-            t for t in self.status.stages[stage_index].tasks if t.name == effect.task
-        )
-        assert task.task_details is not None
-        subjects = self.settings.subjects
-        context = self.context_for(spec, effect.stage, effect.task)
-        headers = {
-            CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
-            IDEMPOTENCY_HEADER: idempotency_key(self.uid, effect.stage, effect.task,
-                                                effect.attempt),
-        }
-        if state.deadline:
-            headers[DEADLINE_HEADER] = str(parse_iso(state.deadline))
-            if state.expires_at:
-                headers[EXPIRES_HEADER] = str(parse_iso(state.expires_at))
-        self.sent_at[(effect.stage, effect.task, effect.attempt)] = time.monotonic()
-        metrics.DISPATCHES.inc()
-        await self.bus.dispatch(
-            subject=subjects.request(task.task_details.service_id, task.task_details.action_name),
-            reply=subjects.reply(self.uid, effect.stage, effect.task, effect.attempt),
-            body=json.dumps(task.params or {}).encode(),
-            headers=headers,
-        )
-
-    def count(self, effect: Emit) -> None:
-        if effect.kind == "TASK" and effect.status not in ("RUNNING",):
-            metrics.TASKS_FINISHED.labels(status=effect.status).inc()
-            key = (effect.stage or "", effect.task or "", effect.attempt or 0)
-            sent = self.sent_at.pop(key, None)
-            if sent is not None:
-                metrics.REPLY_LATENCY.observe(time.monotonic() - sent)
-
-    async def publish_outbox(self) -> None:
-        """Publish the events not yet acknowledged by the event stream, in order. Those that
-        are not stay in the outbox (and in the next journal entry) for the next round."""
-        if not self.outbox:
-            return
-        events, self.outbox = self.outbox, []
-        stored = await self.bus.publish_events(self.settings.subjects.events(self.uid),
-                                               self.uid, events)
-        missed = [e for e in events if e[0] not in stored]
-        if missed:
-            metrics.EFFECT_FAILURES.labels(effect="Emit").inc(len(missed))
-            self.log.warning("%d events not acknowledged by the event stream; trying again",
-                             len(missed))
-            self.outbox[:0] = missed
-
-    async def cancel_notice(self, effect: CancelNotice) -> None:
-        spec = self.spec()
-        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
-                    if t.name == effect.task)
-        if task.type != TaskType.ACTION or task.task_details is None:
-            return
-        key = idempotency_key(self.uid, effect.stage, effect.task, effect.attempt)
-        notice = {
-            "idempotencyKey": key,
-            "taskflowId": self.uid,
-            "stage": effect.stage,
-            "task": effect.task,
-            "attempt": effect.attempt,
-            "serviceId": task.task_details.service_id,
-            "actionName": task.task_details.action_name,
-            "reason": "cancelled",
-        }
-        await self.bus.publish(
-            self.settings.subjects.cancel(task.task_details.service_id),
-            json.dumps(notice).encode(),
-            headers={IDEMPOTENCY_HEADER: key},
-        )
-
-    # -- nested flows ------------------------------------------------------------------------
-
-    async def create_child(self, spec: TaskflowSpec, effect: CreateChild) -> None:
-        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
-                    if t.name == effect.task)
-        annotations = self.body["metadata"].get("annotations") or {}
-        depth = int(annotations.get(DEPTH, "0")) + 1
-        name = child_name(self.name, effect.stage, effect.task, effect.attempt)
-        if depth > self.settings.max_depth:
-            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
-                            ok=False, error=_child_error(
-                                f"nesting depth {depth} exceeds the limit of "
-                                f"{self.settings.max_depth}")))
-            return
-        context = self.context_for(spec, effect.stage, effect.task)
-        body = {
-            "apiVersion": "taskflow.dev/v1alpha1",
-            "kind": "Taskflow",
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace,
-                "labels": {
-                    PARENT_UID: self.uid,
-                    PARENT_NAME: self.name[:63],
-                },
-                "annotations": {
-                    PARENT_TASK: f"{effect.stage}.{effect.task}",
-                    PARENT_ATTEMPT: str(effect.attempt),
-                    DEPTH: str(depth),
-                    PARENT_CONTEXT: json.dumps(context, separators=(",", ":")),
-                },
-                "ownerReferences": [{
-                    "apiVersion": "taskflow.dev/v1alpha1",
-                    "kind": "Taskflow",
-                    "name": self.name,
-                    "uid": self.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }],
-            },
-            "spec": task.taskflow or {},
-        }
-        try:
-            created = await self.kube.create(self.namespace, body)
-        except Conflict:
-            created = await self.kube.get(self.namespace, name)  # made before a restart
-        except Exception as exc:
-            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
-                            ok=False, error=_child_error(f"child taskflow refused: "
-                                                         f"{describe(exc, typed=False)}")))
-            return
-        ref = f"{self.namespace}/{created['metadata']['name']}"
-        self.push(ChildFinished(stage=effect.stage, task=effect.task, child=ref,
-                                status=Status.RUNNING, attempt=effect.attempt))
-        item = child_input(created)
-        if item is not None:
-            self.push(item)
-
-    async def cancel_child(self, namespace: str, name: str) -> None:
-        with contextlib.suppress(Gone):
-            await self.kube.patch_spec(namespace, name, {"spec": {"cancel": True}})
-
-
-def describe(exc: BaseException, *, typed: bool = True) -> str:
-    """An error in one line: the API server's own message when it sent one (not the whole
-    HTTP exchange the Kubernetes client puts in ``str()``)."""
-    text = str(exc)
-    body = getattr(exc, "body", None)
-    if body:
-        text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            text = str(json.loads(text).get("message", text))
-        status = getattr(exc, "status", None)
-        text = f"{status} {text}" if status else text
-    return f"{type(exc).__name__}: {text}" if typed else text
-
-
-def _child_error(message: str) -> TaskError:
-    return TaskError(message=message[:4096], reason="Child")
-
-
-__all__ = ["PLURAL", "FlowPhase", "FlowRunner", "Registry", "RunnerSettings"]
+__all__ = ["PLURAL", "FlowPhase", "FlowRunner", "RunnerSettings"]

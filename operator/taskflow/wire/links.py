@@ -4,6 +4,8 @@ every writer and reader agrees."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 from taskflow.api.links import (
@@ -14,9 +16,11 @@ from taskflow.api.links import (
     PARENT_TASK,
     PARENT_UID,
 )
+from taskflow.api.status import Status
+from taskflow.engine.inputs import ChildFinished
 
 __all__ = ["DEPTH", "PARENT_ATTEMPT", "PARENT_CONTEXT", "PARENT_NAME", "PARENT_TASK",
-           "PARENT_UID", "link_problem"]
+           "PARENT_UID", "child_input", "child_name", "link_problem"]
 
 
 def link_problem(
@@ -38,3 +42,42 @@ def link_problem(
         if linked is not None and linked != str(attempt):
             return f"child flow {ref} was started for attempt {linked}, not {attempt}"
     return None
+
+
+def child_name(parent: str, stage: str, task: str, attempt: int) -> str:
+    """A deterministic, DNS-safe name, so that a restart never creates a second child."""
+    digest = hashlib.sha256(f"{parent}/{stage}/{task}/{attempt}".encode()).hexdigest()[:8]
+    stem = re.sub(r"[^a-z0-9-]", "-", f"{parent}-{task}".lower()).strip("-")[:200]
+    return f"{stem}-{attempt}-{digest}"
+
+
+def child_input(body: dict[str, Any]) -> ChildFinished | None:
+    """What a child flow's object tells its parent task (None: not a child, or no outcome)."""
+    meta = body.get("metadata", {})
+    annotations = meta.get("annotations") or {}
+    ref = annotations.get(PARENT_TASK, "")
+    stage, _, task = ref.partition(".")
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if not stage or not task or not phase:
+        return None
+    outcome = {
+        "SUCCEEDED": Status.SUCCEEDED,
+        "COMPLETED_WITH_FAILURES": Status.FAILED,
+        "FAILED": Status.FAILED,
+        "CANCELLED": Status.CANCELLED,
+    }.get(phase, Status.RUNNING)
+    summary = {
+        "taskflowId": meta.get("uid"),
+        "name": meta.get("name"),
+        "phase": phase,
+        "progress": status.get("progress"),
+    }
+    attempt = annotations.get(PARENT_ATTEMPT)
+    return ChildFinished(
+        stage=stage, task=task, child=f"{meta.get('namespace')}/{meta.get('name')}",
+        status=outcome, summary=summary,
+        # (ASCII digits, few: an annotation is anyone's to write, and int("²") raises)
+        attempt=int(attempt) if attempt and attempt.isascii() and attempt.isdigit()
+        and len(attempt) <= 18 else None,
+    )

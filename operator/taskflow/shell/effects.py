@@ -1,0 +1,285 @@
+"""Performing a decision's effects: dispatches, events (the outbox), cancel notices, Kubernetes
+Events and child flows. One kind of side effect per method; each effect on its own, so one
+that fails never stops the others. A mixin of ``FlowRunner``, whose state it reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from taskflow.api.spec import TaskflowSpec, TaskType
+from taskflow.api.status import Status, TaskError, TaskflowStatus
+from taskflow.engine import (
+    CancelChild,
+    CancelNotice,
+    ChildFinished,
+    CreateChild,
+    Decision,
+    Dispatch,
+    Effect,
+    Emit,
+    Input,
+    Record,
+    Reply,
+    effective_options,
+    parse_iso,
+)
+from taskflow.shell import metrics
+from taskflow.shell.kube import Conflict, Gone
+from taskflow.wire.context import (
+    CONTEXT_HEADER,
+    DEADLINE_HEADER,
+    EXPIRES_HEADER,
+    IDEMPOTENCY_HEADER,
+    execution_context,
+    idempotency_key,
+)
+from taskflow.wire.links import (
+    DEPTH,
+    PARENT_ATTEMPT,
+    PARENT_CONTEXT,
+    PARENT_NAME,
+    PARENT_TASK,
+    PARENT_UID,
+    child_input,
+    child_name,
+)
+
+if TYPE_CHECKING:
+    from taskflow.shell.bus import Bus
+    from taskflow.shell.kube import Kube
+    from taskflow.shell.registry import Registry
+    from taskflow.shell.runner import RunnerSettings
+
+
+class Effects:
+    """The effects half of a flow's writer (``runner.FlowRunner`` holds the state)."""
+
+    uid: str
+    name: str
+    namespace: str
+    body: dict[str, Any]
+    bus: Bus
+    kube: Kube
+    registry: Registry
+    settings: RunnerSettings
+    log: logging.LoggerAdapter[logging.Logger]
+    sent_at: dict[tuple[str, str, int], float]
+    outbox: list[tuple[int, bytes]]
+
+    @property
+    def status(self) -> TaskflowStatus:
+        raise NotImplementedError
+
+    def spec(self) -> TaskflowSpec:
+        raise NotImplementedError
+
+    def push(self, item: Input) -> None:
+        raise NotImplementedError
+
+    async def perform(self, decision: Decision) -> None:
+        """Each effect on its own: one that fails is logged and counted, and the rest still
+        happen (the decision is recorded; a dispatch that did not leave times out as any lost
+        message does)."""
+        for effect in decision.effects:
+            try:
+                await self.perform_one(effect)
+            except Exception as exc:
+                metrics.EFFECT_FAILURES.labels(effect=type(effect).__name__).inc()
+                self.log.warning("%s failed: %s", type(effect).__name__, exc)
+        await self.publish_outbox()
+
+    async def perform_one(self, effect: Effect) -> None:
+        if isinstance(effect, Dispatch):
+            await self.dispatch(self.spec(), effect)
+        elif isinstance(effect, Emit):
+            self.count(effect)  # (published from the outbox, after the other effects)
+        elif isinstance(effect, Record):
+            self.registry.spawn(
+                self.kube.event(self.body, reason=effect.reason, message=effect.message,
+                                type_=effect.type)
+            )
+        elif isinstance(effect, CancelNotice):
+            await self.cancel_notice(effect)
+        elif isinstance(effect, CreateChild):
+            self.registry.spawn(self.create_child(self.spec(), effect))
+        elif isinstance(effect, CancelChild):
+            namespace, _, name = effect.child.partition("/")
+            self.registry.spawn(self.cancel_child(namespace, name))
+
+    def parent_context(self) -> dict[str, Any] | None:
+        raw = (self.body["metadata"].get("annotations") or {}).get(PARENT_CONTEXT)
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def context_for(self, spec: TaskflowSpec, stage_name: str, task_name: str) -> dict[str, Any]:
+        index = next(i for i, s in enumerate(self.status.stages) if s.name == stage_name)
+        state = next(t for t in self.status.stages[index].tasks if t.name == task_name)
+        task = next(t for t in spec.stages[index].tasks if t.name == task_name)
+        return execution_context(
+            uid=self.uid, status=self.status, stage_index=index, task=task, state=state,
+            options=effective_options(spec.options, task.options),
+            parent_context=self.parent_context(),
+        )
+
+    async def dispatch(self, spec: TaskflowSpec, effect: Dispatch) -> None:
+        stage_index = next(i for i, s in enumerate(spec.stages) if s.name == effect.stage)
+        task = next(t for t in spec.stages[stage_index].tasks if t.name == effect.task)
+        state = next(
+            t for t in self.status.stages[stage_index].tasks if t.name == effect.task
+        )
+        assert task.task_details is not None
+        subjects = self.settings.subjects
+        context = self.context_for(spec, effect.stage, effect.task)
+        headers = {
+            CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
+            IDEMPOTENCY_HEADER: idempotency_key(self.uid, effect.stage, effect.task,
+                                                effect.attempt),
+        }
+        if state.deadline:
+            headers[DEADLINE_HEADER] = str(parse_iso(state.deadline))
+            if state.expires_at:
+                headers[EXPIRES_HEADER] = str(parse_iso(state.expires_at))
+        self.sent_at[(effect.stage, effect.task, effect.attempt)] = time.monotonic()
+        metrics.DISPATCHES.inc()
+        await self.bus.dispatch(
+            subject=subjects.request(task.task_details.service_id, task.task_details.action_name),
+            reply=subjects.reply(self.uid, effect.stage, effect.task, effect.attempt),
+            body=json.dumps(task.params or {}).encode(),
+            headers=headers,
+        )
+
+    def count(self, effect: Emit) -> None:
+        if effect.kind == "TASK" and effect.status not in ("RUNNING",):
+            metrics.TASKS_FINISHED.labels(status=effect.status).inc()
+            key = (effect.stage or "", effect.task or "", effect.attempt or 0)
+            sent = self.sent_at.pop(key, None)
+            if sent is not None:
+                metrics.REPLY_LATENCY.observe(time.monotonic() - sent)
+
+    async def publish_outbox(self) -> None:
+        """Publish the events not yet acknowledged by the event stream, in order. Those that
+        are not stay in the outbox (and in the next journal entry) for the next round."""
+        if not self.outbox:
+            return
+        events, self.outbox = self.outbox, []
+        stored = await self.bus.publish_events(self.settings.subjects.events(self.uid),
+                                               self.uid, events)
+        missed = [e for e in events if e[0] not in stored]
+        if missed:
+            metrics.EFFECT_FAILURES.labels(effect="Emit").inc(len(missed))
+            self.log.warning("%d events not acknowledged by the event stream; trying again",
+                             len(missed))
+            self.outbox[:0] = missed
+
+    async def cancel_notice(self, effect: CancelNotice) -> None:
+        spec = self.spec()
+        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
+                    if t.name == effect.task)
+        if task.type != TaskType.ACTION or task.task_details is None:
+            return
+        key = idempotency_key(self.uid, effect.stage, effect.task, effect.attempt)
+        notice = {
+            "idempotencyKey": key,
+            "taskflowId": self.uid,
+            "stage": effect.stage,
+            "task": effect.task,
+            "attempt": effect.attempt,
+            "serviceId": task.task_details.service_id,
+            "actionName": task.task_details.action_name,
+            "reason": "cancelled",
+        }
+        await self.bus.publish(
+            self.settings.subjects.cancel(task.task_details.service_id),
+            json.dumps(notice).encode(),
+            headers={IDEMPOTENCY_HEADER: key},
+        )
+
+    # -- nested flows ------------------------------------------------------------------------
+
+    async def create_child(self, spec: TaskflowSpec, effect: CreateChild) -> None:
+        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
+                    if t.name == effect.task)
+        annotations = self.body["metadata"].get("annotations") or {}
+        depth = int(annotations.get(DEPTH, "0")) + 1
+        name = child_name(self.name, effect.stage, effect.task, effect.attempt)
+        if depth > self.settings.max_depth:
+            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
+                            ok=False, error=child_error(
+                                f"nesting depth {depth} exceeds the limit of "
+                                f"{self.settings.max_depth}")))
+            return
+        context = self.context_for(spec, effect.stage, effect.task)
+        body = {
+            "apiVersion": "taskflow.dev/v1alpha1",
+            "kind": "Taskflow",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {
+                    PARENT_UID: self.uid,
+                    PARENT_NAME: self.name[:63],
+                },
+                "annotations": {
+                    PARENT_TASK: f"{effect.stage}.{effect.task}",
+                    PARENT_ATTEMPT: str(effect.attempt),
+                    DEPTH: str(depth),
+                    PARENT_CONTEXT: json.dumps(context, separators=(",", ":")),
+                },
+                "ownerReferences": [{
+                    "apiVersion": "taskflow.dev/v1alpha1",
+                    "kind": "Taskflow",
+                    "name": self.name,
+                    "uid": self.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }],
+            },
+            "spec": task.taskflow or {},
+        }
+        try:
+            created = await self.kube.create(self.namespace, body)
+        except Conflict:
+            created = await self.kube.get(self.namespace, name)  # made before a restart
+        except Exception as exc:
+            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
+                            ok=False, error=child_error(f"child taskflow refused: "
+                                                         f"{describe(exc, typed=False)}")))
+            return
+        ref = f"{self.namespace}/{created['metadata']['name']}"
+        self.push(ChildFinished(stage=effect.stage, task=effect.task, child=ref,
+                                status=Status.RUNNING, attempt=effect.attempt))
+        item = child_input(created)
+        if item is not None:
+            self.push(item)
+
+    async def cancel_child(self, namespace: str, name: str) -> None:
+        with contextlib.suppress(Gone):
+            await self.kube.patch_spec(namespace, name, {"spec": {"cancel": True}})
+
+
+def describe(exc: BaseException, *, typed: bool = True) -> str:
+    """An error in one line: the API server's own message when it sent one (not the whole
+    HTTP exchange the Kubernetes client puts in ``str()``)."""
+    text = str(exc)
+    body = getattr(exc, "body", None)
+    if body:
+        text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            text = str(json.loads(text).get("message", text))
+        status = getattr(exc, "status", None)
+        text = f"{status} {text}" if status else text
+    return f"{type(exc).__name__}: {text}" if typed else text
+
+
+def child_error(message: str) -> TaskError:
+    return TaskError(message=message[:4096], reason="Child")
