@@ -220,3 +220,18 @@ async def test_cancel_acts_on_a_flow_that_got_a_poison_reply(operator, flows: Fl
     assert done["status"]["phase"] == "CANCELLED"
     assert task_status(done, "s1", "a")["error"]["reason"] == "BadReply"
     assert task_status(done, "s1", "b")["status"] == "CANCELLED"
+
+
+async def test_a_timeout_acts_after_a_poison_reply(operator, flows: Flows, nc, svc: str) -> None:
+    """Attempt 0 gets a poison reply, attempt 1 no reply at all: its timeout ends the flow."""
+    def reply(msg: Any) -> Any:
+        return deep(300) if attempt_of(msg) == 0 else None
+
+    await serve(nc, f"{svc}.do", reply)
+    await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0,
+                                                 "timeout": "1s"}), "f")
+    done = await flows.wait("f", timeout=15)
+    a = task_status(done, "s1", "a")
+    assert done["status"]["phase"] == "FAILED"
+    assert [(x["status"], x["error"]["reason"]) for x in a["attempts"]] == [
+        ("FAILED", "BadReply"), ("TIMED_OUT", "Timeout")]
