@@ -42,6 +42,7 @@ from taskflow.engine import (
     parse_iso,
     quarantine,
 )
+from taskflow.engine.recording import Recording, recording
 from taskflow.shell import metrics
 from taskflow.shell.effects import Effects, describe
 from taskflow.shell.kube import PLURAL, Conflict, Gone
@@ -522,33 +523,32 @@ class FlowRunner(Effects):
             )
             status = decision.status
             events = self.events_of(decision)
-            dispatches = any(isinstance(e, Dispatch) for e in decision.effects)
-            if self.registry.journal_on and (dispatches or events):
-                # The journal first: what is dispatched or emitted is recorded before it goes.
+            how = recording(
+                journal=self.registry.journal_on, durable=decision.durable, emits=bool(events),
+                dispatches=any(isinstance(e, Dispatch) for e in decision.effects))
+            if how.journaled:
                 status.write_seq = self.status.write_seq + 1
                 if await self.journal(status, [*self.outbox, *events]):
                     self.adopt(status, decision.changed)
                     self.outbox.extend(events)
-                    if dispatches or not decision.durable:
-                        # The API write follows the dispatch (in the background), or results
-                        # alone are written lazily.
-                        self.unsaved = self.unsaved or dispatches
-                        return decision
-                    # A stage or flow transition is in the API before its effects, as ever.
-                    # Never void: the journal's record stands, whatever the spec says now (a
-                    # spec change reaches the engine next round).
-                    await self.settle()
-                    try:
-                        await self.write(status, generation=None)
-                    except Gone:
-                        raise
-                    except Exception as exc:  # the journal has it: the background writer tries
-                        self.log.warning("status write failed; trying again: %s", exc)
+                    if how == Recording.JOURNAL_THEN_BACKGROUND:
                         self.unsaved = True
-                    else:
-                        self.dirty = self.unsaved = False
+                    elif how == Recording.JOURNAL_THEN_API:
+                        # Never void: the journal's record stands, whatever the spec says now
+                        # (a spec change reaches the engine next round).
+                        await self.settle()
+                        try:
+                            await self.write(status, generation=None)
+                        except Gone:
+                            raise
+                        except Exception as exc:  # the journal has it: the background writer
+                            self.log.warning("status write failed; trying again: %s", exc)
+                            self.unsaved = True
+                        else:
+                            self.dirty = self.unsaved = False
                     return decision
-            if decision.durable:
+                how = Recording.API_FIRST if decision.durable else Recording.LAZY  # no journal
+            if how == Recording.API_FIRST:
                 await self.settle()  # our own background write goes first
                 status.write_seq = self.status.write_seq + 1
                 if not await self.write(status, generation=generation):
