@@ -152,6 +152,14 @@ def operator(stack: DevStack, tmp_path_factory: pytest.TempPathFactory
     proc.stop()
 
 
+async def eventually(predicate: Callable[[], Any], *, timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds (e.g. a held request reached the test's service)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.05)
+
+
 def service_account_token(kube: client.ApiClient, namespace: str, name: str, *,
                           verbs: list[str] | None = None) -> str:
     """A TokenRequest token of a new ServiceAccount that may ``verbs`` taskflows in

@@ -9,7 +9,7 @@ import signal
 from collections import Counter
 from typing import Any
 
-from conftest import GROUP, PLURAL, VERSION, Flows, flow, serve, task_status
+from conftest import GROUP, PLURAL, VERSION, Flows, eventually, flow, serve, task_status
 from taskflow.api.status import Status, TaskflowStatus
 from taskflow.wire import journal
 
@@ -293,11 +293,7 @@ async def test_events_journaled_but_not_published_reach_the_stream_after_a_kill(
                        "ev")
     body = await flows.wait("ev", until=lambda b: len((b.get("status") or {}).get("stages", []))
                             == 2 and task_status(b, "s2", "third")["status"] == "RUNNING")
-    for _ in range(100):
-        if len(held) == 2:
-            break
-        await asyncio.sleep(0.05)
-    assert len(held) == 2
+    await eventually(lambda: len(held) == 2)
     await asyncio.sleep(0.3)  # the events of that round are in the stream by now
     operator.kill(signal.SIGKILL)
 
@@ -333,11 +329,7 @@ async def test_a_forged_journal_entry_is_refused(operator, flows: Flows, nc, svc
     body = await flows.create(flow(svc, ["a"], options={"timeout": "60s"}), "forge")
     await flows.wait("forge", until=lambda b: "status" in b
                      and task_status(b, "s1", "a")["status"] == "RUNNING")
-    for _ in range(100):
-        if held:
-            break
-        await asyncio.sleep(0.05)
-    assert held
+    await eventually(lambda: held)
     operator.kill(signal.SIGKILL)
     uid = body["metadata"]["uid"]
     forged = (await _journal_entry(nc, uid)).status

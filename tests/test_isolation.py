@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from conftest import Flows, flow, serve, task_status
+from conftest import Flows, eventually, flow, serve, task_status
 
 
 async def other_namespace(kube: client.ApiClient) -> Flows:
@@ -104,11 +104,7 @@ async def test_a_flow_that_claims_a_parent_by_label_changes_nothing(
     await serve(nc, f"{svc}.do", hold)
     parent = await flows.create(flow(svc, ["a"]), "parent")
     uid = parent["metadata"]["uid"]
-    for _ in range(100):
-        if held:
-            break
-        await asyncio.sleep(0.05)
-    assert held
+    await eventually(lambda: held)
     before = operator.metrics().get("taskflow_forged_links_total", 0)
     forged = {
         "metadata": {
@@ -146,11 +142,7 @@ async def test_a_forged_reply_changes_nothing(operator, flows: Flows, nc, svc: s
     await serve(nc, f"{svc}.do", lambda m: held.append(m))
     body = await flows.create(flow(svc, ["a"], options={"timeout": "60s"}), "f")
     uid = body["metadata"]["uid"]
-    for _ in range(100):
-        if held:
-            break
-        await asyncio.sleep(0.05)
-    assert held
+    await eventually(lambda: held)
     before = operator.metrics().get("taskflow_forged_replies_total", 0)
     forged = json.dumps({"success": True, "data": {"forged": True}}).encode()
     await nc.publish(f"taskflow.reply.{uid}.s1.a.0", forged)

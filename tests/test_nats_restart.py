@@ -13,7 +13,7 @@ import nats
 import pytest
 from kubernetes import client, config
 
-from conftest import Flows, OperatorProcess, flow, task_status
+from conftest import Flows, OperatorProcess, eventually, flow, task_status
 from taskflow.devstack.servers import DevStack
 from taskflow.sdk import Service, TaskContext
 from taskflow.shell.bus import idempotent_endpoints
@@ -63,11 +63,7 @@ async def test_replies_lost_in_a_nats_restart_are_asked_again(
             names = ["a", "b", "c", "d"]
             await flows.create(flow("idem", names, options={
                 "exactlyOnceTaskExecution": True, "timeout": "60s"}), "f")
-            for _ in range(200):
-                if len(runs) == 4:
-                    break
-                await asyncio.sleep(0.05)
-            assert len(runs) == 4
+            await eventually(lambda: len(runs) == 4, timeout=10)
 
             stack.nats.server.stop(sig=signal.SIGKILL)
             gate.set()  # the handlers finish while NATS is away: their replies are dropped

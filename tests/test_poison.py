@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from conftest import Flows, flow, serve, task_status
+from conftest import Flows, eventually, flow, serve, task_status
 
 
 def attempt_of(msg: Any) -> int:
@@ -92,11 +92,7 @@ async def test_a_poison_reply_left_in_the_stream_is_not_replayed_forever(
     await serve(nc, f"{svc}.do", reply)
     await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0,
                                                  "timeout": "30s"}), "f")
-    for _ in range(200):
-        if held:
-            break
-        await asyncio.sleep(0.05)
-    assert held
+    await eventually(lambda: held, timeout=10)
     operator.kill(signal.SIGKILL)
     try:
         await nc.publish(held[0].reply, deep(300))

@@ -162,9 +162,13 @@ class Registry:
             metrics.BAD_REPLIES.labels(reason="malformed").inc()
             log.warning("bad reply for %s/%s/%s attempt %d: %s", uid, stage, task, attempt,
                         item.error.message)
-        # Measured as status keeps it: a body of "1E15"s is 4.5 times larger once parsed.
-        stored = json.dumps(item.data, separators=(",", ":")).encode() if item.ok else b""
-        if item.ok and max(len(msg.data), len(stored)) > self.inline_limit(uid):
+        # Measured as status keeps it: a body of "1E15"s is 4.5 times larger once parsed, one of
+        # raw DEL characters 6 times (escaped as \u007f); nothing grows more, so only a body
+        # that could pass the limit is serialised again.
+        limit = self.inline_limit(uid)
+        could_pass = item.ok and len(msg.data) * 6 > limit
+        stored = json.dumps(item.data, separators=(",", ":")).encode() if could_pass else b""
+        if could_pass and max(len(msg.data), len(stored)) > limit:
             try:
                 ref = await self.bus.store_response(f"{uid}/{stage}/{task}/{attempt}", stored)
             except Exception as exc:
