@@ -47,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated namespaces the NATS API (taskflow.api.*) may act in "
                           "(default: the watched namespaces; 'none' turns the API off)")
     run.add_argument("--subject-template", default=env("TASKFLOW_SUBJECT_TEMPLATE",
-                                                       "{serviceId}.{actionName}"))
+                                                       "{serviceId}.{actionName}"),
+                     help="a task's request subject: {serviceId}, {actionName}, {namespace}")
+    run.add_argument("--credentials-namespace", default=env("TASKFLOW_CREDENTIALS_NAMESPACE"),
+                     help="where the NATS credentials Secrets that TaskflowPolicies name live "
+                          "(the operator's namespace; unset: policies cannot name any)")
+    run.add_argument("--require-policy", action="store_true",
+                     default=env("TASKFLOW_REQUIRE_POLICY", "") == "true",
+                     help="a namespace without a TaskflowPolicy 'default' runs no task")
     run.add_argument("--metrics-address", default=env("TASKFLOW_METRICS_ADDRESS",
                                                       "127.0.0.1:9464"),
                      help="host:port of the Prometheus endpoint ('' disables it)")
@@ -88,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(level=args.log_level, fmt=args.log_format)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it
-    if "{serviceId}" not in args.subject_template:
-        print("--subject-template must contain {serviceId}", file=sys.stderr)
+    problem = Subjects(template=args.subject_template).template_problem()
+    if problem is not None:
+        print(f"--subject-template: {problem}", file=sys.stderr)
         return 2
     nats_settings = NatsSettings(
         url=args.nats_url, user=args.nats_user, password=_read(args.nats_password_file),
@@ -109,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
                         standalone=not args.peering, peering=args.peering or None,
                         api_namespaces=[n for n in api_namespaces if n != "none"] or None,
                         serve_nats_api=args.nats_api == "on" and api_namespaces != ["none"],
-                        key_file=args.key_file)
+                        key_file=args.key_file, namespaces=list(args.namespace) or None,
+                        credentials_namespace=args.credentials_namespace,
+                        require_policy=args.require_policy)
     registry = kopf.OperatorRegistry()
     operator.register(registry)
     if args.metrics_address:

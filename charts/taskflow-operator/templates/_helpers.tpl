@@ -90,4 +90,11 @@ child flows), no update of a whole object, no access to any other resource.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Tenant policies: read (what a namespace may call, as whom), and the Connected condition.
+- apiGroups: ["taskflow.dev"]
+  resources: ["taskflowpolicies"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["taskflow.dev"]
+  resources: ["taskflowpolicies/status"]
+  verbs: ["update"]
 {{- end }}

@@ -7,26 +7,28 @@ import sys
 from pathlib import Path
 
 from taskflow.api import admission
-from taskflow.api.crd import render
+from taskflow.api.crd import crd, policy_crd, render
 
-POLICY = Path("charts/taskflow-operator/files/parent-links-policy.yaml")
-TARGETS = (
-    Path("crds/taskflow.dev_taskflows.yaml"),
-    Path("charts/taskflow-operator/crds/taskflow.dev_taskflows.yaml"),
-)
+CHART = Path("charts/taskflow-operator")
+
+
+def outputs() -> dict[Path, str]:
+    """Every generated file, by path (relative to the repository)."""
+    files: dict[Path, str] = {}
+    for name, definition in (("taskflows", crd()), ("taskflowpolicies", policy_crd())):
+        text = render(definition)
+        files[Path(f"crds/taskflow.dev_{name}.yaml")] = text
+        files[CHART / f"crds/taskflow.dev_{name}.yaml"] = text
+    files[CHART / "files/parent-links-policy.yaml"] = admission.render()
+    files[CHART / "files/tenant-policy.yaml"] = admission.render(admission.tenant_policy())
+    return files
 
 
 def main() -> int:
-    text = render()
-    for target in TARGETS:
-        if target.parent.parent.exists() or target.parts[0] == "crds":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
-            print(f"wrote {target}")
-    if POLICY.parent.parent.exists():
-        POLICY.parent.mkdir(parents=True, exist_ok=True)
-        POLICY.write_text(admission.render())
-        print(f"wrote {POLICY}")
+    for target, text in outputs().items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        print(f"wrote {target}")
     return 0
 
 

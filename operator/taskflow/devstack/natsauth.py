@@ -88,3 +88,78 @@ class NatsAuth:
                   for user, ids in self.services.items()]
         accounts = {"TASKFLOW": {"jetstream": "enabled", "users": users}}
         return f"accounts: {json.dumps(accounts, indent=2)}\n"
+
+
+def tenant_operator_permissions(*, request_subjects: str = ">") -> dict[str, object]:
+    """The operator's user in a team's account: requests, events, cancel notices and its two
+    streams there (the journal, keys and object store stay in the operator's own account)."""
+    return {
+        "publish": {"allow": [request_subjects, "taskflow.events.>", "taskflow.cancel.>",
+                              "$SRV.INFO", "$JS.API.>", "_INBOX.>"],
+                    "deny": ["taskflow.reply.>"]},
+        "subscribe": {"allow": ["taskflow.reply.>", "_INBOX.>"]},
+    }
+
+
+@dataclass(frozen=True)
+class Team:
+    """One team's NATS account: the operator's user for it, a service user serving
+    ``services``, and the services it ``exports`` (every other team imports them)."""
+
+    services: tuple[str, ...] = ()
+    exports: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TenantAuth:
+    """Accounts for tenant isolation: ``TASKFLOW`` (the operator, its state) and one account
+    per team, each with JetStream. Users: ``taskflow-operator``; per team ``<team>-operator``
+    (the operator, in that account) and ``<team>-svc``."""
+
+    teams: dict[str, Team]
+    passwords: dict[str, str]
+    # Request subjects as the operator's --subject-template makes them, with "{serviceId}"
+    # and "{actionName}" in it ({namespace} is matched by a wildcard).
+    template: str = "{serviceId}.{actionName}"
+
+    @classmethod
+    def make(cls, teams: dict[str, Team], *, template: str = "{serviceId}.{actionName}"
+             ) -> TenantAuth:
+        names = [OPERATOR_USER, *(f"{t}-{role}" for t in teams for role in ("operator", "svc"))]
+        return cls(teams=teams, passwords={u: secrets.token_hex(16) for u in names},
+                   template=template)
+
+    def url(self, base: str, user: str) -> str:
+        scheme, _, rest = base.partition("://")
+        return f"{scheme}://{user}:{self.passwords[user]}@{rest}"
+
+    def subject(self, service_id: str, action: str = ">") -> str:
+        return self.template.format(serviceId=service_id, actionName=action, namespace="*")
+
+    def config(self) -> str:
+        accounts: dict[str, object] = {"TASKFLOW": {"jetstream": "enabled", "users": [
+            {"user": OPERATOR_USER, "password": self.passwords[OPERATOR_USER],
+             "permissions": operator_permissions(request_subjects=">")}]}}
+        for team, spec in self.teams.items():
+            own = [self.subject(s) for s in spec.services]
+            service = {
+                "publish": {"deny": [">"]},
+                "subscribe": {"allow": [*own, *(f"taskflow.cancel.{s}" for s in spec.services),
+                                        "_INBOX.>"]},
+                "allow_responses": {"max": 1, "expires": "10m"},
+            }
+            account: dict[str, object] = {"jetstream": "enabled", "users": [
+                {"user": f"{team}-operator", "password": self.passwords[f"{team}-operator"],
+                 "permissions": tenant_operator_permissions()},
+                {"user": f"{team}-svc", "password": self.passwords[f"{team}-svc"],
+                 "permissions": service},
+            ]}
+            if spec.exports:
+                account["exports"] = [{"service": self.subject(s)} for s in spec.exports]
+            imports = [{"service": {"account": other, "subject": self.subject(s)}}
+                       for other, theirs in self.teams.items() if other != team
+                       for s in theirs.exports]
+            if imports:
+                account["imports"] = imports
+            accounts[team] = account
+        return f"accounts: {json.dumps(accounts, indent=2)}\n"

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from taskflow.devstack.certs import write_pki
-from taskflow.devstack.natsauth import NatsAuth
+from taskflow.devstack.natsauth import NatsAuth, TenantAuth
 
 BINARIES = ("etcd", "kube-apiserver", "nats-server")
 
@@ -318,7 +318,7 @@ class DevStack:
     """The whole local stack: control plane, NATS, and the Taskflow CRD applied and Established."""
 
     def __init__(self, workdir: Path | None = None, *, keep: bool = False,
-                 nats_auth: NatsAuth | None = None) -> None:
+                 nats_auth: NatsAuth | TenantAuth | None = None) -> None:
         self._tmp = None if workdir else tempfile.mkdtemp(prefix="taskflow-stack-")
         self.workdir = workdir or Path(self._tmp)  # type: ignore[arg-type]
         self.keep = keep
@@ -374,47 +374,51 @@ class DevStack:
 
 
 def install_crd(kubeconfig: Path, timeout: float = 30) -> None:
-    """Apply the generated CRD (server-side apply) and wait until it is Established."""
+    """Apply the generated CRDs (server-side apply) and wait until they are Established."""
     from kubernetes import client, config
 
-    from taskflow.api.crd import crd
+    from taskflow.api.crd import crd, policy_crd
 
     api_client = config.new_client_from_config(str(kubeconfig))
     try:
-        body = crd()
         ext = client.ApiextensionsV1Api(api_client)
-        ext.patch_custom_resource_definition(
-            name=body["metadata"]["name"], body=body,
-            field_manager="taskflow-devstack", force=True,
-            _content_type="application/apply-patch+yaml",
-        )
+        for body in (crd(), policy_crd()):
+            ext.patch_custom_resource_definition(
+                name=body["metadata"]["name"], body=body,
+                field_manager="taskflow-devstack", force=True,
+                _content_type="application/apply-patch+yaml",
+            )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            current = ext.read_custom_resource_definition(body["metadata"]["name"])
-            conditions = (current.status and current.status.conditions) or []
-            if any(c.type == "Established" and c.status == "True" for c in conditions):
-                return
-            time.sleep(0.2)
-        raise TimeoutError("the Taskflow CRD was not Established in time")
+        for body in (crd(), policy_crd()):
+            while True:
+                current = ext.read_custom_resource_definition(body["metadata"]["name"])
+                conditions = (current.status and current.status.conditions) or []
+                if any(c.type == "Established" and c.status == "True" for c in conditions):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{body['metadata']['name']} was not Established in time")
+                time.sleep(0.2)
     finally:
         api_client.close()
 
 
 def install_admission_policy(kubeconfig: Path) -> None:
-    """The chart's ValidatingAdmissionPolicy for parent links (taskflow.api.admission)."""
+    """The chart's ValidatingAdmissionPolicies (taskflow.api.admission): parent links, and
+    tenant policies (a namespace without a TaskflowPolicy may call anything)."""
     from kubernetes import client, config
 
-    from taskflow.api.admission import policy
+    from taskflow.api.admission import policy, tenant_policy
 
     api_client = config.new_client_from_config(str(kubeconfig))
     try:
         api = client.AdmissionregistrationV1Api(api_client)
-        vap, binding = policy()
-        api.patch_validating_admission_policy(
-            name=vap["metadata"]["name"], body=vap, field_manager="taskflow-devstack",
-            force=True, _content_type="application/apply-patch+yaml")
-        api.patch_validating_admission_policy_binding(
-            name=binding["metadata"]["name"], body=binding, field_manager="taskflow-devstack",
-            force=True, _content_type="application/apply-patch+yaml")
+        for vap, binding in (policy(), tenant_policy()):
+            api.patch_validating_admission_policy(
+                name=vap["metadata"]["name"], body=vap, field_manager="taskflow-devstack",
+                force=True, _content_type="application/apply-patch+yaml")
+            api.patch_validating_admission_policy_binding(
+                name=binding["metadata"]["name"], body=binding,
+                field_manager="taskflow-devstack", force=True,
+                _content_type="application/apply-patch+yaml")
     finally:
         api_client.close()

@@ -15,13 +15,14 @@ from taskflow.engine.effects import (
     Emit,
     Record,
 )
-from taskflow.engine.engine import decide
+from taskflow.engine.engine import POLICY_DENIED, Refusal, decide
 from taskflow.engine.inputs import BAD_REPLY, ChildFinished, Input, NoResponders, Reply
 from taskflow.engine.options import EffectiveOptions, effective_options
 from taskflow.engine.quarantine import quarantine
 
 __all__ = [
     "BAD_REPLY",
+    "POLICY_DENIED",
     "CancelChild",
     "CancelNotice",
     "ChildFinished",
@@ -34,6 +35,7 @@ __all__ = [
     "Input",
     "NoResponders",
     "Record",
+    "Refusal",
     "Reply",
     "decide",
     "effective_options",

@@ -9,7 +9,7 @@ status alone).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -57,12 +57,21 @@ def decide(
     uid: str,
     generation: int,
     event_subject: str,
+    refuse: Refusal | None = None,
 ) -> Decision:
-    """Advance the flow as far as it can go at ``now``."""
-    return _Step(spec, _clone(status), now, uid).run(
+    """Advance the flow as far as it can go at ``now``. ``refuse`` says why a service's
+    action may not be called from this flow (its namespace's policy), or None when it may."""
+    return _Step(spec, _clone(status), now, uid, refuse).run(
         inputs=inputs, generation=generation, event_subject=event_subject
     )
 
+
+# (serviceId, actionName) -> why it may not be called, or None. Supplied by the shell from the
+# namespace's TaskflowPolicy; the engine only applies it, before every dispatch.
+Refusal = Callable[[str, str], str | None]
+# The error reason of a task its namespace's policy does not allow: not retried (it would be
+# refused again), a flow retry runs it once the policy allows it.
+POLICY_DENIED = "PolicyDenied"
 
 _M = TypeVar("_M")
 _CONTAINERS = (BaseModel, list, dict)
@@ -96,8 +105,10 @@ def task_id(uid: str, stage: str, task: str | None = None) -> str:
 class _Step:
     """One decision. Mutates its own deep copy of status and collects effects."""
 
-    def __init__(self, spec: TaskflowSpec, status: TaskflowStatus, now: int, uid: str) -> None:
+    def __init__(self, spec: TaskflowSpec, status: TaskflowStatus, now: int, uid: str,
+                 refuse: Refusal | None = None) -> None:
         self.spec = spec
+        self.refuse = refuse
         self.status = status
         self.now = now
         self.uid = uid
@@ -611,6 +622,8 @@ class _Step:
             if task.expires_at and parse_iso(task.expires_at) <= self.now:
                 self.expire(stage, task, opts)
                 continue
+            if self.refused(stage, task):
+                continue
             redelivery = task.waiting_reason == "NoResponders"
             task.status = Status.RUNNING
             task.not_before = task.waiting_reason = None
@@ -632,6 +645,20 @@ class _Step:
                 self.effects.append(
                     Dispatch(stage=stage.name, task=task.name, attempt=task.attempt)
                 )
+
+    def refused(self, stage: StageStatus, task: TaskStatus) -> bool:
+        """End a task its namespace's policy does not allow, before anything is sent."""
+        details = self.task_spec(stage.name, task.name).task_details
+        if self.refuse is None or details is None:
+            return False
+        why = self.refuse(details.service_id, details.action_name)
+        if why is None:
+            return False
+        error = TaskError(message=why[:4096], reason=POLICY_DENIED)
+        task.start_time = task.start_time or iso(self.now)
+        self.record_attempt(task, Status.FAILED, error)
+        self.end_task(stage, task, Status.FAILED, error)
+        return True
 
     def close_stage(self, stage: StageStatus) -> bool:
         """Finish a stage whose tasks all ended; True when the flow stops here."""

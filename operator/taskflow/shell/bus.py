@@ -20,11 +20,11 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
-from nats.aio.client import Client
+from nats.aio.client import Client, RawCredentials
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 from nats.js import JetStreamContext
@@ -52,10 +52,14 @@ JOURNAL_BUCKET = "taskflow-journal"
 class NatsSettings:
     url: str = "nats://127.0.0.1:4222"
     user: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
     creds_file: str | None = None
     nkey_seed_file: str | None = None
+    # The same, as contents (a tenant's credentials, read from its Secret).
+    creds: str | None = field(default=None, repr=False)
+    nkey_seed: str | None = field(default=None, repr=False)
+    name: str = "taskflow-operator"
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -75,7 +79,7 @@ class NatsSettings:
     def connect_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             "servers": [u.strip() for u in self.url.split(",")],
-            "name": "taskflow-operator",
+            "name": self.name,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
             "pending_size": 64 * 1024 * 1024,
@@ -88,6 +92,10 @@ class NatsSettings:
             options["user_credentials"] = self.creds_file
         if self.nkey_seed_file:
             options["nkeys_seed"] = self.nkey_seed_file
+        if self.creds:
+            options["user_credentials"] = RawCredentials(self.creds)
+        if self.nkey_seed:
+            options["nkeys_seed_str"] = self.nkey_seed
         if self.tls_ca or self.tls_cert:
             context = ssl.create_default_context(cafile=self.tls_ca)
             if self.tls_cert:
@@ -123,7 +131,12 @@ class Bus:
         self._discovery: asyncio.Lock | None = None
 
     @classmethod
-    async def connect(cls, settings: NatsSettings, subjects: Subjects) -> Bus:
+    async def connect(cls, settings: NatsSettings, subjects: Subjects, *,
+                      own_state: bool = True, retry: bool = True) -> Bus:
+        """Connected, with its streams made. ``own_state``: also the operator's journal and
+        object store (a tenant's connection has the reply and event streams only: the state
+        stays in the operator's own account). ``retry``: reconnect for ever, also when the
+        first attempt fails (a tenant's connection reports it instead)."""
         bus: Bus | None = None
 
         async def on_error(exc: Exception) -> None:
@@ -138,11 +151,18 @@ class Bus:
             if bus is not None and bus.on_reconnected is not None:
                 bus.on_reconnected()
 
-        nc = await nats.connect(**settings.connect_options(), error_cb=on_error,
-                                reconnected_cb=on_reconnect)
+        options = settings.connect_options()
+        if not retry:
+            options.update(max_reconnect_attempts=1, connect_timeout=5)
+        nc = await nats.connect(**options, error_cb=on_error, reconnected_cb=on_reconnect)
+        nc.options["max_reconnect_attempts"] = -1  # once connected, never give up
         js = nc.jetstream()
         bus = cls(nc, js, subjects, settings)
-        await bus._ensure_streams(settings.retention_s)
+        try:
+            await bus._ensure_streams(settings.retention_s, own_state=own_state)
+        except BaseException:
+            await bus.close()
+            raise
         return bus
 
     def was_dropped(self, subject: str) -> None:
@@ -153,7 +173,7 @@ class Bus:
         if self.on_dropped is not None:
             self.on_dropped(subject)
 
-    async def _ensure_streams(self, retention_s: int) -> None:
+    async def _ensure_streams(self, retention_s: int, *, own_state: bool = True) -> None:
         limits = self.settings
         for name, subject, per_subject in (
             # An attempt's subject has one answer; a storm on one keeps the last few.
@@ -177,6 +197,8 @@ class Bus:
                 await self.js.add_stream(cfg)
             except Exception:
                 await self.js.update_stream(cfg)
+        if not own_state:
+            return
         try:
             self._objects = await self.js.object_store(RESPONSE_BUCKET)
         except Exception:

@@ -23,6 +23,7 @@ from taskflow.engine import (
     Effect,
     Emit,
     Input,
+    NoResponders,
     Record,
     Reply,
     effective_options,
@@ -30,6 +31,7 @@ from taskflow.engine import (
 )
 from taskflow.shell import metrics
 from taskflow.shell.kube import Conflict, Gone
+from taskflow.shell.tenants import Link, LinkDown
 from taskflow.wire.context import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
@@ -74,6 +76,11 @@ class Effects:
     @property
     def status(self) -> TaskflowStatus:
         raise NotImplementedError
+
+    @property
+    def link(self) -> Link:
+        """The NATS connection of this flow's namespace (its tenant's, or the operator's)."""
+        return self.registry.link(self.namespace)
 
     def spec(self) -> TaskflowSpec:
         raise NotImplementedError
@@ -151,12 +158,19 @@ class Effects:
                 headers[EXPIRES_HEADER] = str(parse_iso(state.expires_at))
         self.sent_at[(effect.stage, effect.task, effect.attempt)] = time.monotonic()
         metrics.DISPATCHES.inc()
-        await self.bus.dispatch(
-            subject=subjects.request(task.task_details.service_id, task.task_details.action_name),
-            reply=subjects.reply(self.uid, effect.stage, effect.task, effect.attempt),
-            body=json.dumps(task.params or {}).encode(),
-            headers=headers,
-        )
+        try:
+            await self.link.dispatch(
+                subject=subjects.request(task.task_details.service_id,
+                                         task.task_details.action_name, self.namespace),
+                reply=subjects.reply(self.uid, effect.stage, effect.task, effect.attempt),
+                body=json.dumps(task.params or {}).encode(),
+                headers=headers,
+            )
+        except LinkDown as exc:
+            # The namespace's NATS user is not connected: wait as for no responders (sent
+            # again every few seconds until it is, or until the attempt times out).
+            self.log.warning("not dispatched: %s", exc)
+            self.push(NoResponders(stage=effect.stage, task=effect.task, attempt=effect.attempt))
 
     def count(self, effect: Emit) -> None:
         if effect.kind == "TASK" and effect.status not in ("RUNNING",):
@@ -172,8 +186,8 @@ class Effects:
         if not self.outbox:
             return
         events, self.outbox = self.outbox, []
-        stored = await self.bus.publish_events(self.settings.subjects.events(self.uid),
-                                               self.uid, events)
+        stored = await self.link.publish_events(
+            self.settings.subjects.events(self.uid), self.uid, events)
         missed = [e for e in events if e[0] not in stored]
         if missed:
             metrics.EFFECT_FAILURES.labels(effect="Emit").inc(len(missed))
@@ -198,7 +212,7 @@ class Effects:
             "actionName": task.task_details.action_name,
             "reason": "cancelled",
         }
-        await self.bus.publish(
+        await self.link.publish(
             self.settings.subjects.cancel(task.task_details.service_id),
             json.dumps(notice).encode(),
             headers={IDEMPOTENCY_HEADER: key},

@@ -16,11 +16,13 @@ from typing import Any, cast
 import kopf
 
 from taskflow.api.crd import GROUP, VERSION
+from taskflow.api.policy import PLURAL as POLICY_PLURAL
 from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
 from taskflow.shell.kube import Kube, connection_config, load_api_client
 from taskflow.shell.registry import Registry
 from taskflow.shell.runner import RunnerSettings
+from taskflow.shell.tenants import Tenants
 
 log = logging.getLogger("taskflow.handlers")
 
@@ -51,6 +53,9 @@ class Operator:
         api_namespaces: list[str] | None = None,
         serve_nats_api: bool = True,
         key_file: str | None = None,
+        namespaces: list[str] | None = None,
+        credentials_namespace: str | None = None,
+        require_policy: bool = False,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
@@ -61,6 +66,12 @@ class Operator:
         self.api_namespaces = api_namespaces
         self.serve_nats_api = serve_nats_api
         self.key_file = key_file
+        # The watched namespaces (None: all), where tenants' credentials Secrets live, and
+        # whether a namespace without a TaskflowPolicy may run flows at all.
+        self.namespaces = namespaces
+        self.credentials_namespace = credentials_namespace
+        self.require_policy = require_policy
+        self.tenants: Tenants | None = None
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
@@ -71,6 +82,9 @@ class Operator:
         kopf.on.cleanup(registry=registry)(self.cleanup)
         kopf.on.event(GROUP, VERSION, "taskflows", registry=registry)(
             self.on_event  # type: ignore[arg-type]
+        )
+        kopf.on.event(GROUP, VERSION, POLICY_PLURAL, registry=registry)(
+            self.on_policy  # type: ignore[arg-type]
         )
         kopf.on.probe(id="nats", registry=registry)(self.probe)
 
@@ -121,7 +135,16 @@ class Operator:
         subjects = dataclasses.replace(self.runner_settings.subjects, key=key)
         self.runner_settings = dataclasses.replace(self.runner_settings, subjects=subjects)
         self.bus.subjects = subjects
-        self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings)
+        self.tenants = Tenants(kube=self.kube, main=self.bus, nats=self.nats, subjects=subjects,
+                               credentials_namespace=self.credentials_namespace,
+                               require_policy=self.require_policy)
+        self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings,
+                                 tenants=self.tenants)
+        self.tenants.on_reply = self.registry.on_reply
+        self.tenants.on_reconnected = self.registry.on_reconnected
+        self.tenants.on_dropped = self.registry.on_dropped
+        # Before any flow runs: no dispatch may go out before its namespace's policy is known.
+        await self.tenants.load(self.namespaces)
         self.registry.unfinished = await self.bus.journal_keys()
         self.bus.on_dropped = self.registry.on_dropped
         self.bus.on_reconnected = self.registry.on_reconnected
@@ -139,6 +162,8 @@ class Operator:
     async def cleanup(self, **_: Any) -> None:
         if self.registry:
             await self.registry.close()
+        if self.tenants:
+            await self.tenants.close()
         if self.bus:
             await self.bus.close()
         if self.kube:
@@ -148,6 +173,10 @@ class Operator:
         if self.registry is None or not isinstance(event.get("object"), dict):
             return
         self.registry.observe(event.get("type"), event["object"])
+
+    async def on_policy(self, event: dict[str, Any], **_: Any) -> None:
+        if self.tenants is not None and isinstance(event.get("object"), dict):
+            self.tenants.observe(event.get("type"), event["object"])
 
     async def probe(self, **_: Any) -> str:
         if self.bus is None or not self.bus.nc.is_connected:

@@ -20,6 +20,7 @@ from kubernetes.client import rest
 from kubernetes.client.exceptions import ApiException
 
 from taskflow.api.crd import GROUP, VERSION
+from taskflow.api.policy import PLURAL as POLICY_PLURAL
 
 PLURAL = "taskflows"
 log = logging.getLogger("taskflow.kube")
@@ -167,6 +168,28 @@ class Kube:
         except Exception as exc:  # events are best effort by design
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"],
                         meta["name"], exc)
+
+    # -- tenant policies and their credentials ------------------------------------------------
+
+    async def list_policies(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every TaskflowPolicy (of one namespace, or of all)."""
+        where = f"namespaces/{namespace}/" if namespace else ""
+        result = await self._call(self._send, "GET",
+                                  f"/apis/{GROUP}/{VERSION}/{where}{POLICY_PLURAL}")
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
+
+    async def replace_policy_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        path = (f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/{POLICY_PLURAL}/"
+                f"{meta['name']}/status")
+        result: dict[str, Any] = await self._call(self._send, "PUT", path, body)
+        return result
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            self._send, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        return result
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -25,6 +25,7 @@ from taskflow.shell.bus import Bus
 from taskflow.shell.effects import child_error, describe
 from taskflow.shell.kube import Gone, Kube
 from taskflow.shell.runner import FlowRunner, RunnerSettings
+from taskflow.shell.tenants import Link, Tenants
 from taskflow.wire.links import PARENT_UID, child_input, link_problem
 from taskflow.wire.replies import read_reply
 
@@ -34,9 +35,11 @@ log = logging.getLogger("taskflow.runner")
 class Registry:
     """All active flow writers, keyed by uid; routes watch events and replies to them."""
 
-    def __init__(self, *, kube: Kube, bus: Bus, settings: RunnerSettings) -> None:
+    def __init__(self, *, kube: Kube, bus: Bus, settings: RunnerSettings,
+                 tenants: Tenants) -> None:
         self.kube = kube
-        self.bus = bus
+        self.bus = bus  # the operator's own connection: journal, object store
+        self.tenants = tenants
         self.settings = settings
         self.runners: dict[str, FlowRunner] = {}
         self.starting = asyncio.Semaphore(settings.max_starting)
@@ -55,6 +58,10 @@ class Registry:
             log.error("the Taskflow CRD in the cluster is older than this operator (it drops "
                       "status.writeSeq): apply crds/ from this release; until then dispatches "
                       "wait for the API write")
+
+    def link(self, namespace: str) -> Link:
+        """Where a flow of ``namespace`` dispatches, listens and publishes."""
+        return self.tenants.link(namespace)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
@@ -118,7 +125,9 @@ class Registry:
 
     # -- replies (NATS) ----------------------------------------------------------------------
 
-    async def on_reply(self, msg: Msg) -> None:
+    async def on_reply(self, msg: Msg, via: str | None = None) -> None:
+        """A message on a reply subject, over the operator's connection (``via`` None) or a
+        tenant's (the name of its credentials Secret)."""
         parsed = self.settings.subjects.parse_reply(msg.subject)
         if parsed is None:  # a guess or a forgery: no reply subject this operator made
             metrics.FORGED_REPLIES.inc()
@@ -126,20 +135,26 @@ class Registry:
         runner = self.runners.get(parsed[0])
         if runner is None:
             return  # the stream keeps it; the flow's writer finds it when it resumes
+        if not self.tenants.serves(runner.namespace, via):
+            metrics.FORGED_REPLIES.inc()  # from another tenant's account than the flow's
+            return
         item = await self.to_input(msg, parsed)
         if item is not None:
             runner.push(item)
 
-    def on_reconnected(self) -> None:
+    def on_reconnected(self, via: str | None = None) -> None:
         """Replies sent while NATS was away were dropped by the services' clients: ask every
-        in-flight attempt of an idempotent service again (the same attempt, the same key)."""
-        self.spawn(self._reask_all())
+        in-flight attempt of an idempotent service again (the same attempt, the same key), on
+        the connection that came back."""
+        self.spawn(self._reask_all(via))
 
-    async def _reask_all(self) -> None:
+    async def _reask_all(self, via: str | None) -> None:
         await asyncio.sleep(1.0)  # services reconnect too (no responders: redelivered anyway)
-        subjects = await self.bus.idempotent_subjects(max_age=0)
-        for runner in list(self.runners.values()):
-            runner.reask(subjects)
+        runners = [r for r in self.runners.values() if self.tenants.serves(r.namespace, via)]
+        if runners:
+            subjects = await runners[0].link.idempotent_subjects(max_age=0)
+            for runner in runners:
+                runner.reask(subjects)
 
     def on_dropped(self, subject: str) -> None:
         """The client dropped a reply (a slow consumer): the stream still has it, so its flow's

@@ -211,12 +211,13 @@ class FlowRunner(Effects):
                 if (task.status != Status.RUNNING or task.waiting_reason or details is None
                         or (only is not None and key not in only)):
                     continue
-                if subjects.request(details.service_id, details.action_name) in idempotent:
+                if subjects.request(details.service_id, details.action_name,
+                                    self.namespace) in idempotent:
                     metrics.REASKED.inc()
                     self.registry.spawn(self.dispatch(spec, Dispatch(*key)))
 
     async def _reask_unanswered(self, unanswered: set[tuple[str, str, int]]) -> None:
-        self.reask(await self.bus.idempotent_subjects(), only=unanswered)
+        self.reask(await self.link.idempotent_subjects(), only=unanswered)
 
     def reread(self, attempt: tuple[str, str, int]) -> None:
         """Read this attempt's reply from the stream soon (once for a burst of drops)."""
@@ -230,7 +231,7 @@ class FlowRunner(Effects):
         missed, self.missed = self.missed, set()
         subjects = self.settings.subjects
         for stage, task, attempt in missed:
-            msg = await self.bus.stored_reply(subjects.reply(self.uid, stage, task, attempt))
+            msg = await self.link.stored_reply(subjects.reply(self.uid, stage, task, attempt))
             item = None if msg is None else await self.registry.to_input(
                 msg, (self.uid, stage, task, attempt))
             if item is not None:
@@ -311,7 +312,7 @@ class FlowRunner(Effects):
         if not self.status.stages:
             return
         subjects = self.settings.subjects
-        last = await self.bus.last_event_seq(subjects.events(self.uid))
+        last = await self.link.last_event_seq(subjects.events(self.uid))
         if last is None:  # NATS cannot say: publish the whole outbox (repeats are dropped)
             self.outbox = sorted(self.outbox)
             self.status.last_event_seq = max([self.status.last_event_seq,
@@ -330,7 +331,7 @@ class FlowRunner(Effects):
                 if task.status == Status.RUNNING or task.waiting_reason == "NoResponders":
                     lookups.append((stage.name, task.name, task.attempt))
         replies = await asyncio.gather(
-            *(self.bus.stored_reply(subjects.reply(self.uid, s, t, a)) for s, t, a in lookups)
+            *(self.link.stored_reply(subjects.reply(self.uid, s, t, a)) for s, t, a in lookups)
         )
         unanswered = set()
         for (s, t, a), msg in zip(lookups, replies, strict=True):
@@ -520,6 +521,7 @@ class FlowRunner(Effects):
                 uid=self.uid,
                 generation=int(generation or 0),
                 event_subject=self.settings.subjects.events(self.uid),
+                refuse=self.registry.tenants.refusal(self.namespace),
             )
             status = decision.status
             events = self.events_of(decision)
@@ -703,7 +705,7 @@ class FlowRunner(Effects):
     async def finish(self) -> None:
         phase = self.status.phase
         metrics.FLOWS_FINISHED.labels(phase=str(phase)).inc()
-        self.registry.spawn(self.bus.forget_replies(self.uid))
+        self.registry.spawn(self.link.forget_replies(self.uid))
         if self.journal_rev is not None:
             self.registry.spawn(self.bus.forget_journal(self.uid, self.journal_rev))
         self.log.info("flow ended %s", phase)

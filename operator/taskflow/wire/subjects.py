@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import string
 from dataclasses import dataclass, field
 
 DEFAULT_TEMPLATE = "{serviceId}.{actionName}"
@@ -18,7 +19,8 @@ DEFAULT_TEMPLATE = "{serviceId}.{actionName}"
 
 @dataclass(frozen=True, slots=True)
 class Subjects:
-    # Where a task's request goes; {serviceId} and {actionName} are filled in.
+    # Where a task's request goes; {serviceId}, {actionName} and {namespace} (the flow's: a
+    # DNS label, so one NATS token) are filled in.
     template: str = DEFAULT_TEMPLATE
     # Replies come back here; a JetStream stream captures them so they survive a restart.
     reply_prefix: str = "taskflow.reply"
@@ -29,8 +31,27 @@ class Subjects:
     # itself; the operator always has a key).
     key: bytes | None = field(default=None, repr=False)
 
-    def request(self, service_id: str, action_name: str) -> str:
-        return self.template.format(serviceId=service_id, actionName=action_name)
+    def request(self, service_id: str, action_name: str, namespace: str = "*") -> str:
+        """A task's request subject; a service that serves every namespace listens on the
+        default, ``*``."""
+        return self.template.format(serviceId=service_id, actionName=action_name,
+                                    namespace=namespace)
+
+    def template_problem(self) -> str | None:
+        """What is wrong with the request template, or None."""
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
+        except ValueError as exc:
+            return f"the subject template is malformed: {exc}"
+        if "serviceId" not in fields:
+            return "the subject template must contain {serviceId}"
+        unknown = fields - {"serviceId", "actionName", "namespace"}
+        if unknown:
+            return (f"the subject template may use {{serviceId}}, {{actionName}} and "
+                    f"{{namespace}} only, not {', '.join(sorted(unknown))}")
+        if any(c in self.template for c in " *>\t"):
+            return "the subject template may contain no space or wildcard"
+        return None
 
     def token(self, text: str) -> str:
         """128 bits of HMAC-SHA256 of ``text`` under the key, in hex (a NATS-safe token)."""
