@@ -74,7 +74,11 @@ EXPECTED_RULES = {
     ("taskflow.dev", "taskflows/status", None): {"update"},
     ("taskflow.dev", "taskflows/finalizers", None): {"update"},
     ("", "events", None): {"create"},
+    ("taskflow.dev", "taskflowpolicies", None): {"get", "list", "watch"},
+    ("taskflow.dev", "taskflowpolicies/status", None): {"update"},
 }
+# Tenants' NATS credentials: Secrets of the release namespace, read only.
+EXPECTED_CREDENTIAL_RULES = {("", "secrets", None): {"get"}}
 EXPECTED_PEERING_RULES = {
     ("kopf.dev", "clusterkopfpeerings", None): {"list", "watch"},
     ("kopf.dev", "clusterkopfpeerings", "PEERING"): {"get", "patch"},
@@ -178,24 +182,37 @@ def test_lint_with_every_option_on(tmp_path: Path) -> None:
     helm("lint", "--strict", str(CHART), "-f", str(values_file(tmp_path, values)))
 
 
-def test_chart_crd_is_the_generated_one() -> None:
-    generated = (ROOT / "crds/taskflow.dev_taskflows.yaml").read_bytes()
-    assert (CHART / "crds/taskflow.dev_taskflows.yaml").read_bytes() == generated
+def test_chart_crds_and_policies_are_the_generated_ones() -> None:
+    from taskflow.api.generate import outputs
+
+    for path, text in outputs().items():
+        assert (ROOT / path).read_text() == text, f"{path} drifted: run make generate"
 
 
 def test_chart_admission_policy_is_the_generated_one(tmp_path: Path) -> None:
     from taskflow.api import admission
 
-    assert (CHART / "files/parent-links-policy.yaml").read_text() == admission.render(), (
-        "the chart's admission policy drifted from operator/taskflow/api: run make generate")
     docs = render(tmp_path, {})
-    rendered = [d for d in docs if d["kind"].startswith("ValidatingAdmissionPolicy")]
-    name = "taskflow-system-taskflow-taskflow-operator-parent-links"
-    assert [d["metadata"]["name"] for d in rendered] == [name, name]
-    assert rendered[1]["spec"]["policyName"] == name
-    for doc, want in zip(rendered, admission.policy(), strict=True):
-        assert doc["spec"] == {**want["spec"], **(
-            {"policyName": name} if "policyName" in want["spec"] else {})}
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in docs
+                if d["kind"].startswith("ValidatingAdmissionPolicy")}
+    prefix = "taskflow-system-taskflow-taskflow-operator"
+    wanted = {}
+    for suffix, objects in (("parent-links", admission.policy()),
+                            ("tenant-policy", admission.tenant_policy())):
+        name = f"{prefix}-{suffix}"
+        for want in objects:
+            wanted[(want["kind"], name)] = {**want["spec"], **(
+                {"policyName": name} if "policyName" in want["spec"] else {})}
+    assert {key: doc["spec"] for key, doc in rendered.items()} == wanted
+    required = render(tmp_path, {"tenancy": {"requirePolicy": True}})
+    (binding,) = [d for d in required if d["kind"] == "ValidatingAdmissionPolicyBinding"
+                  and "paramRef" in d["spec"]]
+    assert binding["spec"]["paramRef"]["parameterNotFoundAction"] == "Deny"
+    assert "--require-policy" in container(required)["args"]
+    narrowed = render(tmp_path, {"tenancy": {"credentialSecrets": ["nats-team-a"]}})
+    (role,) = [d for d in narrowed if d["kind"] == "Role"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "resourceNames": ["nats-team-a"], "verbs": ["get"]}]
     assert not [d for d in render(tmp_path, {"admissionPolicy": {"enabled": False}})
                 if d["kind"].startswith("ValidatingAdmissionPolicy")]
 
@@ -224,8 +241,13 @@ def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
     binding = one(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "taskflow-taskflow-operator",
                                     "namespace": "taskflow-system"}]
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterKopfPeering",
-                                                  "ServiceMonitor")]
+    assert not [d for d in docs if d["kind"] in ("ClusterKopfPeering", "ServiceMonitor")]
+    # Only the credentials Role is namespaced: Secrets of the release namespace, read only.
+    (credentials,) = [d for d in docs if d["kind"] == "Role"]
+    assert credentials["metadata"]["namespace"] == "taskflow-system"
+    assert rule_set(credentials["rules"]) == EXPECTED_CREDENTIAL_RULES
+    assert "--credentials-namespace=taskflow-system" in c["args"]
+    assert "--require-policy" not in c["args"]
     service = one(docs, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
 
@@ -233,11 +255,13 @@ def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
 def test_namespaced_rbac_has_no_cluster_role(tmp_path: Path) -> None:
     docs = render(tmp_path, {"watchNamespaces": ["team-a", "team-b"]})
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith(
+        "-credentials")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert rule_set(role["rules"]) == EXPECTED_RULES
-    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and not d["metadata"][
+        "name"].endswith("-credentials")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     args = container(docs)["args"]
     assert [a for a in args if a.startswith("--namespace")] == [
@@ -629,7 +653,7 @@ CANCELLABLE = {
 }
 # Things the operator's ServiceAccount must never be allowed to do.
 DENIED = [
-    ("get", "secrets"), ("list", "secrets"), ("list", "configmaps"), ("create", "pods"),
+    ("list", "secrets"), ("watch", "secrets"), ("list", "configmaps"), ("create", "pods"),
     ("delete", "pods"), ("delete", "namespaces"), ("create", "namespaces"),
     ("delete", "taskflows.taskflow.dev"), ("update", "taskflows.taskflow.dev"),
     ("deletecollection", "taskflows.taskflow.dev"),
@@ -749,6 +773,10 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
         for ns in (flows_ns, release_ns):
             answer = as_operator("auth", "can-i", *denied, "-n", ns, check=False)
             assert answer.stdout.strip() == "no", f"{denied} -n {ns}: {answer.stdout}"
+    # A Secret by name, in the release namespace only (tenants' NATS credentials).
+    for ns, want in ((release_ns, "yes"), (flows_ns, "no"), (other_ns, "no")):
+        answer = as_operator("auth", "can-i", "get", "secrets", "-n", ns, check=False)
+        assert answer.stdout.strip() == want, f"get secrets -n {ns}: {answer.stdout}"
     for args in (["get", "secrets", "-n", release_ns], ["get", "pods", "-n", flows_ns],
                  ["delete", "namespace", other_ns, "--wait=false"],
                  ["delete", "taskflow", "configure-group", "-n", flows_ns],

@@ -157,7 +157,7 @@ class NatsServer:
             "jetstream {\n"
             f"  store_dir: {self.workdir / 'jetstream'}\n"
             "  max_memory_store: 256MB\n"
-            "  max_file_store: 4GB\n"
+            "  max_file_store: 16GB\n"
             "}\n"
             + self.extra_config
         )

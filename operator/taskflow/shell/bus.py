@@ -138,12 +138,14 @@ class Bus:
         stays in the operator's own account). ``retry``: reconnect for ever, also when the
         first attempt fails (a tenant's connection reports it instead)."""
         bus: Bus | None = None
+        said: list[str] = []  # what went wrong while connecting ('Authorization Violation')
 
         async def on_error(exc: Exception) -> None:
             if isinstance(exc, SlowConsumerError):
                 if bus is not None:
                     bus.was_dropped(exc.subject)
                 return
+            said.append(str(exc))
             log.warning("nats: %s", exc)
 
         async def on_reconnect() -> None:
@@ -154,7 +156,13 @@ class Bus:
         options = settings.connect_options()
         if not retry:
             options.update(max_reconnect_attempts=1, connect_timeout=5)
-        nc = await nats.connect(**options, error_cb=on_error, reconnected_cb=on_reconnect)
+        try:
+            nc = await nats.connect(**options, error_cb=on_error, reconnected_cb=on_reconnect)
+        except Exception as exc:
+            if said:  # rather than "no servers available": the server's reason, if it gave one
+                why = next((w for w in said if "violation" in w.lower()), said[0])
+                raise ConnectionRefusedError(why) from exc
+            raise
         nc.options["max_reconnect_attempts"] = -1  # once connected, never give up
         js = nc.jetstream()
         bus = cls(nc, js, subjects, settings)
@@ -195,8 +203,11 @@ class Bus:
             )
             try:
                 await self.js.add_stream(cfg)
-            except Exception:
-                await self.js.update_stream(cfg)
+            except Exception as refused:
+                try:
+                    await self.js.update_stream(cfg)
+                except NotFoundError:
+                    raise refused from None  # not an existing stream: why it was refused
         if not own_state:
             return
         try:

@@ -169,7 +169,10 @@ class Effects:
         except LinkDown as exc:
             # The namespace's NATS user is not connected: wait as for no responders (sent
             # again every few seconds until it is, or until the attempt times out).
-            self.log.warning("not dispatched: %s", exc)
+            if not getattr(self, "_link_down", False):  # once per writer: it repeats
+                self._link_down = True
+                self.log.warning("not dispatched (sent again until the attempt times out): "
+                                 "%s", exc)
             self.push(NoResponders(stage=effect.stage, task=effect.task, attempt=effect.attempt))
 
     def count(self, effect: Emit) -> None:

@@ -212,9 +212,12 @@ class Tenants:
         """Connect, and connect again whenever the Secret changes; say how it went."""
         try:
             while True:
-                await self._check(connection)
-                await self._report(connection)
                 connection.wake.clear()
+                try:
+                    await self._check(connection)
+                    await self._report(connection)
+                except Exception:  # never let the keeper die: try again at the next check
+                    log.exception("keeping the NATS connection of Secret %r", connection.secret)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(RECHECK_S):
                         await connection.wake.wait()
@@ -260,9 +263,16 @@ class Tenants:
         bus.on_dropped = self.on_dropped
         reconnected = self.on_reconnected
         bus.on_reconnected = (lambda: reconnected(via)) if reconnected is not None else None
-        if self.on_reply is not None:
-            handler = self.on_reply
-            await bus.subscribe_replies(lambda msg: handler(msg, via))
+        handler = self.on_reply
+        if handler is not None:
+            async def on_reply(msg: Msg) -> None:
+                await handler(msg, via)
+
+            try:
+                await bus.subscribe_replies(on_reply)
+            except BaseException:
+                await bus.close()
+                raise
         old, connection.bus, connection.version = connection.bus, bus, version
         connection.problem = None
         log.info("connected to NATS with Secret %r (for %s)", connection.secret,
