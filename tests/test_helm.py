@@ -359,6 +359,9 @@ def test_nats_api_is_off_by_default_and_authorizes_callers_when_on(tmp_path: Pat
     args = container(render(tmp_path, {"watchNamespaces": ["a", "b"], "natsApi": {
         "enabled": True, "namespaces": ["b"]}}))["args"]
     assert {"--nats-api=on", "--api-namespaces=b"} <= set(args)
+    assert "--nats-api-users" not in args
+    args = container(render(tmp_path, {"natsApi": {"enabled": True, "natsUsers": True}}))["args"]
+    assert "--nats-api-users" in args
 
 
 @pytest.mark.parametrize(("values", "message"), [

@@ -13,6 +13,7 @@ import pytest
 from kubernetes import client
 
 from conftest import Flows, eventually, flow, serve, task_status
+from taskflow.client import TaskflowClient
 
 
 async def other_namespace(kube: client.ApiClient) -> Flows:
@@ -59,19 +60,31 @@ async def test_a_child_that_does_not_exist_fails_the_attempt(operator, flows: Fl
     assert "does not exist" in a["error"]["message"]
 
 
-async def test_a_parent_label_without_its_owner_reference_is_refused_at_apply(
-    flows: Flows, svc: str
+@pytest.mark.parametrize("metadata", [
+    {"labels": {"taskflow.dev/parent-uid": "00000000-0000-0000-0000-000000000001"}},
+    {"annotations": {"taskflow.dev/depth": "0"}},
+    {"annotations": {"taskflow.dev/parent-context": '{"forged": true}'}},
+], ids=["parent-uid", "depth", "parent-context"])
+async def test_the_operators_labels_without_an_owner_reference_are_refused_at_apply(
+    kube: client.ApiClient, flows: Flows, svc: str, metadata: dict[str, Any]
 ) -> None:
     """The admission policy the chart ships (and the dev stack installs)."""
-    forged = {"metadata": {"name": "forged", "labels": {
-        "taskflow.dev/parent-uid": "00000000-0000-0000-0000-000000000001"}},
-        "spec": flow(svc, ["x"])}
+    forged = {"metadata": {"name": "forged", **metadata}, "spec": flow(svc, ["x"])}
     with pytest.raises(client.ApiException) as refused:
         await flows.create(forged)
     assert refused.value.status == 403
-    assert ("metadata.labels[taskflow.dev/parent-uid] names a parent only together with an "
-            "ownerReference to that Taskflow") in str(refused.value.body)
+    key = next(iter(next(iter(metadata.values()))))
+    assert (f"taskflow.dev/* labels and annotations ({key}) are the operator's: only a child "
+            "flow carries them, with taskflow.dev/parent-uid and an ownerReference to that "
+            "Taskflow") in str(refused.value.body)
     assert await flows.list() == []
+    # The same metadata given to produce is dropped, not refused: the flow is a plain one.
+    tf = TaskflowClient(api_client=kube, namespace=flows.namespace)
+    made = await tf.produce(forged, name="produced")
+    assert made["success"], made
+    body = await flows.get("produced")
+    assert not [k for part in ("labels", "annotations")
+                for k in (body["metadata"].get(part) or {}) if k.startswith("taskflow.dev/")]
 
 
 @pytest.fixture

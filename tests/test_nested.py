@@ -149,16 +149,22 @@ async def test_operator_restart_while_a_child_runs(operator, flows: Flows, nc, s
 
 async def test_depth_limit_is_refused_with_a_clear_error(operator, flows: Flows, nc, svc: str
                                                          ) -> None:
+    """Eleven levels of inline children: the tenth child's own child is refused (the depth
+    annotation is the operator's; admission refuses it on a flow that is not a child)."""
     await serve(nc, f"{svc}.do")
-    body = {"metadata": {"name": "deep", "annotations": {"taskflow.dev/depth": "10"}},
-            "spec": {"stages": [{"name": "s", "tasks": [
-                {"name": "n", "type": "TASKFLOW", "taskflow": flow(svc, ["x"])}]}]}}
-    await flows.create(body)
-    done = await flows.wait("deep")
-    n = task_status(done, "s", "n")
+    spec: dict[str, Any] = flow(svc, ["x"])
+    for _ in range(11):
+        spec = {"stages": [{"name": "s", "tasks": [
+            {"name": "n", "type": "TASKFLOW", "taskflow": spec}]}]}
+    await flows.create({"metadata": {"name": "deep"}, "spec": spec})
+    done = await flows.wait("deep", timeout=60)
     assert done["status"]["phase"] == "FAILED"
+    children = await flows.list()
+    assert len(children) == 11  # the top and ten children
+    deepest = next(c for c in children
+                   if (c["metadata"].get("annotations") or {}).get("taskflow.dev/depth") == "10")
+    n = task_status(deepest, "s", "n")
     assert "nesting depth 11 exceeds the limit of 10" in n["error"]["message"]
-    assert len(await flows.list()) == 1
 
 
 async def test_invalid_child_spec_fails_the_task_with_the_api_servers_message(

@@ -173,13 +173,24 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
         secret(api, "nats-wrong", {"user": "team-a-operator", "password": "not-it"},
                namespaces="wrong")
         put_policy(api, "wrong", {"natsCredentials": {"secretName": "nats-wrong"}})
+        # The NATS API: team-a's NATS users may create and read flows in team-a, by RBAC on
+        # the group the operator maps their account to.
+        rbac = client.RbacAuthorizationV1Api(api)
+        rbac.create_namespaced_role("team-a", {"metadata": {"name": "nats-callers"}, "rules": [
+            {"apiGroups": [GROUP], "resources": ["taskflows"], "verbs": ["create", "get"]}]})
+        rbac.create_namespaced_role_binding("team-a", {
+            "metadata": {"name": "nats-callers"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": "nats-callers"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                          "name": "nats:team-a"}]})
         workdir = tmp_path_factory.mktemp("tenants-operator")
         password = Path(workdir / "nats-password")
         password.write_text(auth.passwords[OPERATOR_USER])
         operator = OperatorProcess(stack, workdir, extra=[
             "--nats-user", OPERATOR_USER, "--nats-password-file", str(password),
             "--subject-template", TEMPLATE, "--credentials-namespace", CREDENTIALS_NS,
-            "--require-policy"])
+            "--require-policy", "--nats-api", "on", "--nats-api-users"])
         operator.start()
         try:
             yield Tenancy(stack, auth, api, operator)
@@ -295,3 +306,40 @@ async def test_bad_credentials_say_so_on_the_policy_and_leak_nothing(tenancy: Te
     assert "authorization" in condition["message"].lower()
     assert "not-it" not in json.dumps(get_policy(tenancy.api, "wrong"))
     assert "not-it" not in tenancy.operator.log_path.read_text()
+
+
+async def test_the_nats_api_acts_as_the_nats_user_the_server_stamps(tenancy: Tenancy) -> None:
+    """A call through team-a's import of taskflow.api.> is made by nats:team-a:team-a-app,
+    whatever the caller writes in the header; RBAC on its group decides."""
+    a = await tenancy.connect("team-a-app")
+    b = await tenancy.connect("team-b-app")
+
+    async def produce(nc: nats.NATS, namespace: str, name: str,
+                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+        request = {"namespace": namespace, "name": name, "schema": flow("svc", ["t"])}
+        answer = await nc.request("taskflow.api.produce", json.dumps(request).encode(),
+                                  timeout=15, headers=headers)
+        result: dict[str, Any] = json.loads(answer.data)
+        return result
+
+    try:
+        made = await produce(a, "team-a", "by-nats-user")
+        assert made["success"] is True, made
+        body = await tenancy.flows("team-a").get("by-nats-user")
+        assert body["metadata"]["uid"] == made["data"]["taskflowId"]
+        refused = await produce(a, "team-b", "elsewhere")
+        assert refused["error"]["code"] == "Forbidden"
+        assert "nats:team-a:team-a-app may not create taskflows in namespace team-b" in (
+            refused["error"]["message"])
+        forged = await produce(a, "team-b", "forged", headers={
+            "Nats-Request-Info": json.dumps({"acc": "team-b", "user": "team-b-app"})})
+        assert forged["error"]["code"] == "Forbidden"
+        assert "nats:team-a:team-a-app" in forged["error"]["message"]
+        unbound = await produce(b, "team-b", "unbound")
+        assert unbound["error"]["code"] == "Forbidden"
+        for name in ("elsewhere", "forged", "unbound"):
+            with pytest.raises(ApiException):
+                await tenancy.flows("team-b").get(name)
+    finally:
+        await a.drain()
+        await b.drain()

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                      default=env("TASKFLOW_NATS_API", "off"),
                      help="the NATS API (taskflow.api.*); when on, each call is authorized "
                           "by the caller's Kubernetes bearer token (docs/nats-api.md)")
+    run.add_argument("--nats-api-users", action="store_true",
+                     default=env("TASKFLOW_NATS_API_USERS", "") == "true",
+                     help="a NATS API call without a token is made by the NATS user the server "
+                          "stamps on a call through an account import (Kubernetes user "
+                          "nats:<account>:<user>, group nats:<account>); only where nobody but "
+                          "the operator may publish on taskflow.api.> in its own account")
     run.add_argument("--api-namespaces", default=env("TASKFLOW_API_NAMESPACES"),
                      help="comma-separated namespaces the NATS API (taskflow.api.*) may act in "
                           "(default: the watched namespaces; 'none' turns the API off)")
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                         standalone=not args.peering, peering=args.peering or None,
                         api_namespaces=[n for n in api_namespaces if n != "none"] or None,
                         serve_nats_api=args.nats_api == "on" and api_namespaces != ["none"],
+                        nats_api_users=args.nats_api_users,
                         key_file=args.key_file, namespaces=list(args.namespace) or None,
                         credentials_namespace=args.credentials_namespace,
                         require_policy=args.require_policy)

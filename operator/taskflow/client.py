@@ -40,6 +40,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel
 
 from taskflow.api.crd import GROUP, VERSION
+from taskflow.api.links import OWN_METADATA
 from taskflow.api.status import TERMINAL_FLOW_PHASES
 from taskflow.wire.links import (
     DEPTH,
@@ -628,6 +629,10 @@ class TaskflowClient:
             metadata.setdefault("generateName", "taskflow-")
         if labels:
             metadata["labels"] = {**(metadata.get("labels") or {}), **labels}
+        for kind in ("labels", "annotations"):  # the operator's own: only parent.apply sets them
+            if isinstance(metadata.get(kind), Mapping):
+                metadata[kind] = {k: v for k, v in metadata[kind].items()
+                                  if not str(k).startswith(OWN_METADATA)}
         body: dict[str, Any] = {
             "apiVersion": API_VERSION, "kind": "Taskflow", "metadata": metadata, "spec": spec,
         }

@@ -1,11 +1,10 @@
 """The ValidatingAdmissionPolicies of ``kubectl apply``: parent links, and tenant policies.
 
-Parent links:
-
-Anyone who may create a Taskflow may write its labels. The operator never trusts the label
-alone (a link needs the owner reference too, shell and wire check it), and this policy says so
-at admission: a flow may carry ``taskflow.dev/parent-uid`` only together with an owner
-reference to that very Taskflow, as the operator, the SDK and the NATS API write them.
+Parent links: anyone who may create a Taskflow may write its labels. The operator never trusts
+the label alone (a link needs the owner reference too, shell and wire check it), and this
+policy says so at admission: ``taskflow.dev/*`` labels and annotations are the operator's, and
+a flow may carry any only as a child, with ``taskflow.dev/parent-uid`` and an owner reference to
+that very Taskflow, as the operator, the SDK and the NATS API write them.
 
 Tenant policies: a new Taskflow may call only what its namespace's TaskflowPolicy ``default``
 allows (the policy's parameter; ``parameterNotFoundAction`` says what a namespace without one
@@ -23,14 +22,21 @@ import yaml
 
 from taskflow.api import policy as tenant
 from taskflow.api.crd import GROUP, VERSION
-from taskflow.api.links import PARENT_UID
+from taskflow.api.links import OWN_METADATA, PARENT_UID
 
 NAME = "taskflow.dev-parent-links"
 
-# CEL: no parent label, or an ownerReference to the Taskflow whose uid it names.
+# CEL: the taskflow.dev/* labels and annotations a flow carries (keys), and whether it is a
+# child owned by the Taskflow whose uid its parent label names.
+_OURS = (
+    f"(has(object.metadata.labels) ? object.metadata.labels.filter(k, "
+    f"k.startsWith('{OWN_METADATA}')) : []) + (has(object.metadata.annotations) ? "
+    f"object.metadata.annotations.filter(k, k.startsWith('{OWN_METADATA}')) : [])"
+)
 _RULE = (
-    f"!has(object.metadata.labels) || !('{PARENT_UID}' in object.metadata.labels) || "
-    "(has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(o, "
+    "size(variables.ours) == 0 || (has(object.metadata.labels) && "
+    f"'{PARENT_UID}' in object.metadata.labels && "
+    "has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(o, "
     f"o.kind == 'Taskflow' && o.uid == object.metadata.labels['{PARENT_UID}']))"
 )
 
@@ -47,11 +53,13 @@ def policy() -> list[dict[str, Any]]:
                 "matchConstraints": {"resourceRules": [{
                     "apiGroups": [GROUP], "apiVersions": ["*"],
                     "operations": ["CREATE", "UPDATE"], "resources": ["taskflows"]}]},
+                "variables": [{"name": "ours", "expression": _OURS}],
                 "validations": [{
                     "expression": _RULE,
-                    "message": f"metadata.labels[{PARENT_UID}] names a parent only together "
-                               "with an ownerReference to that Taskflow (the operator, the "
-                               "SDK and the NATS API write both)",
+                    "messageExpression": f"'{OWN_METADATA}* labels and annotations (' + "
+                                         "variables.ours.join(', ') + ') are the operator\\'s: "
+                                         f"only a child flow carries them, with {PARENT_UID} "
+                                         "and an ownerReference to that Taskflow'",
                     "reason": "Forbidden",
                 }],
             },

@@ -2,6 +2,9 @@
 API (the operator, the SDK, the NATS API and the admission policy all read or write them), so
 defined once, here."""
 
+# Labels and annotations under this prefix are the operator's: refused at admission except on a
+# child flow owned by the parent it names, and dropped from what a caller of produce gives.
+OWN_METADATA = "taskflow.dev/"
 PARENT_UID = "taskflow.dev/parent-uid"  # label: list a flow's children by selector
 PARENT_NAME = "taskflow.dev/parent-name"  # label
 PARENT_TASK = "taskflow.dev/parent-task"  # annotation: "<stage>.<task>"

@@ -29,6 +29,8 @@ def operator_permissions(*, request_subjects: str = "*.*") -> dict[str, object]:
             "_INBOX.>",
         ]},
         "subscribe": {"allow": ["taskflow.reply.>", "taskflow.api.>", "_INBOX.>"]},
+        # Answers to NATS API calls that came through an account import (_R_.* subjects).
+        "allow_responses": True,
     }
 
 
@@ -114,7 +116,9 @@ class Team:
 class TenantAuth:
     """Accounts for tenant isolation: ``TASKFLOW`` (the operator, its state) and one account
     per team, each with JetStream. Users: ``taskflow-operator``; per team ``<team>-operator``
-    (the operator, in that account) and ``<team>-svc``."""
+    (the operator, in that account), ``<team>-svc`` and ``<team>-app``, which may call the
+    NATS API only: ``TASKFLOW`` exports ``taskflow.api.>`` and every team imports it with
+    ``share``, so the server stamps each call with the caller's account and user."""
 
     teams: dict[str, Team]
     passwords: dict[str, str]
@@ -125,7 +129,8 @@ class TenantAuth:
     @classmethod
     def make(cls, teams: dict[str, Team], *, template: str = "{serviceId}.{actionName}"
              ) -> TenantAuth:
-        names = [OPERATOR_USER, *(f"{t}-{role}" for t in teams for role in ("operator", "svc"))]
+        names = [OPERATOR_USER, *(f"{t}-{role}" for t in teams
+                                  for role in ("operator", "svc", "app"))]
         return cls(teams=teams, passwords={u: secrets.token_hex(16) for u in names},
                    template=template)
 
@@ -137,9 +142,11 @@ class TenantAuth:
         return self.template.format(serviceId=service_id, actionName=action, namespace="*")
 
     def config(self) -> str:
-        accounts: dict[str, object] = {"TASKFLOW": {"jetstream": "enabled", "users": [
-            {"user": OPERATOR_USER, "password": self.passwords[OPERATOR_USER],
-             "permissions": operator_permissions(request_subjects=">")}]}}
+        accounts: dict[str, object] = {"TASKFLOW": {
+            "jetstream": "enabled",
+            "users": [{"user": OPERATOR_USER, "password": self.passwords[OPERATOR_USER],
+                       "permissions": operator_permissions(request_subjects="*.*.*")}],
+            "exports": [{"service": "taskflow.api.>"}]}}
         for team, spec in self.teams.items():
             own = [self.subject(s) for s in spec.services]
             service = {
@@ -153,13 +160,18 @@ class TenantAuth:
                  "permissions": tenant_operator_permissions()},
                 {"user": f"{team}-svc", "password": self.passwords[f"{team}-svc"],
                  "permissions": service},
+                {"user": f"{team}-app", "password": self.passwords[f"{team}-app"],
+                 "permissions": {"publish": {"allow": ["taskflow.api.>"]},
+                                 "subscribe": {"allow": ["_INBOX.>"]}}},
             ]}
             if spec.exports:
                 account["exports"] = [{"service": self.subject(s)} for s in spec.exports]
-            imports = [{"service": {"account": other, "subject": self.subject(s)}}
-                       for other, theirs in self.teams.items() if other != team
-                       for s in theirs.exports]
-            if imports:
-                account["imports"] = imports
+            imports: list[dict[str, object]] = [
+                {"service": {"account": other, "subject": self.subject(s)}}
+                for other, theirs in self.teams.items() if other != team
+                for s in theirs.exports]
+            imports.append({"service": {"account": "TASKFLOW", "subject": "taskflow.api.>"},
+                            "share": True})
+            account["imports"] = imports
             accounts[team] = account
         return f"accounts: {json.dumps(accounts, indent=2)}\n"

@@ -277,6 +277,17 @@ class Bus:
             self._idempotent = (now, frozenset(found))
             return self._idempotent[1]
 
+    async def account(self) -> str | None:
+        """The NATS account this connection is in (``$SYS.REQ.USER.INFO``), None if the
+        server does not say (no accounts, or no permission to ask)."""
+        try:
+            answer = await self.nc.request("$SYS.REQ.USER.INFO", b"", timeout=2)
+            account = json.loads(answer.data)["data"]["account"]
+        except Exception as exc:
+            log.debug("could not ask NATS for this connection's account: %s", exc)
+            return None
+        return account if isinstance(account, str) else None
+
     async def stored_reply(self, subject: str) -> Msg | None:
         """The reply kept by the stream for one attempt, if any (used when a flow resumes)."""
         try:

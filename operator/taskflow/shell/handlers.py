@@ -52,6 +52,7 @@ class Operator:
         peering: str | None = None,
         api_namespaces: list[str] | None = None,
         serve_nats_api: bool = True,
+        nats_api_users: bool = False,
         key_file: str | None = None,
         namespaces: list[str] | None = None,
         credentials_namespace: str | None = None,
@@ -65,6 +66,8 @@ class Operator:
         # The NATS API (taskflow.api.*): where it may act; None = every namespace.
         self.api_namespaces = api_namespaces
         self.serve_nats_api = serve_nats_api
+        # The NATS API also takes the NATS user of a call through an account import.
+        self.nats_api_users = nats_api_users
         self.key_file = key_file
         # The watched namespaces (None: all), where tenants' credentials Secrets live, and
         # whether a namespace without a TaskflowPolicy may run flows at all.
@@ -155,8 +158,10 @@ class Operator:
         if self.serve_nats_api:
             from taskflow.shell.natsapi import serve_api
 
+            own = await self.bus.account() if self.nats_api_users else None
             await serve_api(self.bus.nc, self.kube.api_client, namespaces=self.api_namespaces,
-                            prefix=self.runner_settings.subjects.api_prefix)
+                            prefix=self.runner_settings.subjects.api_prefix,
+                            nats_users=self.nats_api_users, own_account=own)
         log.info("connected to NATS; watching taskflows")
 
     async def cleanup(self, **_: Any) -> None:

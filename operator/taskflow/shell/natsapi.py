@@ -21,11 +21,20 @@ a JSON object and every answer is the client's envelope, ``{"success": true, "da
 Only the configured namespaces are served: a request naming (or resolving to) another namespace
 is refused with code ``Forbidden``; uids are looked up in the allowed namespaces only.
 
-Off unless the operator runs with ``--nats-api on``. Then every call carries a Kubernetes
-bearer token (``Authorization: Bearer <token>`` header; a ServiceAccount's token, as mounted in
-its pods): the operator checks it with a TokenReview and asks a SubjectAccessReview whether that
-user may ``create`` (produce), ``get`` (details) or ``patch`` (cancel, retry) taskflows in the
-flow's namespace, as if the caller had gone to the API server itself. A refusal is code
+Off unless the operator runs with ``--nats-api on``. Then every call is made by someone:
+
+- a Kubernetes bearer token (``Authorization: Bearer <token>`` header; a ServiceAccount's token,
+  as mounted in its pods), checked with a TokenReview; or
+- with ``--nats-api-users``, the NATS user of a call that came through an account import of
+  ``taskflow.api.>`` with ``share: true``: the server itself stamps it in ``Nats-Request-Info``
+  (whatever the caller put there), and it stands for the Kubernetes user
+  ``nats:<account>:<user>`` in the group ``nats:<account>``. Trust it only where no one but
+  the operator may publish on ``taskflow.api.>`` in the operator's own account (a header from
+  there is not stamped); one naming the operator's own account is never taken.
+
+A SubjectAccessReview then says whether that user may ``create`` (produce), ``get`` (details)
+or ``patch`` (cancel, retry) taskflows in the flow's namespace, as if the caller had gone to
+the API server itself: bind RBAC to the user or the group as to anyone. A refusal is code
 ``Unauthorized`` or ``Forbidden``; at most ``MAX_CONCURRENT`` calls are served at once.
 """
 
@@ -37,6 +46,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -52,7 +62,22 @@ QUEUE_GROUP = "taskflow-api"
 MAX_WAIT_S = 30.0
 MAX_CONCURRENT = 64
 AUTHORIZATION = "Authorization"
-Handler = Callable[[dict[str, Any], str | None], Awaitable[Envelope]]
+REQUEST_INFO = "Nats-Request-Info"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a call: a bearer token, or the NATS user the server stamped on it."""
+
+    token: str | None = None
+    account: str | None = None
+    user: str | None = None
+
+    def username(self) -> str:
+        return f"nats:{self.account}:{self.user}"
+
+
+Handler = Callable[[dict[str, Any], Caller], Awaitable[Envelope]]
 
 
 class Authorizer:
@@ -69,15 +94,23 @@ class Authorizer:
         self._users: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._decisions: dict[tuple[str, str, str], tuple[float, bool]] = {}
 
-    async def check(self, token: str | None, *, verb: str, namespace: str) -> None:
-        if not token:
+    async def check(self, caller: Caller, *, verb: str, namespace: str) -> None:
+        user: dict[str, Any] | None
+        if caller.token:
+            key = caller.token
+            user = await self._user(caller.token)
+            if user is None:
+                raise TaskflowError("the bearer token was not accepted by Kubernetes",
+                                    "Unauthorized")
+        elif caller.account and caller.user:
+            key = caller.username()
+            user = {"username": key, "uid": "", "extra": {},
+                    "groups": [f"nats:{caller.account}"]}
+        else:
             raise TaskflowError("the NATS API needs a Kubernetes bearer token in the "
-                                f"{AUTHORIZATION} header", "Unauthorized")
-        user = await self._user(token)
-        if user is None:
-            raise TaskflowError("the bearer token was not accepted by Kubernetes",
-                                "Unauthorized")
-        if not await self._allowed(token, user, verb, namespace):
+                                f"{AUTHORIZATION} header (or, where the operator takes NATS "
+                                "users, a call through an account import)", "Unauthorized")
+        if not await self._allowed(key, user, verb, namespace):
             raise TaskflowError(f"{user.get('username')} may not {verb} taskflows in "
                                 f"namespace {namespace}", "Forbidden")
 
@@ -97,17 +130,17 @@ class Authorizer:
         self._remember(self._users, token, (now, user))
         return user
 
-    async def _allowed(self, token: str, user: dict[str, Any], verb: str, namespace: str
+    async def _allowed(self, who: str, user: dict[str, Any], verb: str, namespace: str
                        ) -> bool:
         now = time.monotonic()
-        key = (token, verb, namespace)
+        key = (who, verb, namespace)
         cached = self._decisions.get(key)
         if cached is not None and now - cached[0] < self.TTL_S:
             return cached[1]
         body: Any = {
             "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-            "spec": {"user": user["username"], "uid": user["uid"], "groups": user["groups"],
-                     "extra": user["extra"],
+            "spec": {"user": user["username"], "groups": user["groups"],
+                     "extra": user["extra"], **({"uid": user["uid"]} if user["uid"] else {}),
                      "resourceAttributes": {"group": GROUP, "resource": PLURAL, "verb": verb,
                                             "namespace": namespace}}}
         review = await asyncio.to_thread(self.authz.create_subject_access_review, body)
@@ -131,15 +164,15 @@ class NatsApi:
         self.client = client
         self.authorizer = authorizer
 
-    async def allow(self, token: str | None, *, verb: str, namespace: str) -> None:
+    async def allow(self, caller: Caller, *, verb: str, namespace: str) -> None:
         self.client.check_namespace(namespace)
         if self.authorizer is not None:
-            await self.authorizer.check(token, verb=verb, namespace=namespace)
+            await self.authorizer.check(caller, verb=verb, namespace=namespace)
 
-    async def _flow(self, request: dict[str, Any], token: str | None, *, verb: str) -> str:
+    async def _flow(self, request: dict[str, Any], caller: Caller, *, verb: str) -> str:
         """The flow a request names, once the caller may ``verb`` it; as namespace/name."""
         namespace, name = await self.client.locate(self._id(request))
-        await self.allow(token, verb=verb, namespace=namespace)
+        await self.allow(caller, verb=verb, namespace=namespace)
         return f"{namespace}/{name}"
 
     def _id(self, request: dict[str, Any]) -> str:
@@ -164,7 +197,7 @@ class NatsApi:
             raise TaskflowError('"wait" is a boolean or a number of seconds', "BadRequest") \
                 from None
 
-    async def produce(self, request: dict[str, Any], token: str | None) -> Envelope:
+    async def produce(self, request: dict[str, Any], caller: Caller) -> Envelope:
         schema = request.get("schema", request.get("spec", request.get("taskflow")))
         if not isinstance(schema, dict):
             raise TaskflowError('"schema" (the TaskFlowSchema object) is required', "BadRequest")
@@ -181,7 +214,7 @@ class NatsApi:
                                     "BadRequest")
             key = parent.get("idempotencyKey")
             link = await self.client.parent_link(context, key if isinstance(key, str) else None)
-            await self.allow(token, verb="create", namespace=link.namespace)
+            await self.allow(caller, verb="create", namespace=link.namespace)
             index = parent.get("index", 0)
             name = name or link.child_name(index if isinstance(index, int) else 0)
             result = await self.client.produce(schema, name=name, parent=link)
@@ -191,24 +224,24 @@ class NatsApi:
         namespace = request.get("namespace")
         if not isinstance(namespace, str) or not namespace:
             raise TaskflowError('"namespace" is required', "BadRequest")
-        await self.allow(token, verb="create", namespace=namespace)
+        await self.allow(caller, verb="create", namespace=namespace)
         return await self.client.produce(schema, namespace=namespace, name=name)
 
-    async def details(self, request: dict[str, Any], token: str | None) -> Envelope:
-        return await self.client.get_details(await self._flow(request, token, verb="get"))
+    async def details(self, request: dict[str, Any], caller: Caller) -> Envelope:
+        return await self.client.get_details(await self._flow(request, caller, verb="get"))
 
-    async def cancel(self, request: dict[str, Any], token: str | None) -> Envelope:
-        return await self.client.cancel(await self._flow(request, token, verb="patch"),
+    async def cancel(self, request: dict[str, Any], caller: Caller) -> Envelope:
+        return await self.client.cancel(await self._flow(request, caller, verb="patch"),
                                         wait=self._wait(request))
 
-    async def retry(self, request: dict[str, Any], token: str | None) -> Envelope:
+    async def retry(self, request: dict[str, Any], caller: Caller) -> Envelope:
         stages = request.get("stages", request.get("stagesInfo"))
         tasks = request.get("tasks", request.get("tasksInfo"))
         for value, what in ((stages, "stages"), (tasks, "tasks")):
             if value is not None and not isinstance(value, list):
                 raise TaskflowError(f'"{what}" is a list', "BadRequest")
         return await self.client.retry(
-            await self._flow(request, token, verb="patch"), stages, tasks,
+            await self._flow(request, caller, verb="patch"), stages, tasks,
             bool(request.get("failedOnly", False)), wait=self._wait(request),
         )
 
@@ -224,13 +257,16 @@ async def serve_api(
     namespaces: list[str] | None,
     prefix: str = "taskflow.api",
     authorize: bool = True,
+    nats_users: bool = False,
+    own_account: str | None = None,
 ) -> None:
     """Subscribe the API's subjects on ``nc`` (queue group ``taskflow-api``, so replicas share
     the load) and return; the subscriptions live as long as the connection.
 
     ``namespaces``: where the API may act; None means every namespace. ``authorize``: check
-    every caller's bearer token with Kubernetes (False only where NATS permissions are the
-    whole boundary, e.g. tests of the API itself).
+    every caller with Kubernetes (False only where NATS permissions are the whole boundary,
+    e.g. tests of the API itself). ``nats_users``: a call without a token is made by the NATS
+    user the server stamped on it (an account import), unless that is ``own_account``.
     """
     client = TaskflowClient(
         api_client=kube_api_client, nc=nc, namespace=(namespaces or ["default"])[0],
@@ -243,7 +279,10 @@ async def serve_api(
     def subscriber(verb: str, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
         async def answer(msg: Msg) -> None:
             async with slots:
-                result = await _handle(verb, handler, msg.data, _bearer(msg.headers))
+                caller = Caller(token=_bearer(msg.headers))
+                if nats_users and caller.token is None:
+                    caller = _stamped(msg.headers, own_account=own_account)
+                result = await _handle(verb, handler, msg.data, caller)
             if msg.reply:
                 with contextlib.suppress(Exception):
                     await msg.respond(json.dumps(result, separators=(",", ":"),
@@ -271,7 +310,22 @@ def _bearer(headers: dict[str, str] | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-async def _handle(verb: str, handler: Handler, data: bytes, token: str | None) -> Envelope:
+def _stamped(headers: dict[str, str] | None, *, own_account: str | None) -> Caller:
+    """The NATS user in the server's ``Nats-Request-Info`` (anyone, if it is unusable)."""
+    try:
+        info = json.loads((headers or {}).get(REQUEST_INFO) or "{}")
+    except (ValueError, RecursionError):
+        return Caller()
+    if not isinstance(info, dict):
+        return Caller()
+    account, user = info.get("acc"), info.get("user")
+    if not (isinstance(account, str) and isinstance(user, str) and 0 < len(account) <= 256
+            and 0 < len(user) <= 256) or account == own_account:
+        return Caller()
+    return Caller(account=account, user=user)
+
+
+async def _handle(verb: str, handler: Handler, data: bytes, caller: Caller) -> Envelope:
     try:
         request = json.loads(data or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -279,7 +333,7 @@ async def _handle(verb: str, handler: Handler, data: bytes, token: str | None) -
     if not isinstance(request, dict):
         return fail("the request is a JSON object", "BadRequest")
     try:
-        return await handler(request, token)
+        return await handler(request, caller)
     except TaskflowError as exc:
         return exc.envelope()
     except Exception as exc:
@@ -287,4 +341,4 @@ async def _handle(verb: str, handler: Handler, data: bytes, token: str | None) -
         return fail(f"{verb} failed: {exc}", "Internal")
 
 
-__all__ = ["Authorizer", "NatsApi", "serve_api"]
+__all__ = ["Authorizer", "Caller", "NatsApi", "serve_api"]
