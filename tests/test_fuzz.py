@@ -51,7 +51,7 @@ from taskflow.engine import (
     parse_iso,
     quarantine,
 )
-from taskflow.shell.runner import RunnerSettings
+from taskflow.shell.settings import RunnerSettings
 from taskflow.wire import journal
 from taskflow.wire.context import execution_context
 from taskflow.wire.events import event_payload

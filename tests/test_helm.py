@@ -807,7 +807,7 @@ def test_in_cluster_login_authenticates_as_the_service_account(
 
     from taskflow.shell.bus import NatsSettings
     from taskflow.shell.handlers import Operator
-    from taskflow.shell.runner import RunnerSettings
+    from taskflow.shell.settings import RunnerSettings
 
     admin = Kubectl(private_stack.kubeconfig)
     release_ns = new_namespace(admin, "taskflow-system")

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     from taskflow.shell.bus import NatsSettings
     from taskflow.shell.handlers import Operator
-    from taskflow.shell.runner import RunnerSettings
+    from taskflow.shell.settings import RunnerSettings
     from taskflow.wire.subjects import Subjects
 
     logs.configure(level=args.log_level, fmt=args.log_format)

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from taskflow.shell.bus import Bus
     from taskflow.shell.kube import Kube
     from taskflow.shell.registry import Registry
-    from taskflow.shell.runner import RunnerSettings
+    from taskflow.shell.settings import RunnerSettings
 
 
 class Effects:
@@ -73,20 +73,16 @@ class Effects:
     sent_at: dict[tuple[str, str, int], float]
     outbox: list[tuple[int, bytes]]
 
-    @property
-    def status(self) -> TaskflowStatus:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by runner.FlowRunner and its other parts
+        @property
+        def status(self) -> TaskflowStatus: ...
+        def spec(self) -> TaskflowSpec: ...
+        def push(self, item: Input) -> None: ...
 
     @property
     def link(self) -> Link:
         """The NATS connection of this flow's namespace (its tenant's, or the operator's)."""
         return self.registry.link(self.namespace)
-
-    def spec(self) -> TaskflowSpec:
-        raise NotImplementedError
-
-    def push(self, item: Input) -> None:
-        raise NotImplementedError
 
     async def perform(self, decision: Decision) -> None:
         """Each effect on its own: one that fails is logged and counted, and the rest still

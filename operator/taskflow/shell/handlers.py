@@ -21,7 +21,7 @@ from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
 from taskflow.shell.kube import Kube, connection_config, load_api_client
 from taskflow.shell.registry import Registry
-from taskflow.shell.runner import RunnerSettings
+from taskflow.shell.settings import RunnerSettings
 from taskflow.shell.tenants import Tenants
 
 log = logging.getLogger("taskflow.handlers")

@@ -24,7 +24,8 @@ from taskflow.shell import metrics
 from taskflow.shell.bus import Bus
 from taskflow.shell.effects import child_error, describe
 from taskflow.shell.kube import Gone, Kube
-from taskflow.shell.runner import FlowRunner, RunnerSettings
+from taskflow.shell.runner import FlowRunner
+from taskflow.shell.settings import RunnerSettings
 from taskflow.shell.tenants import Link, Tenants
 from taskflow.wire.links import PARENT_UID, child_input, link_problem
 from taskflow.wire.replies import read_reply

@@ -2,25 +2,25 @@
 
 A ``FlowRunner`` owns a flow's status while the flow is active: it feeds replies and timers to
 the engine, records the decided status, and only then performs the decision's effects
-(dispatches, cancel notices, events). A decision that dispatches is recorded first in the NATS
-journal (a write-ahead copy, ~1 ms) and written to the API right after the dispatch, in the
-background, so a stage starts without waiting for the API; other decisions that must be durable
-are written to the API first. Replies that arrive while a write is in flight queue up and are
-applied together, so API writes grow with stages, not with tasks: a task's result alone is
-written lazily (at most once per ``flush_interval``), because the reply it came from stays in
-the JetStream reply stream until the flow ends.
+(dispatches, cancel notices, events). It is made of parts, one job each:
+
+- here: resume (read the flow fresh, the journal, stored replies, children), the loop, sleep
+  and wake, finish;
+- ``recorder``: recording a decision (journal, API write, background save);
+- ``effects``: performing its effects;
+- ``stalls``: a round or a write that fails;
+- ``idle``: the serialised state of a writer that waits.
+
+Replies that arrive while a write is in flight queue up and are applied together, so API writes
+grow with stages, not with tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import pickle
 import time
-import zlib
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
@@ -32,27 +32,17 @@ from taskflow.api.status import (
     Status,
     TaskflowStatus,
 )
-from taskflow.engine import (
-    Decision,
-    Dispatch,
-    Emit,
-    Input,
-    decide,
-    iso,
-    parse_iso,
-    quarantine,
-)
-from taskflow.engine.recording import Recording, recording
+from taskflow.engine import Decision, Dispatch, Input, decide, parse_iso
 from taskflow.shell import metrics
-from taskflow.shell.effects import Effects, describe
-from taskflow.shell.kube import PLURAL, Conflict, Gone
+from taskflow.shell.effects import Effects
+from taskflow.shell.idle import IdleState
+from taskflow.shell.kube import PLURAL, Gone
+from taskflow.shell.objects import lean, now_ms, rv
+from taskflow.shell.recorder import Recorder
+from taskflow.shell.settings import RunnerSettings
+from taskflow.shell.stalls import Stalls
 from taskflow.wire import journal as journal_entry
-from taskflow.wire.events import event_payload
-from taskflow.wire.links import (
-    child_input,
-)
-from taskflow.wire.replies import ReplyLimits, clip
-from taskflow.wire.subjects import Subjects
+from taskflow.wire.links import child_input
 
 if TYPE_CHECKING:
     from taskflow.shell.registry import Registry
@@ -61,56 +51,9 @@ log = logging.getLogger("taskflow.runner")
 
 
 
-@dataclass(frozen=True)
-class RunnerSettings:
-    subjects: Subjects = field(default_factory=Subjects)
-    reply_limits: ReplyLimits = field(default_factory=ReplyLimits)
-    # Responses larger than this go to the NATS object store; status keeps a reference.
-    inline_response_bytes: int = 32 * 1024
-    # All inline responses of one flow share this budget, so status stays far below etcd's
-    # ~1.5 MB object limit however many tasks a flow has.
-    inline_responses_budget: int = 512 * 1024
-    # Task results alone are written at most this often (stage and flow changes at once).
-    flush_interval_s: float = 1.0
-    max_depth: int = 10
-    # After a cancel, the writer stays this long to record late replies (they change nothing).
-    late_reply_window_s: float = 30.0
-    # A writer idle this long keeps its status and spec serialised until it is woken.
-    compact_after_s: float = 2.0
-    # Writers between their start (the first read) and the end of their first round, at most.
-    # A burst of new flows (or a restart with many active ones) otherwise has every writer
-    # holding its spec, status and models while it waits its turn for the API.
-    max_starting: int = 64
+class FlowRunner(IdleState, Stalls, Recorder, Effects):
+    """One flow's writer: resume, the loop of decide-record-perform, sleep, finish."""
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _iso_now() -> str:
-    return iso(now_ms())
-
-
-def _rv(body: dict[str, Any]) -> int:
-    try:
-        return int(body["metadata"].get("resourceVersion") or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _lean(body: dict[str, Any]) -> dict[str, Any]:
-    """What a writer keeps of an object: identity, metadata and spec. Not status (the writer
-    has its own, as a model) nor managedFields: a seed-sized object decodes to ~40 KB of
-    Python objects, most of it those two, and an active flow keeps its body as long as it runs."""
-    meta = body.get("metadata") or {}
-    if "managedFields" in meta:
-        meta = {k: v for k, v in meta.items() if k != "managedFields"}
-    lean: dict[str, Any] = {k: body[k] for k in ("apiVersion", "kind", "spec") if k in body}
-    lean["metadata"] = meta
-    return lean
-
-
-class FlowRunner(Effects):
     def __init__(self, *, registry: Registry, body: dict[str, Any]) -> None:
         self.registry = registry
         self.kube = registry.kube
@@ -160,33 +103,6 @@ class FlowRunner(Effects):
         self.log = logging.LoggerAdapter(
             log, {"flow": f"{self.namespace}/{self.name}", "uid": self.uid}
         )
-
-    @property
-    def status(self) -> TaskflowStatus:
-        if self._status is None:
-            assert self._frozen_status is not None
-            self._status = pickle.loads(zlib.decompress(self._frozen_status))
-            self._frozen_status = None
-        return self._status
-
-    @status.setter
-    def status(self, value: TaskflowStatus) -> None:
-        self._status = value
-        self._frozen_status = None
-
-    def compact(self) -> None:
-        """Idle for a while (e.g. waiting on slow services): keep status and spec serialised,
-        about a tenth of the memory of the models and dicts, until something wakes the writer.
-        Reading ``status`` or ``spec()`` brings them back exactly as they were."""
-        if self._status is not None:
-            self._frozen_status = zlib.compress(
-                pickle.dumps(self._status, pickle.HIGHEST_PROTOCOL), 1)
-            self._status = None
-        spec = self.body.get("spec")
-        if spec is not None:
-            self._frozen_spec = zlib.compress(json.dumps(spec, separators=(",", ":")).encode(), 1)
-            self.body["spec"] = None
-        self._spec = None
 
     # -- inputs from outside -----------------------------------------------------------------
 
@@ -239,10 +155,10 @@ class FlowRunner(Effects):
 
     def observe(self, body: dict[str, Any]) -> None:
         """A newer object from the watch: take its spec and resourceVersion, keep our status."""
-        if _rv(body) <= _rv(self.body):
+        if rv(body) <= rv(self.body):
             return
         changed = body["metadata"].get("generation") != self.body["metadata"].get("generation")
-        self.body = _lean(body)
+        self.body = lean(body)
         if changed:
             self.wake()
 
@@ -302,7 +218,7 @@ class FlowRunner(Effects):
         fresh = await self.kube.get(self.namespace, self.name)
         if fresh["metadata"].get("uid") != self.uid:
             raise Gone(f"{self.namespace}/{self.name} was deleted and created again")
-        self.body = _lean(fresh)
+        self.body = lean(fresh)
         try:
             self.status = TaskflowStatus.model_validate(fresh.get("status") or {})
         except ValidationError as exc:
@@ -416,98 +332,10 @@ class FlowRunner(Effects):
             del decision, inputs  # nothing of this round stays alive while the writer sleeps
             await self.sleep(wake_at)
 
-    async def decide_despite(
-        self, inputs: list[Input], exc: Exception
-    ) -> Decision | Literal[False] | None:
-        """A round failed. An input that cannot be decided or recorded fails its attempt
-        (``BadReply``) and the round is made again without it. Any other failure is reported
-        (a ``Stalled`` condition and a Warning Event) and the round is made again after a
-        pause, with its inputs kept: the writer never gives up on a flow, so its timeouts,
-        ``maxAge`` and cancel still act once the cause is gone. False: nothing decided."""
-        if inputs:
-            try:
-                cleaned = quarantine(
-                    spec=self.spec(), status=self.status, inputs=inputs, now=now_ms(),
-                    uid=self.uid, generation=int(self.body["metadata"].get("generation") or 0),
-                    event_subject=self.settings.subjects.events(self.uid),
-                )
-            except Exception as inner:  # (the spec itself, say): reported below
-                cleaned, exc = inputs, inner
-            # By identity: comparing a deep input by value could itself raise.
-            replaced = len(cleaned) != len(inputs) or any(
-                a is not b for a, b in zip(inputs, cleaned, strict=False))
-            if replaced:
-                metrics.BAD_REPLIES.labels(reason="unrecordable").inc(len(inputs) - sum(
-                    1 for a, b in zip(inputs, cleaned, strict=False) if a is b))
-                self.log.warning("a reply could not be recorded; its attempt fails: %s", exc)
-                try:
-                    return await self.decide_and_write(cleaned)
-                except (Gone, asyncio.CancelledError):
-                    raise
-                except Exception as again:
-                    exc, inputs = again, cleaned
-        self.inbox[:0] = inputs  # nothing is lost: the next round has them again
-        metrics.REPLY_QUEUE.inc(len(inputs))
-        await asyncio.sleep(self.note_trouble(exc))
-        return False
-
-    def note_trouble(self, exc: Exception) -> float:
-        """A round or a write failed: say so (a ``Stalled`` condition and a Warning Event,
-        once per distinct error) and return how long to pause before trying again."""
-        self.failures += 1
-        pause: float = min(0.5 * 2.0 ** (self.failures - 1), 30.0)
-        message = clip(describe(exc), 300, "message")
-        self.log.error("flow writer failed (%d in a row), trying again in %.1f s: %s",
-                       self.failures, pause, message)
-        metrics.WRITER_FAILURES.inc()
-        if message != self.trouble:  # once per distinct error, not per try
-            self.trouble = message
-            text = f"the operator cannot record this flow and keeps trying: {message}"
-            # The Event names the kind of error only; its text (which may quote status) goes
-            # to the condition, as namespace-private as the status itself.
-            code = getattr(exc, "status", None)
-            kind = f"{type(exc).__name__}{f' {code}' if code else ''}"
-            self.registry.spawn(self.kube.event(
-                self.body, reason="WriterFailing", type_="Warning",
-                message=f"the operator cannot record this flow and keeps trying ({kind}); "
-                        "see the Stalled condition"))
-            self.registry.spawn(self.mark_stalled(text))
-        return pause
-
-    def recovered(self) -> None:
-        if self.failures:
-            self.log.info("flow writer recovered")
-        self.trouble, self.failures, self.save_after = None, 0, 0.0
-
-    async def mark_stalled(self, message: str) -> None:
-        """A ``Stalled`` condition on the stored status as it is (the writer's own status may
-        be what cannot be written). The next full write drops it: the engine's conditions do
-        not include it."""
-        try:
-            fresh = await self.kube.get(self.namespace, self.name)
-            status = fresh.setdefault("status", {})
-            conditions = [c for c in status.get("conditions") or []
-                          if isinstance(c, dict) and c.get("type") != "Stalled"]
-            conditions.append({"type": "Stalled", "status": "True", "reason": "WriterFailing",
-                               "message": message, "lastTransitionTime": _iso_now()})
-            status["conditions"] = conditions
-            await self.kube.replace_status(fresh)
-        except Exception as exc:  # (a conflict: the writer got through meanwhile)
-            self.log.warning("could not set the Stalled condition: %s", exc)
-
-    def spec(self) -> TaskflowSpec:
-        generation = self.body["metadata"].get("generation")
-        if self._spec is None or self._spec[0] != generation or generation is None:
-            if self.body.get("spec") is None and self._frozen_spec is not None:
-                self.body["spec"] = json.loads(zlib.decompress(self._frozen_spec))
-            self._frozen_spec = None
-            self._spec = (generation, TaskflowSpec.model_validate(self.body["spec"]))
-        return self._spec[1]
-
     async def decide_and_write(self, inputs: list[Input]) -> Decision | None:
+        """Decide on the inputs and record the decision (None: the spec is invalid)."""
         while True:
-            meta = self.body["metadata"]
-            generation = meta.get("generation")
+            generation = self.body["metadata"].get("generation")
             try:
                 spec = self.spec()
             except ValidationError as exc:
@@ -523,156 +351,8 @@ class FlowRunner(Effects):
                 event_subject=self.settings.subjects.events(self.uid),
                 refuse=self.registry.tenants.refusal(self.namespace),
             )
-            status = decision.status
-            events = self.events_of(decision)
-            how = recording(
-                journal=self.registry.journal_on, durable=decision.durable, emits=bool(events),
-                dispatches=any(isinstance(e, Dispatch) for e in decision.effects))
-            if how.journaled:
-                status.write_seq = self.status.write_seq + 1
-                if await self.journal(status, [*self.outbox, *events]):
-                    self.adopt(status, decision.changed)
-                    self.outbox.extend(events)
-                    if how == Recording.JOURNAL_THEN_BACKGROUND:
-                        self.unsaved = True
-                    elif how == Recording.JOURNAL_THEN_API:
-                        # Never void: the journal's record stands, whatever the spec says now
-                        # (a spec change reaches the engine next round).
-                        await self.settle()
-                        try:
-                            await self.write(status, generation=None)
-                        except Gone:
-                            raise
-                        except Exception as exc:  # the journal has it: the background writer
-                            self.log.warning("status write failed; trying again: %s", exc)
-                            self.unsaved = True
-                        else:
-                            self.dirty = self.unsaved = False
-                    return decision
-                how = Recording.API_FIRST if decision.durable else Recording.LAZY  # no journal
-            if how == Recording.API_FIRST:
-                await self.settle()  # our own background write goes first
-                status.write_seq = self.status.write_seq + 1
-                if not await self.write(status, generation=generation):
-                    continue  # the spec changed under us: decide again with the same inputs
-                self.adopt(status, decision.changed)
-                self.outbox.extend(events)
-                self.dirty = self.unsaved = False
+            if await self.record(decision, generation=generation):
                 return decision
-            self.adopt(status, decision.changed)
-            self.outbox.extend(events)
-            return decision
-
-    def events_of(self, decision: Decision) -> list[tuple[int, bytes]]:
-        """The decision's events as they will be published: (seq, payload)."""
-        time_ms = now_ms()
-        return [
-            (effect.seq, json.dumps(
-                event_payload(effect, name=self.name, namespace=self.namespace,
-                              status=decision.status, time_ms=time_ms),
-                separators=(",", ":"), default=str).encode())
-            for effect in decision.effects if isinstance(effect, Emit)
-        ]
-
-    def adopt(self, status: TaskflowStatus, changed: bool) -> None:
-        """Take a decided status; ``changes`` moves with ``status`` (no await between), so a
-        background write never pairs an older status with a newer count."""
-        self.status = status
-        if changed:
-            self.dirty = True
-            self.changes += 1
-
-    async def journal(self, status: TaskflowStatus, events: list[tuple[int, bytes]]) -> bool:
-        try:
-            self.journal_rev = await self.bus.journal(
-                self.uid, journal_entry.encode(status, events, key=self.settings.subjects.key))
-        except Exception as exc:
-            self.log.warning("journal write failed; writing to the API first: %s", exc)
-            return False
-        metrics.JOURNAL_WRITES.inc()
-        return True
-
-    def flush_in(self) -> float:
-        """Seconds until results alone may be written (their replies are kept in the reply
-        stream, so they are written lazily); 0 when due."""
-        return max(0.0, self.last_write + self.settings.flush_interval_s - time.monotonic())
-
-    def save_soon(self) -> None:
-        """Write a journaled status to the API in the background (one write at a time, none
-        before ``save_after`` when the last one failed)."""
-        if (self.unsaved and (self.saving is None or self.saving.done())
-                and time.monotonic() >= self.save_after):
-            self.saving = asyncio.get_running_loop().create_task(self.save())
-
-    async def save(self) -> None:
-        """Write the newest status while one is owed (``unsaved``); the only background writer
-        of a flow. A new writer's first API write is part of its start: the slot goes after.
-        A failed write is tried again by the loop after a pause that grows (``save_after``);
-        meanwhile the writer goes on deciding (timeouts, cancel), each decision journaled."""
-        try:
-            while self.unsaved:
-                self.unsaved = False
-                status, changes = self.status, self.changes  # the newest, results included
-                try:
-                    # Never void: the journaled status was acted on, whatever the spec says
-                    # now; a spec change reaches the engine through the watch.
-                    await self.write(status, generation=None)
-                except Gone:
-                    self.stop()
-                    return
-                except Exception as exc:
-                    self.unsaved = True
-                    self.started()  # a failing write must not hold a start slot
-                    if not self.stopped:  # (else the journal has it for the next writer)
-                        self.save_after = time.monotonic() + self.note_trouble(exc)
-                        self.wake()  # the loop's sleep now counts to save_after
-                    return
-                if changes == self.changes:
-                    self.dirty = False
-            self.recovered()
-            if self.dirty or self.status.phase in TERMINAL_FLOW_PHASES:
-                self.wake()  # newer results came meanwhile, or the flow may end now
-        finally:
-            self.started()
-
-    async def settle(self) -> None:
-        if self.saving is not None:
-            with contextlib.suppress(Exception):
-                await self.saving
-            self.saving = None
-
-    async def write(self, status: TaskflowStatus, *, generation: Any) -> bool:
-        """Write status; False when the spec is no longer the one at ``generation`` (the
-        decision is void). ``generation=None`` writes whatever the spec is now."""
-        if generation is not None and self.body["metadata"].get("generation") != generation:
-            return False
-        content = status.model_dump(by_alias=True, exclude_none=True, mode="json")
-        self.last_write = time.monotonic()  # from its start: results that land meanwhile wait
-        for _ in range(10):
-            # PUT .../status takes status only; metadata carries the resourceVersion.
-            body = {
-                "apiVersion": self.body.get("apiVersion", "taskflow.dev/v1alpha1"),
-                "kind": "Taskflow",
-                "metadata": self.body["metadata"],
-                "status": content,
-            }
-            try:
-                result = await self.kube.replace_status(body)
-            except Conflict:
-                metrics.STATUS_CONFLICTS.inc()
-                fresh = await self.kube.get(self.namespace, self.name)
-                if _rv(fresh) > _rv(self.body):
-                    self.observe(fresh)
-                if generation is not None and fresh["metadata"].get("generation") != generation:
-                    return False
-                continue
-            metrics.STATUS_WRITES.inc()
-            if status.write_seq and "writeSeq" not in (result.get("status") or {}):
-                self.registry.journal_unusable()
-            if _rv(result) > _rv(self.body):
-                self.body = _lean(result)
-            return True
-        raise RuntimeError("status write kept conflicting")
 
     async def sleep(self, wake_at: int | None) -> None:
         if self.inbox or self.stopped:
