@@ -48,12 +48,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from taskflow.client import DEFAULT_NATS_URL, TaskflowClient, parse_idempotency_key
+from taskflow.client import DEFAULT_NATS_URL, TaskflowClient
 from taskflow.wire.context import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
     EXPIRES_HEADER,
     IDEMPOTENCY_HEADER,
+    parse_idempotency_key,
 )
 from taskflow.wire.subjects import DEFAULT_TEMPLATE, Subjects
 
