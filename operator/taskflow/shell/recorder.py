@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 
 
 class Recorder:
-    """The recording half of a flow's writer (``runner.FlowRunner`` holds the state)."""
+    """The recording half of a flow's writer (``runner.FlowRunner`` holds the state).
+
+    Two flags say what the API's copy lacks: ``dirty``, the writer's status has changes the
+    API has not (results, written lazily); ``unsaved``, the journal holds a status the API
+    still owes (written in the background, at once). ``save_soon`` starts that write."""
 
     uid: str
     name: str
@@ -64,7 +68,7 @@ class Recorder:
         def observe(self, body: dict[str, Any]) -> None: ...
         def wake(self) -> None: ...
         def stop(self) -> None: ...
-        def started(self) -> None: ...
+        def release_start(self) -> None: ...
         def recovered(self) -> None: ...
         def note_trouble(self, exc: Exception) -> float: ...
 
@@ -172,7 +176,7 @@ class Recorder:
                     return
                 except Exception as exc:
                     self.unsaved = True
-                    self.started()  # a failing write must not hold a start slot
+                    self.release_start()  # a failing write must not hold a start slot
                     if not self.stopped:  # (else the journal has it for the next writer)
                         self.save_after = time.monotonic() + self.note_trouble(exc)
                         self.wake()  # the loop's sleep now counts to save_after
@@ -183,7 +187,7 @@ class Recorder:
             if self.dirty or self.status.phase in TERMINAL_FLOW_PHASES:
                 self.wake()  # newer results came meanwhile, or the flow may end now
         finally:
-            self.started()
+            self.release_start()
 
     async def settle(self) -> None:
         if self.saving is not None:

@@ -199,14 +199,14 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         except Exception:
             self.log.exception("flow writer failed; it restarts on the next watch event")
         finally:
-            self.started()
+            self.release_start()
             try:
                 with contextlib.suppress(Exception):
                     await self.settle()  # a stopping writer still leaves the API up to date
             finally:
                 self.registry.finished(self)
 
-    def started(self) -> None:
+    def release_start(self) -> None:
         """The first round is done (or the writer ends): let the next writer start."""
         if self._starting:
             self._starting = False
@@ -317,7 +317,7 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 self.unsaved = True
                 self.save_soon()
             if self.saving is None or self.saving.done():
-                self.started()  # (otherwise the background write says when)
+                self.release_start()  # (otherwise the background write says when)
             wake_at = decision.wake_at
             if self.outbox:  # events NATS did not take: try again soon
                 retry = now_ms() + 1000
