@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from taskflow.api.status import WaitingReason
 from taskflow.client import (
     DEFAULT_NATS_URL,
     Envelope,
@@ -263,7 +264,7 @@ def _task_line(task: dict[str, Any], lead: str) -> Line:
     line.append((f"  attempt {task.get('attempt', 0)}", None))
     if task.get("durationMs") is not None:
         line.append((f"  {duration(task['durationMs'])}", "dim"))
-    if task.get("status") == "RUNNING" and task.get("waitingReason") == "Children":
+    if task.get("status") == "RUNNING" and task.get("waitingReason") == WaitingReason.CHILDREN:
         active = len(task.get("nestedActiveRunningTaskFlowIds") or [])
         line.append((f"  waiting for {active} nested flow(s)", "dim"))
     elif task.get("waitingReason") and task.get("status") in ("WAITING", "RUNNING"):

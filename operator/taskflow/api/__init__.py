@@ -19,6 +19,7 @@ from taskflow.api.status import (
     TERMINAL_TASK_STATUSES,
     AttemptRecord,
     Condition,
+    ErrorReason,
     FlowPhase,
     RetryAck,
     StageStatus,
@@ -26,6 +27,7 @@ from taskflow.api.status import (
     TaskError,
     TaskflowStatus,
     TaskStatus,
+    WaitingReason,
 )
 
 GROUP = "taskflow.dev"
@@ -42,6 +44,7 @@ __all__ = [
     "VERSION",
     "AttemptRecord",
     "Condition",
+    "ErrorReason",
     "FlowPhase",
     "Options",
     "RetryAck",
@@ -57,6 +60,7 @@ __all__ = [
     "TaskType",
     "TaskflowSpec",
     "TaskflowStatus",
+    "WaitingReason",
     "format_ms",
     "parse_duration_ms",
 ]

@@ -37,6 +37,45 @@ class FlowPhase(StrEnum):
     CANCELLED = "CANCELLED"
 
 
+class WaitingReason(StrEnum):
+    """Why a task waits for something other than its turn (``status.waitingReason``).
+
+    The field stays a plain string in the schema; these are the values the engine writes.
+    """
+
+    # A failed attempt's retry is due at ``notBefore`` (the task is WAITING).
+    RETRY_DELAY = "RetryDelay"
+    # Nobody listened on the task's subject: the same attempt is redelivered at ``notBefore``
+    # (WAITING), until its deadline.
+    NO_RESPONDERS = "NoResponders"
+    # The service replied and started child flows: the task ends when they do (RUNNING).
+    CHILDREN = "Children"
+
+
+class ErrorReason(StrEnum):
+    """Where a task's error came from (``TaskError.reason``).
+
+    The field stays a plain string in the schema; these are the values the operator writes.
+    """
+
+    # The service's reply said it failed (a failure body or the Services API error headers).
+    SERVICE = "Service"
+    # No reply (or nobody listening) within the attempt's timeout.
+    TIMEOUT = "Timeout"
+    # The task's maxAge passed before an attempt could start or its child flows ended.
+    EXPIRED = "Expired"
+    # The reply could not be used (malformed, too large, too deep, not recordable, ...).
+    BAD_REPLY = "BadReply"
+    # A child flow failed or could not be created, or the reply named more child flows
+    # than allowed.
+    CHILD = "Child"
+    # The flow was cancelled while the task ran or waited.
+    CANCELLED = "Cancelled"
+    # The namespace's TaskflowPolicy does not allow the task's service and action: not
+    # retried (it would be refused again); a flow retry runs it once the policy allows it.
+    POLICY_DENIED = "PolicyDenied"
+
+
 TERMINAL_TASK_STATUSES = frozenset(
     {Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED, Status.SKIPPED}
 )
@@ -58,7 +97,7 @@ class _Model(BaseModel):
 class TaskError(_Model):
     message: str = Field(max_length=4096)
     code: str | None = Field(default=None, max_length=256)
-    # Where the error came from: Service (the reply said so), Timeout, Expired, BadReply, ...
+    # Where the error came from: an ``ErrorReason`` (Service, Timeout, Expired, BadReply, ...).
     reason: str | None = Field(default=None, max_length=64)
     data: Any | None = Field(default=None, json_schema_extra=_FREE)
 
@@ -93,6 +132,7 @@ class TaskStatus(_Model):
     not_before: str | None = Field(default=None, alias="notBefore")
     # First dispatch + maxAge: no attempt starts after it.
     expires_at: str | None = Field(default=None, alias="expiresAt")
+    # A ``WaitingReason`` (RetryDelay, NoResponders, Children), or None.
     waiting_reason: str | None = Field(default=None, alias="waitingReason")
     # Attempt number at which the current run began (a flow retry starts a new run), so
     # maxRetries counts per run while attempt numbers keep counting.

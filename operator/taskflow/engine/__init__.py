@@ -13,6 +13,7 @@ from taskflow.engine.effects import (
     Dispatch,
     Effect,
     Emit,
+    EventKind,
     Record,
 )
 from taskflow.engine.engine import POLICY_DENIED, Refusal, decide
@@ -32,6 +33,7 @@ __all__ = [
     "Effect",
     "EffectiveOptions",
     "Emit",
+    "EventKind",
     "Input",
     "NoResponders",
     "Record",

@@ -40,11 +40,15 @@ class CancelChild:
     child: str  # namespace/name
 
 
+# What an event is about: one task's attempt, a stage or the whole flow (its ``eventType``).
+EventKind = Literal["TASK", "STAGE", "TASKFLOW"]
+
+
 @dataclass(frozen=True, slots=True)
 class Emit:
     """Publish one event on the flow's subject; ``seq`` orders them per flow."""
 
-    kind: Literal["TASK", "STAGE", "TASKFLOW"]
+    kind: EventKind
     seq: int
     status: str
     stage: str | None = None

@@ -4,43 +4,50 @@
 next status and the effects to perform. It never performs I/O and never reads the clock, so the
 same call always gives the same answer (and a restarted operator re-arms every deadline from
 status alone).
+
+Two parts of it have modules of their own, called by the decision being made: acting on
+``spec.retry`` (``retry.py``) and the timers (``timers.py``: deadlines, maxAge, ``wake_at``);
+the copy of status each decision mutates is made by ``clone.py``.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
-from taskflow.api.spec import RetryRequest, Task, TaskflowSpec, TaskType
+from taskflow.api.spec import Task, TaskflowSpec, TaskType
 from taskflow.api.status import (
     FAILED_TASK_STATUSES,
     TERMINAL_FLOW_PHASES,
     TERMINAL_TASK_STATUSES,
     AttemptRecord,
     Condition,
+    ErrorReason,
     FlowPhase,
-    RetryAck,
     StageStatus,
     Status,
     TaskError,
     TaskflowStatus,
     TaskStatus,
+    WaitingReason,
 )
 from taskflow.engine.clock import iso, parse_iso
+from taskflow.engine.clone import clone
 from taskflow.engine.effects import (
     CancelChild,
     CancelNotice,
     CreateChild,
     Decision,
     Dispatch,
+    Effect,
     Emit,
+    EventKind,
     Record,
 )
 from taskflow.engine.inputs import ChildFinished, Input, NoResponders, Reply
 from taskflow.engine.options import EffectiveOptions, effective_options
+from taskflow.engine.retry import handle_retry
+from taskflow.engine.timers import expire, expire_timers, wake_at
 
 # How long to wait before redelivering an attempt nobody was listening for.
 REDELIVERY_INTERVAL_MS = 500
@@ -61,7 +68,7 @@ def decide(
 ) -> Decision:
     """Advance the flow as far as it can go at ``now``. ``refuse`` says why a service's
     action may not be called from this flow (its namespace's policy), or None when it may."""
-    return _Step(spec, _clone(status), now, uid, refuse).run(
+    return _Step(spec, clone(status), now, uid, refuse).run(
         inputs=inputs, generation=generation, event_subject=event_subject
     )
 
@@ -69,33 +76,8 @@ def decide(
 # (serviceId, actionName) -> why it may not be called, or None. Supplied by the shell from the
 # namespace's TaskflowPolicy; the engine only applies it, before every dispatch.
 Refusal = Callable[[str, str], str | None]
-# The error reason of a task its namespace's policy does not allow: not retried (it would be
-# refused again), a flow retry runs it once the policy allows it.
-POLICY_DENIED = "PolicyDenied"
-
-_M = TypeVar("_M")
-_CONTAINERS = (BaseModel, list, dict)
-
-
-def _clone(value: _M) -> _M:
-    """A deep copy of status for one decision to mutate: models, lists and dicts are copied,
-    everything else (str, int, bool, enums, None) is immutable and shared. Same result as
-    ``model_copy(deep=True)`` at about half the cost (no memo, no per-leaf dispatch), which
-    matters because every decision copies the flow's whole status."""
-    if isinstance(value, BaseModel):
-        new = value.__copy__()  # a model's own shallow copy: __dict__, fields set, extras
-        fields: dict[str, Any] = new.__dict__
-        for key, item in fields.items():
-            if isinstance(item, _CONTAINERS):
-                fields[key] = _clone(item)
-        return new
-    if isinstance(value, list):
-        return [_clone(v) if isinstance(v, _CONTAINERS) else v for v in value]  # type: ignore[return-value]
-    if isinstance(value, dict):
-        return {k: _clone(v) if isinstance(v, _CONTAINERS) else v  # type: ignore[return-value]
-                for k, v in value.items()}
-    return value
-
+# The error reason of a task its namespace's policy does not allow (kept for importers).
+POLICY_DENIED = ErrorReason.POLICY_DENIED
 
 def task_id(uid: str, stage: str, task: str | None = None) -> str:
     """Stable ids for stages and tasks, derived from the flow's uid and the names."""
@@ -112,7 +94,7 @@ class _Step:
         self.status = status
         self.now = now
         self.uid = uid
-        self.effects: list[Dispatch | CancelNotice | CreateChild | CancelChild | Emit | Record] = []
+        self.effects: list[Effect] = []
         self.changed = False
         self.durable = False
         self._specs = {
@@ -133,7 +115,7 @@ class _Step:
 
     def emit(
         self,
-        kind: str,
+        kind: EventKind,
         value: str,
         stage: StageStatus | None = None,
         task: TaskStatus | None = None,
@@ -141,7 +123,7 @@ class _Step:
         self.status.last_event_seq += 1
         self.effects.append(
             Emit(
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 seq=self.status.last_event_seq,
                 status=value,
                 stage=stage.name if stage else None,
@@ -203,15 +185,15 @@ class _Step:
         for item in inputs:
             self.apply(item)
         self.handle_cancel()
-        self.handle_retry()
+        handle_retry(self)
         if status.phase not in TERMINAL_FLOW_PHASES:
-            self.expire_timers()
+            expire_timers(self)
             self.advance()
         self.summarize()
         return Decision(
             status=status,
             effects=self.effects,
-            wake_at=self.wake_at(),
+            wake_at=wake_at(self),
             changed=self.changed or bool(self.effects),
             durable=self.durable,
         )
@@ -267,132 +249,20 @@ class _Step:
         self.condition("Cancelled", "True", "Cancelled", "cancelled by spec.cancel")
 
     def cancel_task(self, stage: StageStatus, task: TaskStatus) -> None:
-        error = TaskError(message="cancelled", reason="Cancelled")
+        error = TaskError(message="cancelled", reason=ErrorReason.CANCELLED)
         for child in task.nested_active_running_taskflow_ids:
             self.effects.append(CancelChild(child=child))  # cancel cascades to children
-        awaiting_reply = task.status == Status.RUNNING and task.waiting_reason != "Children"
+        awaiting_reply = (
+            task.status == Status.RUNNING and task.waiting_reason != WaitingReason.CHILDREN
+        )
         is_action = self.task_spec(stage.name, task.name).type == TaskType.ACTION
         if awaiting_reply and is_action:
             self.effects.append(
                 CancelNotice(stage=stage.name, task=task.name, attempt=task.attempt)
             )
-        if task.status == Status.RUNNING or task.waiting_reason == "NoResponders":
+        if task.status == Status.RUNNING or task.waiting_reason == WaitingReason.NO_RESPONDERS:
             self.record_attempt(task, Status.CANCELLED, error)  # so a late reply is recorded
         self.end_task(stage, task, Status.CANCELLED, error)
-
-    # -- retry -------------------------------------------------------------------------------
-
-    def handle_retry(self) -> None:
-        request = self.spec.retry
-        status = self.status
-        if request is None or (status.retry is not None and status.retry.id == request.id):
-            return
-        self.changed = self.durable = True
-        refusal = self.retry_refusal(request)
-        selection: set[tuple[str, str]] = set()
-        if refusal is None:
-            selection = self.retry_selection(request)
-            if not selection:
-                refusal = "nothing to retry: the selection holds no task that may run again"
-        if refusal is not None:
-            status.retry = RetryAck(
-                id=request.id, accepted=False, message=refusal, time=iso(self.now)
-            )
-            self.condition("RetryAccepted", "False", "Refused", f"retry {request.id}: {refusal}")
-            self.effects.append(
-                Record(
-                    reason="RetryRefused", message=f"retry {request.id}: {refusal}", type="Warning"
-                )
-            )
-            return
-        message = f"retry {request.id}: {len(selection)} task(s) to run again"
-        status.retry = RetryAck(id=request.id, accepted=True, message=message, time=iso(self.now))
-        self.condition("RetryAccepted", "True", "Accepted", message)
-        self.effects.append(Record(reason="RetryStarted", message=message))
-        for stage in status.stages:
-            picked = [t for t in stage.tasks if (stage.name, t.name) in selection]
-            if not picked:
-                continue
-            for task in picked:
-                self.reset_task(task)
-            stage.status = Status.WAITING
-            stage.start_time = stage.end_time = None
-        status.phase = FlowPhase.RUNNING
-        status.completion_time = None
-        status.cancelled_at = None  # a later spec.cancel: true cancels this run
-        self.condition("Succeeded", "Unknown", "Running", message)
-        self.emit("TASKFLOW", FlowPhase.RUNNING)
-
-    def retry_refusal(self, request: RetryRequest) -> str | None:
-        status = self.status
-        if status.phase not in TERMINAL_FLOW_PHASES:
-            return f"the flow is {status.phase}: only a finished flow can be retried"
-        if self.spec.cancel:
-            return "spec.cancel is true: set it to false in the same patch as the retry"
-        for wanted in request.stages or ():
-            stage = next((s for s in status.stages if s.name == wanted.name), None)
-            if stage is None:
-                return f"unknown stage {wanted.name!r}"
-            names = {t.name for t in stage.tasks}
-            for name in wanted.tasks or ():
-                if name not in names:
-                    return f"unknown task {name!r} in stage {wanted.name!r}"
-                task = next(t for t in stage.tasks if t.name == name)
-                if (
-                    task.status == Status.SUCCEEDED
-                    and self.opts(stage.name, name).exactly_once_task_execution
-                    and not request.failed_only
-                ):
-                    return (
-                        f"task {wanted.name}/{name} SUCCEEDED and exactlyOnceTaskExecution is "
-                        "true: it is never dispatched again"
-                    )
-        return None
-
-    def retry_selection(self, request: RetryRequest) -> set[tuple[str, str]]:
-        chosen: set[tuple[str, str]] = set()
-        if request.stages:
-            for wanted in request.stages:
-                stage = next(s for s in self.status.stages if s.name == wanted.name)
-                names = set(wanted.tasks) if wanted.tasks else {t.name for t in stage.tasks}
-                chosen |= {(stage.name, t.name) for t in stage.tasks if t.name in names}
-        else:
-            chosen = {(s.name, t.name) for s, t in self.tasks()}
-        result: set[tuple[str, str]] = set()
-        for stage, task in self.tasks():
-            key = (stage.name, task.name)
-            if key not in chosen:
-                continue
-            if request.failed_only and task.status not in FAILED_TASK_STATUSES:
-                continue
-            if task.status == Status.SUCCEEDED and self.opts(*key).exactly_once_task_execution:
-                continue
-            result.add(key)
-        if not result:
-            return result
-        # Later stages depended on the re-run work, so they run again too: what did not
-        # succeed always; what succeeded only when a plain whole-or-stage retry allows it.
-        first = min(
-            i for i, s in enumerate(self.status.stages) if any(k[0] == s.name for k in result)
-        )
-        for stage in self.status.stages[first + 1 :]:
-            for task in stage.tasks:
-                key = (stage.name, task.name)
-                if task.status != Status.SUCCEEDED or (
-                    not request.failed_only and not self.opts(*key).exactly_once_task_execution
-                ):
-                    result.add(key)
-        return result
-
-    def reset_task(self, task: TaskStatus) -> None:
-        if task.dispatch_time is not None or task.attempts:
-            task.attempt += 1
-        task.run_start_attempt = task.attempt
-        task.status = Status.WAITING
-        task.response = task.response_ref = task.error = None
-        task.start_time = task.end_time = task.dispatch_time = task.deadline = None
-        task.not_before = task.expires_at = task.waiting_reason = None
-        task.nested_active_running_taskflow_ids = []
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -406,12 +276,13 @@ class _Step:
             return
         current = task.attempt == item.attempt and (
             task.status == Status.RUNNING
-            or (task.status == Status.WAITING and task.waiting_reason == "NoResponders")
+            or (task.status == Status.WAITING
+                and task.waiting_reason == WaitingReason.NO_RESPONDERS)
         )
         if isinstance(item, NoResponders):
             if current and task.status == Status.RUNNING:
                 task.status = Status.WAITING
-                task.waiting_reason = "NoResponders"
+                task.waiting_reason = WaitingReason.NO_RESPONDERS
                 task.not_before = iso(self.now + REDELIVERY_INTERVAL_MS)
                 self.changed = True
             return
@@ -431,7 +302,7 @@ class _Step:
             if task.nested_active_running_taskflow_ids:
                 # The service started child flows: the task ends when they do, whatever
                 # the attempt's timeout (which covered the reply only).
-                task.waiting_reason = "Children"
+                task.waiting_reason = WaitingReason.CHILDREN
                 task.deadline = None
                 self.changed = True
                 return
@@ -471,71 +342,16 @@ class _Step:
         self.changed = True
         if item.status != Status.SUCCEEDED:
             task.error = TaskError(
-                message=f"nested taskflow {item.child} ended {item.status}", reason="Child"
+                message=f"nested taskflow {item.child} ended {item.status}",
+                reason=ErrorReason.CHILD,
             )
         if is_flow:
             task.response = item.summary
-        if active or not (is_flow or task.waiting_reason == "Children"):
+        if active or not (is_flow or task.waiting_reason == WaitingReason.CHILDREN):
             return
         task.waiting_reason = None
         outcome = Status.FAILED if task.error else Status.SUCCEEDED
         self.end_attempt(stage, task, outcome, task.error)
-
-    # -- timers ------------------------------------------------------------------------------
-
-    def expire_timers(self) -> None:
-        index = self.current_index()
-        if index is None:
-            return
-        stage = self.status.stages[index]
-        for task in stage.tasks:
-            if task.status not in (Status.RUNNING, Status.WAITING):
-                continue
-            opts = self.opts(stage.name, task.name)
-            if (
-                task.expires_at
-                and parse_iso(task.expires_at) <= self.now
-                and (task.status == Status.WAITING)
-            ):
-                self.expire(stage, task, opts)
-            elif (
-                task.expires_at
-                and parse_iso(task.expires_at) <= self.now
-                and task.waiting_reason == "Children"
-            ):
-                # The task's whole budget bounds the wait for child flows a service started
-                # (the attempt's timeout covered its reply only): they are cancelled.
-                for child in task.nested_active_running_taskflow_ids:
-                    self.effects.append(CancelChild(child=child))
-                task.nested_active_running_taskflow_ids = []
-                self.end_attempt(stage, task, Status.FAILED, TaskError(
-                    message=f"expired: maxAge of {opts.max_age_ms} ms passed while waiting "
-                            "for its child flows", reason="Expired"))
-            elif (
-                task.deadline
-                and parse_iso(task.deadline) <= self.now
-                and (task.status == Status.RUNNING or task.waiting_reason == "NoResponders")
-            ):
-                nobody = task.waiting_reason == "NoResponders"
-                message = (
-                    f"no service was listening within the timeout of {opts.timeout_ms} ms"
-                    if nobody
-                    else f"no reply within the timeout of {opts.timeout_ms} ms"
-                )
-                self.end_attempt(
-                    stage, task, Status.TIMED_OUT, TaskError(message=message, reason="Timeout")
-                )
-
-    def expire(self, stage: StageStatus, task: TaskStatus, opts: EffectiveOptions) -> None:
-        why = (
-            "no service was listening" if task.waiting_reason == "NoResponders" else "retries left"
-        )
-        error = TaskError(
-            message=f"expired: maxAge of {opts.max_age_ms} ms passed ({why})", reason="Expired"
-        )
-        if task.dispatch_time and task.waiting_reason == "NoResponders":
-            self.record_attempt(task, Status.FAILED, error)
-        self.end_task(stage, task, Status.FAILED, error)
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -576,7 +392,7 @@ class _Step:
                 task.status = Status.WAITING
                 task.attempt += 1
                 task.not_before = iso(retry_at)
-                task.waiting_reason = "RetryDelay"
+                task.waiting_reason = WaitingReason.RETRY_DELAY
                 task.dispatch_time = task.deadline = None
                 self.changed = True
                 return
@@ -620,11 +436,11 @@ class _Step:
                 continue
             opts = self.opts(stage.name, task.name)
             if task.expires_at and parse_iso(task.expires_at) <= self.now:
-                self.expire(stage, task, opts)
+                expire(self, stage, task, opts)
                 continue
             if self.refused(stage, task):
                 continue
-            redelivery = task.waiting_reason == "NoResponders"
+            redelivery = task.waiting_reason == WaitingReason.NO_RESPONDERS
             task.status = Status.RUNNING
             task.not_before = task.waiting_reason = None
             if not redelivery:
@@ -654,7 +470,7 @@ class _Step:
         why = self.refuse(details.service_id, details.action_name)
         if why is None:
             return False
-        error = TaskError(message=why[:4096], reason=POLICY_DENIED)
+        error = TaskError(message=why[:4096], reason=ErrorReason.POLICY_DENIED)
         task.start_time = task.start_time or iso(self.now)
         self.record_attempt(task, Status.FAILED, error)
         self.end_task(stage, task, Status.FAILED, error)
@@ -748,23 +564,3 @@ class _Step:
         if (status.current_stage, status.progress) != (current, progress):
             status.current_stage, status.progress = current, progress
             self.changed = True
-
-    def wake_at(self) -> int | None:
-        if self.status.phase in TERMINAL_FLOW_PHASES:
-            return None
-        index = self.current_index()
-        if index is None:
-            return None
-        times: list[int] = []
-        for task in self.status.stages[index].tasks:
-            if task.status == Status.RUNNING and task.deadline:
-                times.append(parse_iso(task.deadline))
-            elif task.waiting_reason == "Children" and task.expires_at:
-                times.append(parse_iso(task.expires_at))
-            elif task.status == Status.WAITING:
-                for value in (task.not_before, task.expires_at):
-                    if value:
-                        times.append(parse_iso(value))
-                if task.deadline and task.waiting_reason == "NoResponders":
-                    times.append(parse_iso(task.deadline))
-        return min(times) if times else None

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from taskflow.api.status import Status, TaskError
+from taskflow.api.status import ErrorReason, Status, TaskError
 
-# The error reason of an attempt whose reply could not be used (malformed, too large, ...).
-BAD_REPLY = "BadReply"
+# The error reason of an attempt whose reply could not be used (kept for importers).
+BAD_REPLY = ErrorReason.BAD_REPLY
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ import json
 from collections.abc import Sequence
 
 from taskflow.api.spec import TaskflowSpec
-from taskflow.api.status import TaskError, TaskflowStatus
+from taskflow.api.status import ErrorReason, TaskError, TaskflowStatus
 from taskflow.engine.engine import decide
-from taskflow.engine.inputs import BAD_REPLY, ChildFinished, Input, Reply
+from taskflow.engine.inputs import ChildFinished, Input, Reply
 
 
 def quarantine(
@@ -36,9 +36,10 @@ def quarantine(
         if problem is None:
             kept.append(item)
         elif isinstance(item, Reply | ChildFinished) and item.attempt is not None:
+            error = TaskError(message=f"the reply could not be recorded: {problem}"[:1024],
+                              reason=ErrorReason.BAD_REPLY)
             kept.append(Reply(stage=item.stage, task=item.task, attempt=item.attempt, ok=False,
-                              error=TaskError(message=f"the reply could not be recorded: "
-                                                      f"{problem}"[:1024], reason=BAD_REPLY)))
+                              error=error))
     return kept
 
 

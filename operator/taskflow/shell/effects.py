@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from taskflow.api.spec import TaskflowSpec, TaskType
-from taskflow.api.status import Status, TaskError, TaskflowStatus
+from taskflow.api.status import ErrorReason, Status, TaskError, TaskflowStatus
 from taskflow.engine import (
     CancelChild,
     CancelNotice,
@@ -295,4 +295,4 @@ def describe(exc: BaseException, *, typed: bool = True) -> str:
 
 
 def child_error(message: str) -> TaskError:
-    return TaskError(message=message[:4096], reason="Child")
+    return TaskError(message=message[:4096], reason=ErrorReason.CHILD)

@@ -31,6 +31,7 @@ from taskflow.api.status import (
     FlowPhase,
     Status,
     TaskflowStatus,
+    WaitingReason,
 )
 from taskflow.engine import Decision, Dispatch, Input, decide, parse_iso
 from taskflow.shell import metrics
@@ -244,7 +245,8 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         lookups = []
         for stage in self.status.stages:
             for task in stage.tasks:
-                if task.status == Status.RUNNING or task.waiting_reason == "NoResponders":
+                waiting = task.waiting_reason == WaitingReason.NO_RESPONDERS
+                if task.status == Status.RUNNING or waiting:
                     lookups.append((stage.name, task.name, task.attempt))
         replies = await asyncio.gather(
             *(self.link.stored_reply(subjects.reply(self.uid, s, t, a)) for s, t, a in lookups)

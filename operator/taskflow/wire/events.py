@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskflow.api.status import TaskflowStatus
+from taskflow.api.status import Status, TaskflowStatus
 from taskflow.engine.effects import Emit
 
 
@@ -39,9 +39,9 @@ def event_payload(
             "taskId": task.id,
             "taskName": task.name,
             "taskStatus": emit.status,
-            "taskResponse": emit.response if emit.status == "SUCCEEDED" else None,
+            "taskResponse": emit.response if emit.status == Status.SUCCEEDED else None,
         }
-        if emit.error is not None and emit.status not in ("SUCCEEDED", "RUNNING"):
+        if emit.error is not None and emit.status not in (Status.SUCCEEDED, Status.RUNNING):
             data["taskError"] = emit.error.model_dump(exclude_none=True)
     elif emit.kind == "STAGE":
         stage = next(s for s in status.stages if s.name == emit.stage)

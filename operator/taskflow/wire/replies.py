@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from taskflow.api.status import TaskError
-from taskflow.engine.inputs import BAD_REPLY, NoResponders, Reply
+from taskflow.api.status import ErrorReason, TaskError
+from taskflow.engine.inputs import NoResponders, Reply
 
 SERVICE_ERROR = "Nats-Service-Error"
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -120,7 +120,7 @@ def _text(value: Any) -> str:
 
 
 def bad_reply(message: str) -> TaskError:
-    return TaskError(message=clip(message, 1024, "message"), reason=BAD_REPLY)
+    return TaskError(message=clip(message, 1024, "message"), reason=ErrorReason.BAD_REPLY)
 
 
 def read_reply(
@@ -164,7 +164,7 @@ def _read(
             message=clip(_text(headers.get(SERVICE_ERROR) or "service error"),
                          limits.max_message, "message"),
             code=None if code is None else clip(_text(code), limits.max_code, "code"),
-            reason="Service",
+            reason=ErrorReason.SERVICE,
         ))
     try:
         body = parse_json(data, max_depth=limits.max_depth)
@@ -181,7 +181,7 @@ def _read(
             return failed(TaskError(
                 message=f"the service started {len(children)} child flows; "
                         f"the limit is {limits.max_children}",
-                reason="Child",
+                reason=ErrorReason.CHILD,
             ))
         return Reply(stage=stage, task=task, attempt=attempt, ok=True, data=body.get("data"),
                      children=children)
@@ -206,7 +206,8 @@ def _children(refs: Any) -> tuple[str, ...]:
 def _service_error(error: Any, limits: ReplyLimits) -> TaskError:
     if not isinstance(error, dict):
         text = _text(error) if error is not None else "the service reported a failure"
-        return TaskError(message=clip(text, limits.max_message, "message"), reason="Service")
+        return TaskError(message=clip(text, limits.max_message, "message"),
+                         reason=ErrorReason.SERVICE)
     message = clip(_text(error.get("message") or "the service reported a failure"),
                    limits.max_message, "message")
     code = error.get("code")
@@ -220,6 +221,6 @@ def _service_error(error: Any, limits: ReplyLimits) -> TaskError:
     return TaskError(
         message=message,
         code=None if code is None else clip(_text(code), limits.max_code, "code"),
-        reason="Service",
+        reason=ErrorReason.SERVICE,
         data=data,
     )
