@@ -36,8 +36,9 @@ test: venv ## every test, against real kube-apiserver, etcd and nats-server
 unit: venv ## the fast tests only (no servers)
 	$(PY) -m pytest -q -m "not integration"
 
-lint: venv ## ruff, mypy (strict) and the import contracts (the layers: pyproject.toml)
+lint: venv ## ruff (check, format --check), mypy (strict), the import contracts (pyproject.toml)
 	$(VENV)/bin/ruff check operator tests bench chaos
+	$(VENV)/bin/ruff format --check operator tests bench chaos
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

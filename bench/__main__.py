@@ -51,14 +51,36 @@ class Plan:
     probe_s: float
 
 
-FULL = Plan(ceiling_write_s=8, ceiling_nats_s=5, single_peak_s=15, single_fractions=(0.5,),
-            seed_peak_s=20, seed_fractions=(0.25, 0.5, 0.75, 1.0), load_s=20, warmup_s=3,
-            peak_concurrency=48, wide=(200, 1000), wide_repeats=2, scale_flows=10_000,
-            probe_s=10)
-QUICK = Plan(ceiling_write_s=4, ceiling_nats_s=3, single_peak_s=6, single_fractions=(0.5,),
-             seed_peak_s=8, seed_fractions=(0.25, 0.5, 1.0), load_s=8, warmup_s=2,
-             peak_concurrency=48, wide=(200, 1000), wide_repeats=1, scale_flows=2_000,
-             probe_s=5)
+FULL = Plan(
+    ceiling_write_s=8,
+    ceiling_nats_s=5,
+    single_peak_s=15,
+    single_fractions=(0.5,),
+    seed_peak_s=20,
+    seed_fractions=(0.25, 0.5, 0.75, 1.0),
+    load_s=20,
+    warmup_s=3,
+    peak_concurrency=48,
+    wide=(200, 1000),
+    wide_repeats=2,
+    scale_flows=10_000,
+    probe_s=10,
+)
+QUICK = Plan(
+    ceiling_write_s=4,
+    ceiling_nats_s=3,
+    single_peak_s=6,
+    single_fractions=(0.5,),
+    seed_peak_s=8,
+    seed_fractions=(0.25, 0.5, 1.0),
+    load_s=8,
+    warmup_s=2,
+    peak_concurrency=48,
+    wide=(200, 1000),
+    wide_repeats=1,
+    scale_flows=2_000,
+    probe_s=5,
+)
 
 
 def log(message: str) -> None:
@@ -68,15 +90,27 @@ def log(message: str) -> None:
 class Operator:
     """``taskflow-operator run`` as a subprocess, in its own process group."""
 
-    def __init__(self, *, kubeconfig: Path, nats_url: str, log_path: Path,
-                 flush_interval: float) -> None:
+    def __init__(
+        self, *, kubeconfig: Path, nats_url: str, log_path: Path, flush_interval: float
+    ) -> None:
         from taskflow.devstack.servers import Server, free_port
 
         self.port = free_port()
         self.log_path = log_path
-        argv = [sys.executable, "-m", "taskflow.cli", "run", "--kubeconfig", str(kubeconfig),
-                "--nats-url", nats_url, "--metrics-address", f"127.0.0.1:{self.port}",
-                "--flush-interval", str(flush_interval)]
+        argv = [
+            sys.executable,
+            "-m",
+            "taskflow.cli",
+            "run",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--nats-url",
+            nats_url,
+            "--metrics-address",
+            f"127.0.0.1:{self.port}",
+            "--flush-interval",
+            str(flush_interval),
+        ]
         # The same process-group handling as the stack's own servers.
         self.server = Server("operator", argv, log_path)
 
@@ -125,16 +159,21 @@ async def wait_echo(url: str, process: subprocess.Popen[bytes], timeout: float =
 
 
 def phase_line(p: dict[str, Any]) -> str:
-    offered = (f"{p['offered_flows_per_s']}/s offered" if p["mode"] == "open"
-               else f"{p['concurrency']} in flight")
+    offered = (
+        f"{p['offered_flows_per_s']}/s offered"
+        if p["mode"] == "open"
+        else f"{p['concurrency']} in flight"
+    )
     st = p["stage_transition_ms"]
     cd = p["create_to_first_dispatch_ms"]
-    return (f"{p['label']}: {offered}: {p['flows_per_s']} flows/s, {p['tasks_per_s']} tasks/s, "
-            f"{p['status_writes_per_flow']} writes/flow, create→dispatch p50 {cd['p50']} ms, "
-            f"stage p50/p99 {st['p50']}/{st['p99']} ms, "
-            f"CPU {p['operator_cpu_s_per_1000_tasks']} s/1k tasks, "
-            f"RSS {p['operator_peak_rss_mb']} MB, completed {p['flows_completed']}/"
-            f"{p['flows_created']}")
+    return (
+        f"{p['label']}: {offered}: {p['flows_per_s']} flows/s, {p['tasks_per_s']} tasks/s, "
+        f"{p['status_writes_per_flow']} writes/flow, create→dispatch p50 {cd['p50']} ms, "
+        f"stage p50/p99 {st['p50']}/{st['p99']} ms, "
+        f"CPU {p['operator_cpu_s_per_1000_tasks']} s/1k tasks, "
+        f"RSS {p['operator_peak_rss_mb']} MB, completed {p['flows_completed']}/"
+        f"{p['flows_created']}"
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -157,8 +196,8 @@ async def run(args: argparse.Namespace) -> int:
         "mode": "quick" if args.quick else "full",
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": f"{os.cpu_count()} cores, "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-                   f"Python {platform.python_version()}, everything on one machine",
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+        f"Python {platform.python_version()}, everything on one machine",
         "flush_interval_s": args.flush_interval,
         "phases": [],
     }
@@ -166,9 +205,13 @@ async def run(args: argparse.Namespace) -> int:
     stack = DevStack(tmp / "stack")
     await asyncio.to_thread(stack.start)
     echo_log = open(tmp / "echo.log", "ab")  # noqa: SIM115 (closed in the finally below)
-    echo = subprocess.Popen([sys.executable, "-m", "bench.echo", "--nats-url", stack.nats.url],
-                            stdout=echo_log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            start_new_session=True)
+    echo = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo", "--nats-url", stack.nats.url],
+        stdout=echo_log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     operator: Operator | None = None
     api = Api(stack.control_plane.url, stack.control_plane.workdir / "pki")
     driver: Driver | None = None
@@ -185,27 +228,39 @@ async def run(args: argparse.Namespace) -> int:
         log("ceiling: raw status writes ...")
         cpu0 = procs.snapshot(pids) | {"machine": procs.machine_busy_seconds()}
         t_cpu = time.monotonic()
-        writes = await ceilings.status_writes(api, "bench-ceiling", payloads["status"],
-                                              duration=plan.ceiling_write_s)
+        writes = await ceilings.status_writes(
+            api, "bench-ceiling", payloads["status"], duration=plan.ceiling_write_s
+        )
         cpu1 = procs.snapshot(pids) | {"machine": procs.machine_busy_seconds()}
         span = time.monotonic() - t_cpu
         writes["cores_by_process"] = {k: round((cpu1[k] - cpu0[k]) / span, 2) for k in cpu1}
         log(f"ceiling: {writes['rate']} status writes/s ({writes['status_bytes']} B status)")
         log("ceiling: raw NATS request-reply ...")
-        nats_c = await ceilings.nats_request_reply(stack.nats.url, payloads["request"],
-                                                   duration=plan.ceiling_nats_s)
+        nats_c = await ceilings.nats_request_reply(
+            stack.nats.url, payloads["request"], duration=plan.ceiling_nats_s
+        )
         log(f"ceiling: {nats_c['rate']} NATS requests/s ({nats_c['request_bytes']} B)")
         result["ceilings"] = {"status_writes": writes, "nats": nats_c}
         await api.delete_flows("bench-ceiling")
 
         # -- the operator ----------------------------------------------------------------
-        operator = Operator(kubeconfig=stack.kubeconfig, nats_url=stack.nats.url,
-                            log_path=tmp / "operator.log", flush_interval=args.flush_interval)
+        operator = Operator(
+            kubeconfig=stack.kubeconfig,
+            nats_url=stack.nats.url,
+            log_path=tmp / "operator.log",
+            flush_interval=args.flush_interval,
+        )
         await asyncio.to_thread(operator.start)
         log(f"operator started (pid {operator.pid})")
-        driver = Driver(api=api, nats_url=stack.nats.url, namespace="bench", tmp=tmp,
-                        operator_pid=operator.pid, operator_metrics_port=operator.port,
-                        pids=pids)
+        driver = Driver(
+            api=api,
+            nats_url=stack.nats.url,
+            namespace="bench",
+            tmp=tmp,
+            operator_pid=operator.pid,
+            operator_metrics_port=operator.port,
+            pids=pids,
+        )
         await driver.start()
         rss_start = procs.memory_kb(operator.pid).get("VmRSS", 0) / 1024
 
@@ -215,23 +270,40 @@ async def run(args: argparse.Namespace) -> int:
             return (lambda i: build(f"g-{i:06d}")), tasks, stages
 
         make, tasks, stages = shape("seed")
-        warm = await driver.phase("warmup", "seed", make, tasks=tasks, stages=stages,
-                                  concurrency=8, duration=3, warmup=0)
+        warm = await driver.phase(
+            "warmup", "seed", make, tasks=tasks, stages=stages, concurrency=8, duration=3, warmup=0
+        )
         log(phase_line(warm))
 
-        for name, peak_s, fractions in (("single", plan.single_peak_s, plan.single_fractions),
-                                        ("seed", plan.seed_peak_s, plan.seed_fractions)):
+        for name, peak_s, fractions in (
+            ("single", plan.single_peak_s, plan.single_fractions),
+            ("seed", plan.seed_peak_s, plan.seed_fractions),
+        ):
             make, tasks, stages = shape(name)
-            peak = await driver.phase(f"{name}-peak", name, make, tasks=tasks, stages=stages,
-                                      concurrency=plan.peak_concurrency, duration=peak_s,
-                                      warmup=plan.warmup_s)
+            peak = await driver.phase(
+                f"{name}-peak",
+                name,
+                make,
+                tasks=tasks,
+                stages=stages,
+                concurrency=plan.peak_concurrency,
+                duration=peak_s,
+                warmup=plan.warmup_s,
+            )
             log(phase_line(peak))
             result["phases"].append(peak)
             for fraction in fractions:
                 rate = max(0.5, round(peak["flows_per_s"] * fraction, 1))
-                p = await driver.phase(f"{name}-x{fraction:g}", name, make, tasks=tasks,
-                                       stages=stages, rate=rate, duration=plan.load_s,
-                                       warmup=plan.warmup_s)
+                p = await driver.phase(
+                    f"{name}-x{fraction:g}",
+                    name,
+                    make,
+                    tasks=tasks,
+                    stages=stages,
+                    rate=rate,
+                    duration=plan.load_s,
+                    warmup=plan.warmup_s,
+                )
                 log(phase_line(p))
                 result["phases"].append(p)
 
@@ -247,10 +319,13 @@ async def run(args: argparse.Namespace) -> int:
                     await asyncio.wait_for(flow.future, 180)
                 await asyncio.sleep(0.5)
                 usage = driver.compare(before, await driver.snapshot())
-                row = {"width": width, "outcome": flow.outcome,
-                       "status_writes": usage["status_writes"],
-                       "seconds": round(flow.t_done - flow.t_sent, 2) if flow.t_done else None,
-                       "operator_cpu_s": usage["cpu"]["operator"]}
+                row = {
+                    "width": width,
+                    "outcome": flow.outcome,
+                    "status_writes": usage["status_writes"],
+                    "seconds": round(flow.t_done - flow.t_sent, 2) if flow.t_done else None,
+                    "operator_cpu_s": usage["cpu"]["operator"],
+                }
                 result["wide"].append(row)
                 log(f"wide stage of {width}: {row}")
 
@@ -263,30 +338,44 @@ async def run(args: argparse.Namespace) -> int:
                 log("py-spy not found: no profile")
             else:
                 await asyncio.sleep(1)
-                pprof = asyncio.get_running_loop().create_task(api.pprof(
-                    tmp / "kube-apiserver.pprof", seconds=int(plan.seed_peak_s) - 2))
-                p = await driver.phase("seed-profiled", "seed", make, tasks=tasks,
-                                       stages=stages, concurrency=plan.peak_concurrency,
-                                       duration=plan.seed_peak_s, warmup=plan.warmup_s)
+                pprof = asyncio.get_running_loop().create_task(
+                    api.pprof(tmp / "kube-apiserver.pprof", seconds=int(plan.seed_peak_s) - 2)
+                )
+                p = await driver.phase(
+                    "seed-profiled",
+                    "seed",
+                    make,
+                    tasks=tasks,
+                    stages=stages,
+                    concurrency=plan.peak_concurrency,
+                    duration=plan.seed_peak_s,
+                    warmup=plan.warmup_s,
+                )
                 with contextlib.suppress(Exception):
                     await pprof
                     result["apiserver_profile"] = await asyncio.to_thread(
-                        profiler.go_top, tmp / "kube-apiserver.pprof")
+                        profiler.go_top, tmp / "kube-apiserver.pprof"
+                    )
                 log(phase_line(p) + " (under py-spy)")
                 await asyncio.to_thread(spy.wait, 60)
                 if raw.exists():
                     result["profile"] = profiler.summarise(raw)
                     result["profile"]["phase"] = p
                     (out_dir / f"{'quick' if args.quick else 'bench'}-profile.txt").write_text(
-                        "\n".join(f"{r['self_pct']:5.1f} {r['total_pct']:5.1f}  {r['function']}"
-                                  for r in result["profile"]["top_inclusive"]) + "\n")
+                        "\n".join(
+                            f"{r['self_pct']:5.1f} {r['total_pct']:5.1f}  {r['function']}"
+                            for r in result["profile"]["top_inclusive"]
+                        )
+                        + "\n"
+                    )
 
         # -- scale: many active flows ----------------------------------------------------
         if plan.scale_flows:
             result["scale"] = await scale(driver, plan, result, operator)
 
         result["operator_peak_rss_mb"] = round(
-            procs.memory_kb(operator.pid).get("VmHWM", 0) / 1024, 1)
+            procs.memory_kb(operator.pid).get("VmHWM", 0) / 1024, 1
+        )
         result["operator_rss_at_start_mb"] = round(rss_start, 1)
         result["create_errors"] = driver.create_errors[:20]
     finally:
@@ -321,8 +410,9 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def scale(driver: Any, plan: Plan, result: dict[str, Any], operator: Operator
-                ) -> dict[str, Any]:
+async def scale(
+    driver: Any, plan: Plan, result: dict[str, Any], operator: Operator
+) -> dict[str, Any]:
     from bench.driver import percentiles
     from bench.flows import seed_spec
 
@@ -359,13 +449,22 @@ async def scale(driver: Any, plan: Plan, result: dict[str, Any], operator: Opera
     usage = driver.compare(before, after)
     active = after["operator"].get("taskflow_active_flows", float(held))
     log(f"scale: {held} held, {active:.0f} active; RSS {rss_idle:.0f} -> {rss_active:.0f} MB")
+
     # New flows while those are active: do they still start promptly?
     def seed_make(i: int) -> dict[str, Any]:
         return seed_spec(f"p-{i:06d}")
 
-    probe = await driver.phase("scale-probe", "seed", seed_make, tasks=11,
-                               stages=["createGroup", "addApplianceToGroups"], rate=4,
-                               duration=plan.probe_s, warmup=0, drain_timeout=60)
+    probe = await driver.phase(
+        "scale-probe",
+        "seed",
+        seed_make,
+        tasks=11,
+        stages=["createGroup", "addApplianceToGroups"],
+        rate=4,
+        duration=plan.probe_s,
+        warmup=0,
+        drain_timeout=60,
+    )
     log(phase_line(probe))
     rss_active = max(rss_active, driver.sampler.peak_kb / 1024)
     baseline = next((p for p in result["phases"] if p["label"] == "seed-x0.25"), None)
@@ -388,20 +487,30 @@ async def scale(driver: Any, plan: Plan, result: dict[str, Any], operator: Opera
         "probe_stage_transition_ms": probe["stage_transition_ms"],
         "probe": probe,
         "baseline_create_to_first_dispatch_ms": (
-            baseline["create_to_first_dispatch_ms"] if baseline else percentiles([])),
+            baseline["create_to_first_dispatch_ms"] if baseline else percentiles([])
+        ),
     }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="a ~2 minute run")
-    parser.add_argument("--profile", action="store_true",
-                        help="also sample the operator with py-spy at saturation")
-    parser.add_argument("--flush-interval", type=float, default=1.0,
-                        help="the operator's --flush-interval (default: its own default, 1 s)")
-    parser.add_argument("--scale-flows", type=int, default=None,
-                        help="active flows in the scale run (0 skips it)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also sample the operator with py-spy at saturation"
+    )
+    parser.add_argument(
+        "--flush-interval",
+        type=float,
+        default=1.0,
+        help="the operator's --flush-interval (default: its own default, 1 s)",
+    )
+    parser.add_argument(
+        "--scale-flows", type=int, default=None, help="active flows in the scale run (0 skips it)"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     os.chdir(ROOT)

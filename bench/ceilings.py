@@ -23,9 +23,15 @@ from bench.kube import Api
 _RV = re.compile(rb'"resourceVersion":"(\d+)"')
 
 
-async def status_writes(api: Api, namespace: str, status: dict[str, Any], *,
-                        objects: int = 256, concurrency: int = 64, duration: float = 8.0
-                        ) -> dict[str, Any]:
+async def status_writes(
+    api: Api,
+    namespace: str,
+    status: dict[str, Any],
+    *,
+    objects: int = 256,
+    concurrency: int = 64,
+    duration: float = 8.0,
+) -> dict[str, Any]:
     spec = seed_spec("g-ceiling")  # the same object a seed-shaped flow is
     names = [f"ceiling-{i:05d}" for i in range(objects)]
     sem = asyncio.Semaphore(concurrency)
@@ -49,9 +55,15 @@ async def status_writes(api: Api, namespace: str, status: dict[str, Any], *,
         nonlocal errors
         while time.monotonic() < stop_at:
             name, meta, rv = await queue.get()
-            body = json.dumps({**prefix, "metadata": {**meta, "resourceVersion": rv},
-                               "spec": spec, "status": status},
-                              separators=(",", ":")).encode()
+            body = json.dumps(
+                {
+                    **prefix,
+                    "metadata": {**meta, "resourceVersion": rv},
+                    "spec": spec,
+                    "status": status,
+                },
+                separators=(",", ":"),
+            ).encode()
             t0 = time.monotonic()
             try:
                 raw = await api.put_status(namespace, name, body)
@@ -80,8 +92,9 @@ async def status_writes(api: Api, namespace: str, status: dict[str, Any], *,
     }
 
 
-async def nats_request_reply(url: str, request: dict[str, Any], *, concurrency: int = 64,
-                             duration: float = 5.0) -> dict[str, Any]:
+async def nats_request_reply(
+    url: str, request: dict[str, Any], *, concurrency: int = 64, duration: float = 5.0
+) -> dict[str, Any]:
     nc = await nats.connect(url, name="bench-ceiling", pending_size=64 * 1024 * 1024)
     params: bytes = request["params"]
     headers: dict[str, str] = request["headers"]

@@ -75,8 +75,17 @@ def operator_metrics(port: int) -> dict[str, float]:
 
 
 class Driver:
-    def __init__(self, *, api: Api, nats_url: str, namespace: str, tmp: Path,
-                 operator_pid: int, operator_metrics_port: int, pids: dict[str, int]) -> None:
+    def __init__(
+        self,
+        *,
+        api: Api,
+        nats_url: str,
+        namespace: str,
+        tmp: Path,
+        operator_pid: int,
+        operator_metrics_port: int,
+        pids: dict[str, int],
+    ) -> None:
         self.api = api
         self.nats_url = nats_url
         self.namespace = namespace
@@ -93,11 +102,15 @@ class Driver:
         self.seq = 0
 
     async def start(self) -> None:
-        self.nc = await nats.connect(self.nats_url, name="bench-driver",
-                                     pending_size=64 * 1024 * 1024)
-        await self.nc.subscribe("taskflow.events.>", cb=self.on_event,
-                                pending_msgs_limit=5_000_000,
-                                pending_bytes_limit=2 * 1024 * 1024 * 1024)
+        self.nc = await nats.connect(
+            self.nats_url, name="bench-driver", pending_size=64 * 1024 * 1024
+        )
+        await self.nc.subscribe(
+            "taskflow.events.>",
+            cb=self.on_event,
+            pending_msgs_limit=5_000_000,
+            pending_bytes_limit=2 * 1024 * 1024 * 1024,
+        )
         await self.nc.flush()
         self.sampler.start()
 
@@ -137,8 +150,12 @@ class Driver:
 
     def new_flow(self, phase: str, tasks: int) -> Flow:
         self.seq += 1
-        flow = Flow(name=f"{phase}-{self.seq:06d}", phase=phase, tasks=tasks,
-                    future=asyncio.get_running_loop().create_future())
+        flow = Flow(
+            name=f"{phase}-{self.seq:06d}",
+            phase=phase,
+            tasks=tasks,
+            future=asyncio.get_running_loop().create_future(),
+        )
         self.flows[flow.name] = flow
         return flow
 
@@ -161,8 +178,14 @@ class Driver:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def offer_open(self, phase: str, make: Callable[[int], dict[str, Any]], tasks: int,
-                         rate: float, duration: float) -> list[Flow]:
+    async def offer_open(
+        self,
+        phase: str,
+        make: Callable[[int], dict[str, Any]],
+        tasks: int,
+        rate: float,
+        duration: float,
+    ) -> list[Flow]:
         """Create ``rate`` flows per second for ``duration`` seconds, whatever happens to them."""
         flows: list[Flow] = []
         t0 = time.monotonic()
@@ -180,8 +203,14 @@ class Driver:
             i += 1
         return flows
 
-    async def offer_closed(self, phase: str, make: Callable[[int], dict[str, Any]], tasks: int,
-                           concurrency: int, duration: float) -> list[Flow]:
+    async def offer_closed(
+        self,
+        phase: str,
+        make: Callable[[int], dict[str, Any]],
+        tasks: int,
+        concurrency: int,
+        duration: float,
+    ) -> list[Flow]:
         """Keep ``concurrency`` flows in flight for ``duration`` seconds."""
         flows: list[Flow] = []
         stop_at = time.monotonic() + duration
@@ -210,8 +239,9 @@ class Driver:
 
     async def echo_records(self, label: str) -> list[list[Any]]:
         path = self.tmp / f"echo-{label}.json"
-        await self.nc.request("bench.ctl.dump", json.dumps({"path": str(path)}).encode(),
-                              timeout=60)
+        await self.nc.request(
+            "bench.ctl.dump", json.dumps({"path": str(path)}).encode(), timeout=60
+        )
         records: list[list[Any]] = json.loads(path.read_text())
         path.unlink()
         return records
@@ -252,10 +282,20 @@ class Driver:
 
     # -- one load phase ----------------------------------------------------------------------
 
-    async def phase(self, label: str, shape: str, make: Callable[[int], dict[str, Any]], *,
-                    tasks: int, stages: list[str], rate: float | None = None,
-                    concurrency: int | None = None, duration: float, warmup: float,
-                    drain_timeout: float = 60.0) -> dict[str, Any]:
+    async def phase(
+        self,
+        label: str,
+        shape: str,
+        make: Callable[[int], dict[str, Any]],
+        *,
+        tasks: int,
+        stages: list[str],
+        rate: float | None = None,
+        concurrency: int | None = None,
+        duration: float,
+        warmup: float,
+        drain_timeout: float = 60.0,
+    ) -> dict[str, Any]:
         await self.echo_records(f"{label}-before")  # start a fresh record
         before = await self.snapshot()
         self.sampler.reset()
@@ -270,15 +310,39 @@ class Driver:
         after = await self.snapshot()
         records = await self.echo_records(label)
         usage = self.compare(before, after)
-        return self.figures(label=label, shape=shape, flows=flows, records=records,
-                            usage=usage, tasks=tasks, stages=stages, rate=rate,
-                            concurrency=concurrency, t0=t0, t1=t1, warmup=warmup,
-                            drained=drained)
+        return self.figures(
+            label=label,
+            shape=shape,
+            flows=flows,
+            records=records,
+            usage=usage,
+            tasks=tasks,
+            stages=stages,
+            rate=rate,
+            concurrency=concurrency,
+            t0=t0,
+            t1=t1,
+            warmup=warmup,
+            drained=drained,
+        )
 
-    def figures(self, *, label: str, shape: str, flows: list[Flow], records: list[list[Any]],
-                usage: dict[str, Any], tasks: int, stages: list[str], rate: float | None,
-                concurrency: int | None, t0: float, t1: float, warmup: float,
-                drained: bool) -> dict[str, Any]:
+    def figures(
+        self,
+        *,
+        label: str,
+        shape: str,
+        flows: list[Flow],
+        records: list[list[Any]],
+        usage: dict[str, Any],
+        tasks: int,
+        stages: list[str],
+        rate: float | None,
+        concurrency: int | None,
+        t0: float,
+        t1: float,
+        warmup: float,
+        drained: bool,
+    ) -> dict[str, Any]:
         done = [f for f in flows if f.t_done]
         window = max(0.001, t1 - t0 - warmup)
         in_window = [f for f in done if t0 + warmup <= f.t_done <= t1]
@@ -301,7 +365,8 @@ class Driver:
                     stage_transition.append(first_next - last_reply)
         dispatch_to_recorded = [
             self.task_done[(r[0], r[1], r[2])] - r[4]
-            for r in records if (r[0], r[1], r[2]) in self.task_done and r[3] == 0
+            for r in records
+            if (r[0], r[1], r[2]) in self.task_done and r[3] == 0
         ]
         end_to_end = [f.t_done - f.t_sent for f in done]
         completed_tasks = len(done) * tasks
@@ -329,7 +394,8 @@ class Driver:
             "end_to_end_ms": percentiles(end_to_end),
             "operator_cpu_s": cpu,
             "operator_cpu_s_per_1000_tasks": (
-                round(cpu / completed_tasks * 1000, 3) if completed_tasks else None),
+                round(cpu / completed_tasks * 1000, 3) if completed_tasks else None
+            ),
             "operator_peak_rss_mb": round(self.sampler.peak_kb / 1024, 1),
             "cpu_s_by_process": usage["cpu"],
             "api_requests": usage["api_requests"],

@@ -91,13 +91,15 @@ class Echo:
         await msg.respond(json.dumps({"records": len(records), "held": len(self.held)}).encode())
 
     async def stats(self, msg: Msg) -> None:
-        await msg.respond(json.dumps({"records": len(self.records),
-                                      "held": len(self.held)}).encode())
+        await msg.respond(
+            json.dumps({"records": len(self.records), "held": len(self.held)}).encode()
+        )
 
 
 async def main(url: str) -> None:
-    nc = await nats.connect(url, name="bench-echo", pending_size=64 * 1024 * 1024,
-                            max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        url, name="bench-echo", pending_size=64 * 1024 * 1024, max_reconnect_attempts=-1
+    )
     echo = Echo(nc)
     big = {"pending_msgs_limit": 2_000_000, "pending_bytes_limit": 1024 * 1024 * 1024}
     await nc.subscribe("bench.echo", cb=echo.echo, **big)

@@ -21,33 +21,61 @@ KIND = {"apiVersion": "taskflow.dev/v1alpha1", "kind": "Taskflow"}
 
 
 def task(name: str, params: dict[str, Any], action: str = "echo") -> dict[str, Any]:
-    return {"name": name, "params": params,
-            "taskDetails": {"serviceId": SERVICE, "actionName": action}}
+    return {
+        "name": name,
+        "params": params,
+        "taskDetails": {"serviceId": SERVICE, "actionName": action},
+    }
 
 
-def seed_spec(group: str, *, first_action: str = "echo",
-              options: dict[str, Any] | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"stages": [
-        {"name": "createGroup", "tasks": [
-            task("createGroup", {"groupId": group, "name": f"Room {group}"}, first_action)]},
-        {"name": "addApplianceToGroups", "tasks": [
-            task(f"addAppliance{i}", {"groupId": group, "applianceId": f"appl-{i:04d}x"})
-            for i in range(10)]},
-    ]}
+def seed_spec(
+    group: str, *, first_action: str = "echo", options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "stages": [
+            {
+                "name": "createGroup",
+                "tasks": [
+                    task("createGroup", {"groupId": group, "name": f"Room {group}"}, first_action)
+                ],
+            },
+            {
+                "name": "addApplianceToGroups",
+                "tasks": [
+                    task(f"addAppliance{i}", {"groupId": group, "applianceId": f"appl-{i:04d}x"})
+                    for i in range(10)
+                ],
+            },
+        ]
+    }
     if options:
         spec["options"] = options
     return spec
 
 
 def single_spec(group: str) -> dict[str, Any]:
-    return {"stages": [{"name": "createGroup", "tasks": [
-        task("createGroup", {"groupId": group, "name": f"Room {group}"})]}]}
+    return {
+        "stages": [
+            {
+                "name": "createGroup",
+                "tasks": [task("createGroup", {"groupId": group, "name": f"Room {group}"})],
+            }
+        ]
+    }
 
 
 def wide_spec(group: str, width: int) -> dict[str, Any]:
-    return {"stages": [{"name": "addApplianceToGroups", "tasks": [
-        task(f"addAppliance{i}", {"groupId": group, "applianceId": f"appl-{i:04d}x"})
-        for i in range(width)]}]}
+    return {
+        "stages": [
+            {
+                "name": "addApplianceToGroups",
+                "tasks": [
+                    task(f"addAppliance{i}", {"groupId": group, "applianceId": f"appl-{i:04d}x"})
+                    for i in range(width)
+                ],
+            }
+        ]
+    }
 
 
 SHAPES = {
@@ -57,8 +85,9 @@ SHAPES = {
 
 
 def body(name: str, spec: dict[str, Any]) -> bytes:
-    return json.dumps({**KIND, "metadata": {"name": name}, "spec": spec},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {**KIND, "metadata": {"name": name}, "spec": spec}, separators=(",", ":")
+    ).encode()
 
 
 def seed_payloads() -> dict[str, Any]:
@@ -90,20 +119,30 @@ def seed_payloads() -> dict[str, Any]:
             t_spec = spec.stages[index].tasks[0]
             state = status.stages[index].tasks[0]
             context = execution_context(
-                uid=uid, status=status, stage_index=index, task=t_spec, state=state,
-                options=effective_options(spec.options, t_spec.options), parent_context=None)
+                uid=uid,
+                status=status,
+                stage_index=index,
+                task=t_spec,
+                state=state,
+                options=effective_options(spec.options, t_spec.options),
+                parent_context=None,
+            )
             request = {
                 "params": json.dumps(t_spec.params).encode(),
-                "headers": {CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
-                            IDEMPOTENCY_HEADER: idempotency_key(uid, d.stage, d.task, d.attempt)},
+                "headers": {
+                    CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
+                    IDEMPOTENCY_HEADER: idempotency_key(uid, d.stage, d.task, d.attempt),
+                },
             }
         now += 5
         replies = []
         for d in dispatches:
-            t_spec = next(t for s in spec.stages if s.name == d.stage for t in s.tasks
-                          if t.name == d.task)
-            replies.append(Reply(stage=d.stage, task=d.task, attempt=d.attempt, ok=True,
-                                 data=t_spec.params))
+            t_spec = next(
+                t for s in spec.stages if s.name == d.stage for t in s.tasks if t.name == d.task
+            )
+            replies.append(
+                Reply(stage=d.stage, task=d.task, attempt=d.attempt, ok=True, data=t_spec.params)
+            )
         decision = decide(status=status, now=now, inputs=replies, **kwargs)  # type: ignore[arg-type]
     final = decision.status.model_dump(by_alias=True, exclude_none=True, mode="json")
     return {"status": final, "request": request}

@@ -38,8 +38,13 @@ class Api:
     def flows(self, namespace: str) -> str:
         return f"{self.url}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
 
-    async def request(self, method: str, url: str, body: bytes | None = None,
-                      content_type: str = "application/json") -> Any:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
         headers = {"Content-Type": content_type, "Accept": "application/json"}
         async with self.session.request(method, url, data=body, headers=headers) as resp:
             data = await resp.read()
@@ -48,8 +53,9 @@ class Api:
             return json.loads(data) if data else None
 
     async def create_namespace(self, name: str) -> None:
-        body = json.dumps({"apiVersion": "v1", "kind": "Namespace",
-                           "metadata": {"name": name}}).encode()
+        body = json.dumps(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        ).encode()
         try:
             await self.request("POST", f"{self.url}/api/v1/namespaces", body)
         except ApiError as exc:
@@ -81,8 +87,10 @@ class Api:
         """apiserver_request_total for taskflows: {"status": {verb: n, "409": n}, "main": ...}."""
         async with self.session.get(f"{self.url}/metrics") as resp:
             text = await resp.text()
-        out: dict[str, dict[str, float]] = {"status": defaultdict(float),
-                                            "main": defaultdict(float)}
+        out: dict[str, dict[str, float]] = {
+            "status": defaultdict(float),
+            "main": defaultdict(float),
+        }
         for line in text.splitlines():
             if not line.startswith("apiserver_request_total{"):
                 continue
@@ -90,8 +98,11 @@ class Api:
                 continue
             head, _, value = line.rpartition(" ")
             labels = dict(_LABELS.findall(head))
-            kind = "status" if labels.get("subresource") == "status" else (
-                "main" if not labels.get("subresource") else None)
+            kind = (
+                "status"
+                if labels.get("subresource") == "status"
+                else ("main" if not labels.get("subresource") else None)
+            )
             if kind is None:
                 continue
             out[kind][labels.get("verb", "?")] += float(value)
@@ -101,8 +112,7 @@ class Api:
     async def pprof(self, path: Path, seconds: int) -> None:
         """The apiserver's own CPU profile (Go pprof, served at /debug/pprof with --profiling)."""
         url = f"{self.url}/debug/pprof/profile?seconds={seconds}"
-        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=seconds + 60)
-                                    ) as resp:
+        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=seconds + 60)) as resp:
             path.write_bytes(await resp.read())
 
     async def close(self) -> None:
@@ -115,8 +125,9 @@ def status_writes(metrics: dict[str, dict[str, float]]) -> float:
     return status.get("PUT", 0.0) + status.get("PATCH", 0.0) + status.get("APPLY", 0.0)
 
 
-def delta(after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]
-          ) -> dict[str, dict[str, float]]:
+def delta(
+    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for kind, values in after.items():
         prev = before.get(kind, {})

@@ -24,9 +24,24 @@ def start(pid: int, out: Path, duration: float, rate: int = 97) -> subprocess.Po
     if binary is None:
         return None
     return subprocess.Popen(
-        [binary, "record", "--pid", str(pid), "--nonblocking", "--gil", "--rate", str(rate),
-         "--duration", str(int(duration)), "--format", "raw", "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "record",
+            "--pid",
+            str(pid),
+            "--nonblocking",
+            "--gil",
+            "--rate",
+            str(rate),
+            "--duration",
+            str(int(duration)),
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -64,20 +79,30 @@ def summarise(raw: Path, top: int = 40) -> dict[str, Any]:
     by_total = sorted(total, key=lambda n: total[n], reverse=True)[:top]
 
     def row(name: str) -> dict[str, Any]:
-        return {"function": name,
-                "self_pct": round(100 * own[name] / samples, 1) if samples else 0,
-                "total_pct": round(100 * total[name] / samples, 1) if samples else 0}
+        return {
+            "function": name,
+            "self_pct": round(100 * own[name] / samples, 1) if samples else 0,
+            "total_pct": round(100 * total[name] / samples, 1) if samples else 0,
+        }
 
-    return {"samples": samples, "top": [row(n) for n in ranked],
-            "top_inclusive": [row(n) for n in by_total]}
+    return {
+        "samples": samples,
+        "top": [row(n) for n in ranked],
+        "top_inclusive": [row(n) for n in by_total],
+    }
 
 
 def go_top(profile: Path, lines: int = 40) -> list[str] | None:
     """``go tool pprof -top`` of a Go CPU profile (kube-apiserver), if Go is installed."""
-    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists()
-                                else None)
+    go = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
     if go is None or not profile.exists():
         return None
-    out = subprocess.run([go, "tool", "pprof", "-top", "-cum", str(profile)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [go, "tool", "pprof", "-top", "-cum", str(profile)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out.stdout.splitlines()[:lines]

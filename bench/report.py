@@ -24,8 +24,11 @@ def load_table(phases: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in phases:
-        offered = (_f(p["offered_flows_per_s"]) if p["mode"] == "open"
-                   else f"closed, {p['concurrency']} in flight")
+        offered = (
+            _f(p["offered_flows_per_s"])
+            if p["mode"] == "open"
+            else f"closed, {p['concurrency']} in flight"
+        )
         lines.append(
             f"| {p['label']} | {offered} | {_f(p['flows_per_s'])} | {_f(p['tasks_per_s'])} | "
             f"{_f(p['status_writes_per_flow'])} | {_p(p['create_to_first_dispatch_ms'])} | "
@@ -37,35 +40,50 @@ def load_table(phases: list[dict[str, Any]]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     c = result["ceilings"]
-    out = [f"# Taskflow operator benchmark ({result['mode']} run)", "",
-           f"{result['started']}; {result['machine']}; flush interval "
-           f"{result['flush_interval_s']} s; {result['elapsed_s']:.0f} s in all.", "",
-           "## Ceilings (same run, same servers)", "",
-           "| ceiling | rate/s | detail |", "|---|---|---|",
-           f"| raw status writes (PUT /status, optimistic concurrency) | "
-           f"{c['status_writes']['rate']} | {c['status_writes']['status_bytes']} B status, "
-           f"{c['status_writes']['concurrency']} in flight over "
-           f"{c['status_writes']['objects']} objects, p50 {c['status_writes']['p50_ms']} ms; "
-           f"cores used: {c['status_writes'].get('cores_by_process')} |",
-           f"| raw NATS request-reply | {c['nats']['rate']} | "
-           f"{c['nats']['request_bytes']} B request (params + headers), "
-           f"{c['nats']['concurrency']} in flight |", "",
-           "## Load", "",
-           "Latencies in milliseconds; status writes counted by the apiserver "
-           "(`apiserver_request_total`, taskflows/status).", ""]
+    out = [
+        f"# Taskflow operator benchmark ({result['mode']} run)",
+        "",
+        f"{result['started']}; {result['machine']}; flush interval "
+        f"{result['flush_interval_s']} s; {result['elapsed_s']:.0f} s in all.",
+        "",
+        "## Ceilings (same run, same servers)",
+        "",
+        "| ceiling | rate/s | detail |",
+        "|---|---|---|",
+        f"| raw status writes (PUT /status, optimistic concurrency) | "
+        f"{c['status_writes']['rate']} | {c['status_writes']['status_bytes']} B status, "
+        f"{c['status_writes']['concurrency']} in flight over "
+        f"{c['status_writes']['objects']} objects, p50 {c['status_writes']['p50_ms']} ms; "
+        f"cores used: {c['status_writes'].get('cores_by_process')} |",
+        f"| raw NATS request-reply | {c['nats']['rate']} | "
+        f"{c['nats']['request_bytes']} B request (params + headers), "
+        f"{c['nats']['concurrency']} in flight |",
+        "",
+        "## Load",
+        "",
+        "Latencies in milliseconds; status writes counted by the apiserver "
+        "(`apiserver_request_total`, taskflows/status).",
+        "",
+    ]
     out += load_table(result["phases"])
     wide = result.get("wide") or []
     if wide:
-        out += ["", "## Wide stages (one flow at a time)", "",
-                "| tasks in the stage | status writes for the flow | stage duration s | "
-                "operator CPU s |", "|---|---|---|---|"]
+        out += [
+            "",
+            "## Wide stages (one flow at a time)",
+            "",
+            "| tasks in the stage | status writes for the flow | stage duration s | "
+            "operator CPU s |",
+            "|---|---|---|---|",
+        ]
         for w in wide:
-            out.append(f"| {w['width']} | {w['status_writes']:g} | {w['seconds']} | "
-                       f"{w['operator_cpu_s']} |")
+            out.append(
+                f"| {w['width']} | {w['status_writes']:g} | {w['seconds']} | "
+                f"{w['operator_cpu_s']} |"
+            )
     scale = result.get("scale")
     if scale:
-        out += ["", "## Scale: concurrently active flows", "",
-                "| figure | value |", "|---|---|"]
+        out += ["", "## Scale: concurrently active flows", "", "| figure | value |", "|---|---|"]
         for key, label in (
             ("active_flows", "flows active at once (replies held by a slow service)"),
             ("create_seconds", "seconds to create them"),
@@ -86,8 +104,13 @@ def markdown(result: dict[str, Any]) -> str:
         out.append(f"| {t['target']} | {t['figure']} | {'yes' if t['met'] else 'NO'} |")
     profile = result.get("profile")
     if profile:
-        out += ["", "## Profile (py-spy, operator, seed flows at saturation)", "",
-                "| function | self % | inclusive % |", "|---|---|---|"]
+        out += [
+            "",
+            "## Profile (py-spy, operator, seed flows at saturation)",
+            "",
+            "| function | self % | inclusive % |",
+            "|---|---|---|",
+        ]
         for row in profile["top"][:25]:
             out.append(f"| `{row['function']}` | {row['self_pct']} | {row['total_pct']} |")
     return "\n".join(out) + "\n"
@@ -99,40 +122,53 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if seed:
         best = max(seed, key=lambda p: p["tasks_per_s"])
-        out.append({
-            "target": "tasks/s ≥ 1.5 x raw status-write rate",
-            "figure": f"{best['tasks_per_s']} tasks/s ({best['label']}) vs 1.5 x {raw} = "
-                      f"{1.5 * raw:.0f} (ratio {best['tasks_per_s'] / raw:.2f})",
-            "met": best["tasks_per_s"] >= 1.5 * raw,
-        })
+        out.append(
+            {
+                "target": "tasks/s ≥ 1.5 x raw status-write rate",
+                "figure": f"{best['tasks_per_s']} tasks/s ({best['label']}) vs 1.5 x {raw} = "
+                f"{1.5 * raw:.0f} (ratio {best['tasks_per_s'] / raw:.2f})",
+                "met": best["tasks_per_s"] >= 1.5 * raw,
+            }
+        )
         worst = max(p["status_writes_per_flow"] or 0 for p in seed)
-        out.append({
-            "target": "≤ 4 status writes per seed-shaped flow",
-            "figure": ", ".join(f"{p['label']}: {p['status_writes_per_flow']}" for p in seed),
-            "met": worst <= 4,
-        })
+        out.append(
+            {
+                "target": "≤ 4 status writes per seed-shaped flow",
+                "figure": ", ".join(f"{p['label']}: {p['status_writes_per_flow']}" for p in seed),
+                "met": worst <= 4,
+            }
+        )
     for w in result.get("wide") or []:
         if w["width"] == 200:
-            out.append({"target": "≤ 4 status writes for a stage of 200 tasks",
-                        "figure": f"{w['status_writes']:g}", "met": w["status_writes"] <= 4})
+            out.append(
+                {
+                    "target": "≤ 4 status writes for a stage of 200 tasks",
+                    "figure": f"{w['status_writes']:g}",
+                    "met": w["status_writes"] <= 4,
+                }
+            )
             break
     half = next((p for p in seed if p["label"].endswith("x0.5")), None)
     if half:
         st = half["stage_transition_ms"]
-        out.append({
-            "target": "stage transition p50 < 10 ms and p99 < 100 ms at half of peak load",
-            "figure": f"p50 {st['p50']} ms, p99 {st['p99']} ms at {half['offered_flows_per_s']} "
-                      "flows/s",
-            "met": st["p50"] is not None and st["p50"] < 10 and st["p99"] < 100,
-        })
+        out.append(
+            {
+                "target": "stage transition p50 < 10 ms and p99 < 100 ms at half of peak load",
+                "figure": f"p50 {st['p50']} ms, p99 {st['p99']} ms at "
+                f"{half['offered_flows_per_s']} flows/s",
+                "met": st["p50"] is not None and st["p50"] < 10 and st["p99"] < 100,
+            }
+        )
     scale = result.get("scale")
     if scale and scale.get("rss_active_mb") is not None:
-        out.append({
-            "target": "operator RSS < 150 MB + 20 KB per active flow",
-            "figure": f"{scale['rss_active_mb']} MB with {scale['active_flows']} active "
-                      f"(budget {scale['rss_budget_mb']} MB)",
-            "met": scale["rss_active_mb"] < scale["rss_budget_mb"],
-        })
+        out.append(
+            {
+                "target": "operator RSS < 150 MB + 20 KB per active flow",
+                "figure": f"{scale['rss_active_mb']} MB with {scale['active_flows']} active "
+                f"(budget {scale['rss_budget_mb']} MB)",
+                "met": scale["rss_active_mb"] < scale["rss_budget_mb"],
+            }
+        )
     return out
 
 
@@ -156,12 +192,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     top.axhline(1.5 * raw, color="tab:red", linestyle=":", label="target: 1.5 x raw write rate")
     peak = next((p for p in result["phases"] if p["label"] == "seed-peak"), None)
     if peak:
-        top.axhline(peak["tasks_per_s"], color="tab:green", linestyle="-.",
-                    label=f"peak, closed loop ({peak['tasks_per_s']} tasks/s)")
+        top.axhline(
+            peak["tasks_per_s"],
+            color="tab:green",
+            linestyle="-.",
+            label=f"peak, closed loop ({peak['tasks_per_s']} tasks/s)",
+        )
     top.set_ylabel("tasks/s")
     top2 = top.twinx()
-    top2.plot(x, [p["flows_per_s"] for p in seed], "s", color="tab:orange", markersize=4,
-              label="flows/s completed")
+    top2.plot(
+        x,
+        [p["flows_per_s"] for p in seed],
+        "s",
+        color="tab:orange",
+        markersize=4,
+        label="flows/s completed",
+    )
     low, high = top.get_ylim()
     top2.set_ylim(low / 11, high / 11)  # aligned: a seed-shaped flow is 11 tasks
     top2.set_ylabel("flows/s (same curve: 11 tasks per flow)")
@@ -171,16 +217,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     top.set_title("Seed-shaped flows (1 task, then 10 in parallel): throughput")
     top.grid(alpha=0.3)
     styles = {"p50": "-", "p95": "--", "p99": ":"}
-    colors = {"create_to_first_dispatch_ms": "tab:blue", "dispatch_to_recorded_ms": "tab:green",
-              "stage_transition_ms": "tab:purple"}
-    names = {"create_to_first_dispatch_ms": "create→first dispatch",
-             "dispatch_to_recorded_ms": "dispatch→recorded",
-             "stage_transition_ms": "stage transition"}
+    colors = {
+        "create_to_first_dispatch_ms": "tab:blue",
+        "dispatch_to_recorded_ms": "tab:green",
+        "stage_transition_ms": "tab:purple",
+    }
+    names = {
+        "create_to_first_dispatch_ms": "create→first dispatch",
+        "dispatch_to_recorded_ms": "dispatch→recorded",
+        "stage_transition_ms": "stage transition",
+    }
     for key, color in colors.items():
         for q, style in styles.items():
             ys = [p[key][q] for p in seed]
-            bottom.plot(x, ys, style, color=color, marker="o", markersize=3,
-                        label=f"{names[key]} {q}")
+            bottom.plot(
+                x, ys, style, color=color, marker="o", markersize=3, label=f"{names[key]} {q}"
+            )
     bottom.axhline(10, color="grey", linewidth=0.8)
     bottom.axhline(100, color="grey", linewidth=0.8)
     bottom.set_yscale("log")

@@ -43,14 +43,26 @@ def log(message: str) -> None:
 class Service:
     """``python -m chaos.service`` in its own process group, writing its ledger to a file."""
 
-    def __init__(self, *, nats_url: str, tmp: Path, seed: int, delay_ms: tuple[int, int],
-                 idempotent: bool) -> None:
+    def __init__(
+        self, *, nats_url: str, tmp: Path, seed: int, delay_ms: tuple[int, int], idempotent: bool
+    ) -> None:
         self.ledger = tmp / "ledger.jsonl"
         self.log = tmp / "service.log"
-        self.argv = [sys.executable, "-m", "chaos.service", "--nats-url", nats_url,
-                     "--ledger", str(self.ledger), "--seed", str(seed),
-                     "--delay-ms", str(delay_ms[0]), str(delay_ms[1]),
-                     "--idempotent" if idempotent else "--no-idempotent"]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "chaos.service",
+            "--nats-url",
+            nats_url,
+            "--ledger",
+            str(self.ledger),
+            "--seed",
+            str(seed),
+            "--delay-ms",
+            str(delay_ms[0]),
+            str(delay_ms[1]),
+            "--idempotent" if idempotent else "--no-idempotent",
+        ]
         self.process: subprocess.Popen[bytes] | None = None
 
     async def start(self, nats_url: str, timeout: float = 30) -> None:
@@ -59,8 +71,9 @@ class Service:
         from chaos.service import PING
 
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                            cwd=ROOT, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
         nc = await nats.connect(nats_url)
         try:
             deadline = time.monotonic() + timeout
@@ -120,10 +133,18 @@ def operator_source() -> str:
 
     where = Path(taskflow.__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = dirty = ""
     if not commit:
@@ -150,8 +171,10 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    log(f"{args.flows} flows, {args.kills} operator kills, deadline {args.deadline:.0f} s; "
-        f"scratch files in {tmp}")
+    log(
+        f"{args.flows} flows, {args.kills} operator kills, deadline {args.deadline:.0f} s; "
+        f"scratch files in {tmp}"
+    )
     stack = started_.stack = DevStack(tmp / "stack")
     service: Service | None = None
     operators: Operators | None = None
@@ -163,28 +186,53 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
         await asyncio.to_thread(stack.start)
         nats_url = stack.nats.url
         service = started_.service = Service(
-            nats_url=nats_url, tmp=tmp, seed=args.seed,
-            delay_ms=(args.delay_ms[0], args.delay_ms[1]), idempotent=args.idempotent_service)
+            nats_url=nats_url,
+            tmp=tmp,
+            seed=args.seed,
+            delay_ms=(args.delay_ms[0], args.delay_ms[1]),
+            idempotent=args.idempotent_service,
+        )
         await service.start(nats_url)
         operators = started_.operators = Operators(
-            kubeconfig=stack.kubeconfig, nats_url=nats_url, tmp=tmp,
-            flush_interval=args.flush_interval)
+            kubeconfig=stack.kubeconfig,
+            nats_url=nats_url,
+            tmp=tmp,
+            flush_interval=args.flush_interval,
+        )
         first = await asyncio.to_thread(operators.start)
-        log(f"stack, service and operator up (operator ready "
-            f"{(first.ready or 0) - first.spawned:.1f} s after spawn)")
+        log(
+            f"stack, service and operator up (operator ready "
+            f"{(first.ready or 0) - first.spawned:.1f} s after spawn)"
+        )
         tap = EventTap(nats_url)
         await tap.start()
         api = Api(stack.control_plane.url, stack.control_plane.workdir / "pki")
         await api.create_namespace(NAMESPACE)
 
-        plan = schedule(rng=rng, kills=args.kills, nats_restart=args.nats_restart,
-                        apiserver_restart=args.apiserver_restart,
-                        etcd_restart=args.etcd_restart, nats_pause=args.nats_pause)
-        injector = Injector(stack=stack, operators=operators, rng=rng, plan=plan,
-                            gap_s=(args.gap_s[0], args.gap_s[1]), pause_s=args.pause_s,
-                            restart_signal=getattr(signal, f"SIG{args.restart_signal}"))
-        creator = Creator(api=api, namespace=NAMESPACE, count=args.flows,
-                          timeout_s=args.timeout_s, retry_delay_s=args.retry_delay_s)
+        plan = schedule(
+            rng=rng,
+            kills=args.kills,
+            nats_restart=args.nats_restart,
+            apiserver_restart=args.apiserver_restart,
+            etcd_restart=args.etcd_restart,
+            nats_pause=args.nats_pause,
+        )
+        injector = Injector(
+            stack=stack,
+            operators=operators,
+            rng=rng,
+            plan=plan,
+            gap_s=(args.gap_s[0], args.gap_s[1]),
+            pause_s=args.pause_s,
+            restart_signal=getattr(signal, f"SIG{args.restart_signal}"),
+        )
+        creator = Creator(
+            api=api,
+            namespace=NAMESPACE,
+            count=args.flows,
+            timeout_s=args.timeout_s,
+            retry_delay_s=args.retry_delay_s,
+        )
         load_start = time.time()
         faults_over = False
         guess = sum(args.gap_s) / 2 + 1.5  # seconds per fault until one is measured
@@ -196,21 +244,25 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             cycle = injector.mean_cycle_s(load_start) or guess
             return elapsed / (elapsed + injector.remaining * cycle)
 
-        creating = asyncio.get_running_loop().create_task(creator.run(
-            fraction_done=fraction_done, spread=args.spread, until=deadline - collect_s))
+        creating = asyncio.get_running_loop().create_task(
+            creator.run(fraction_done=fraction_done, spread=args.spread, until=deadline - collect_s)
+        )
         log(f"faults: {len(plan)} in a random order ({', '.join(sorted(set(plan)))})")
         await injector.run(stop_at=deadline - collect_s - min_drain_s, log=log)
         faults_over = True
         if injector.remaining:
-            notes.append(f"the deadline stopped the faults: {injector.remaining} of "
-                         f"{len(plan)} not injected")
+            notes.append(
+                f"the deadline stopped the faults: {injector.remaining} of {len(plan)} not injected"
+            )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(creating),
-                                   max(1.0, deadline - collect_s - time.time()))
+            await asyncio.wait_for(
+                asyncio.shield(creating), max(1.0, deadline - collect_s - time.time())
+            )
         created = sum(1 for f in creator.flows if f.uid)
         log(f"faults done; {created} flows created; waiting for every flow to end")
-        items = await wait_terminal(api, namespace=NAMESPACE, flows=creator.flows,
-                                    until=deadline - collect_s, log=log)
+        items = await wait_terminal(
+            api, namespace=NAMESPACE, flows=creator.flows, until=deadline - collect_s, log=log
+        )
         by_name = {i["metadata"]["name"]: i for i in items}
         for flow in creator.flows:
             flow.final = by_name.get(flow.name)
@@ -218,8 +270,9 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
         # -- collect: nothing moves any more --------------------------------------------
         assert service.process is not None
         if service.process.poll() is not None:
-            notes.append(f"the service exited on its own ({service.process.returncode}); "
-                         f"see {service.log}")
+            notes.append(
+                f"the service exited on its own ({service.process.returncode}); see {service.log}"
+            )
         await asyncio.to_thread(operators.stop)
         await asyncio.to_thread(service.stop)
         ledger = service.records()
@@ -236,7 +289,7 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             "mode": "quick" if args.quick else "full",
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
             "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}, "
-                       "everything on one machine",
+            "everything on one machine",
             "settings": settings,
             "operator": operator_source(),
             "deadline_hit": time.time() >= deadline - collect_s or bool(injector.remaining),
@@ -247,8 +300,9 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
             "events": figures.event_streams(flows, streams=streams, faults=injector.faults),
             "faults": figures.fault_figures(flows, faults=injector.faults),
             "drain": figures.drain(flows, faults=injector.faults, load_start=load_start),
-            "resume": figures.resume(flows, runs=operators.runs, ledger=ledger,
-                                    arrivals=tap.arrivals),
+            "resume": figures.resume(
+                flows, runs=operators.runs, ledger=ledger, arrivals=tap.arrivals
+            ),
             "create_to_first_request_s": figures.start_latency(flows, ledger=ledger),
             "operator_logs": figures.scan_logs([Path(r.log) for r in operators.runs]),
             "operator_runs": len(operators.runs),
@@ -278,48 +332,92 @@ async def run(args: argparse.Namespace, started_: Started) -> int:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a small run: 100 flows, 5 kills, 3 minute deadline")
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a small run: 100 flows, 5 kills, 3 minute deadline"
+    )
     parser.add_argument("--flows", type=int, help="flows to run (default 1000; quick 100)")
     parser.add_argument("--kills", type=int, help="operator SIGKILLs (default 50; quick 5)")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="seeds the fault order, the pauses and the service's delays")
-    parser.add_argument("--deadline", type=float,
-                        help="seconds after which it reports what it has and stops "
-                             "(default 900; quick 180)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seeds the fault order, the pauses and the service's delays",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds after which it reports what it has and stops (default 900; quick 180)",
+    )
     parser.add_argument("--out", default=str(ROOT / "chaos" / "results"))
-    for fault, what in (("nats-restart", "kill and restart nats-server once"),
-                        ("apiserver-restart", "kill and restart kube-apiserver once"),
-                        ("etcd-restart", "kill and restart etcd once"),
-                        ("nats-pause", "SIGSTOP nats-server for --pause-s, then SIGCONT")):
-        parser.add_argument(f"--{fault}", action=argparse.BooleanOptionalAction,
-                            default=True, help=f"{what} (default: on)")
-    parser.add_argument("--restart-signal", choices=("KILL", "TERM"), default="KILL",
-                        help="how servers are stopped before their restart (default KILL)")
+    for fault, what in (
+        ("nats-restart", "kill and restart nats-server once"),
+        ("apiserver-restart", "kill and restart kube-apiserver once"),
+        ("etcd-restart", "kill and restart etcd once"),
+        ("nats-pause", "SIGSTOP nats-server for --pause-s, then SIGCONT"),
+    ):
+        parser.add_argument(
+            f"--{fault}",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help=f"{what} (default: on)",
+        )
+    parser.add_argument(
+        "--restart-signal",
+        choices=("KILL", "TERM"),
+        default="KILL",
+        help="how servers are stopped before their restart (default KILL)",
+    )
     parser.add_argument("--pause-s", type=float, default=4.0)
-    parser.add_argument("--gap-s", type=float, nargs=2, default=(0.2, 2.0),
-                        metavar=("MIN", "MAX"), help="random pause before each fault")
-    parser.add_argument("--spread", type=float, default=1.0,
-                        help="create the flows over this fraction of the fault window "
-                             "(0: all at once)")
-    parser.add_argument("--delay-ms", type=int, nargs=2, default=(100, 3000),
-                        metavar=("MIN", "MAX"), help="the service's random delay")
-    parser.add_argument("--timeout-s", type=float,
-                        help="every task's timeout (default 30; quick 15)")
-    parser.add_argument("--idempotent-service", action=argparse.BooleanOptionalAction,
-                        default=True,
-                        help="the service declares idempotent replies (Services API metadata "
-                             "taskflow.dev/idempotent), so the operator may ask it again "
-                             "(default: on)")
+    parser.add_argument(
+        "--gap-s",
+        type=float,
+        nargs=2,
+        default=(0.2, 2.0),
+        metavar=("MIN", "MAX"),
+        help="random pause before each fault",
+    )
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=1.0,
+        help="create the flows over this fraction of the fault window (0: all at once)",
+    )
+    parser.add_argument(
+        "--delay-ms",
+        type=int,
+        nargs=2,
+        default=(100, 3000),
+        metavar=("MIN", "MAX"),
+        help="the service's random delay",
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, help="every task's timeout (default 30; quick 15)"
+    )
+    parser.add_argument(
+        "--idempotent-service",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the service declares idempotent replies (Services API metadata "
+        "taskflow.dev/idempotent), so the operator may ask it again "
+        "(default: on)",
+    )
     parser.add_argument("--retry-delay-s", type=float, default=1.0)
-    parser.add_argument("--flush-interval", type=float, default=1.0,
-                        help="the operator's --flush-interval")
+    parser.add_argument(
+        "--flush-interval", type=float, default=1.0, help="the operator's --flush-interval"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
-    for key, full, small in (("flows", 1000, 100), ("kills", 50, 5), ("deadline", 900.0, 180.0),
-                             ("timeout_s", 30.0, 15.0)):
+    for key, full, small in (
+        ("flows", 1000, 100),
+        ("kills", 50, 5),
+        ("deadline", 900.0, 180.0),
+        ("timeout_s", 30.0, 15.0),
+    ):
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
     return args

@@ -20,7 +20,12 @@ from typing import Any
 from bench.__main__ import Operator
 
 KILL, NATS_RESTART, APISERVER_RESTART, ETCD_RESTART, NATS_PAUSE = (
-    "operator-kill", "nats-restart", "apiserver-restart", "etcd-restart", "nats-pause")
+    "operator-kill",
+    "nats-restart",
+    "apiserver-restart",
+    "etcd-restart",
+    "nats-pause",
+)
 
 
 @dataclass
@@ -58,8 +63,12 @@ class Operators:
         for _ in range(tries):
             index = len(self.runs)
             log = self.tmp / f"operator-{index:03d}.log"
-            self.current = Operator(kubeconfig=self.kubeconfig, nats_url=self.nats_url,
-                                    log_path=log, flush_interval=self.flush_interval)
+            self.current = Operator(
+                kubeconfig=self.kubeconfig,
+                nats_url=self.nats_url,
+                log_path=log,
+                flush_interval=self.flush_interval,
+            )
             run = Run(index=index, log=str(log), spawned=time.time())
             self.runs.append(run)
             try:
@@ -101,12 +110,23 @@ class Operators:
         self.current = None
 
 
-def schedule(*, rng: random.Random, kills: int, nats_restart: bool, apiserver_restart: bool,
-             etcd_restart: bool, nats_pause: bool) -> list[str]:
+def schedule(
+    *,
+    rng: random.Random,
+    kills: int,
+    nats_restart: bool,
+    apiserver_restart: bool,
+    etcd_restart: bool,
+    nats_pause: bool,
+) -> list[str]:
     """Every fault once (kills ``kills`` times), in a random order."""
     plan = [KILL] * kills
-    for kind, wanted in ((NATS_RESTART, nats_restart), (APISERVER_RESTART, apiserver_restart),
-                         (ETCD_RESTART, etcd_restart), (NATS_PAUSE, nats_pause)):
+    for kind, wanted in (
+        (NATS_RESTART, nats_restart),
+        (APISERVER_RESTART, apiserver_restart),
+        (ETCD_RESTART, etcd_restart),
+        (NATS_PAUSE, nats_pause),
+    ):
         if wanted:
             plan.append(kind)
     rng.shuffle(plan)
@@ -146,8 +166,10 @@ class Injector:
             self.faults.append(fault)
             await self.inject(fault)
             fault.end = time.time()
-            log(f"{kind} {len(self.faults)}/{len(self.plan)}: back after "
-                f"{fault.end - fault.start:.1f} s {fault.detail}")
+            log(
+                f"{kind} {len(self.faults)}/{len(self.plan)}: back after "
+                f"{fault.end - fault.start:.1f} s {fault.detail}"
+            )
 
     async def inject(self, fault: Fault) -> None:
         sig = self.restart_signal

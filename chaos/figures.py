@@ -67,8 +67,12 @@ def spread(values: list[float]) -> dict[str, float | int | None]:
     def rank(q: float) -> float:
         return ordered[max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))]
 
-    return {"p50": round(rank(0.5), 2), "p95": round(rank(0.95), 2),
-            "max": round(ordered[-1], 2), "n": len(ordered)}
+    return {
+        "p50": round(rank(0.5), 2),
+        "p95": round(rank(0.95), 2),
+        "max": round(ordered[-1], 2),
+        "n": len(ordered),
+    }
 
 
 def pct(part: int, whole: int) -> float | None:
@@ -80,20 +84,24 @@ def pct(part: int, whole: int) -> float | None:
 
 def outcomes(flows: list[FlowRecord]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, group in (("all", flows), *((m, [f for f in flows if mode(f) == m])
-                                          for m in MODES)):
+    for name, group in (("all", flows), *((m, [f for f in flows if mode(f) == m]) for m in MODES)):
         phases = Counter(phase(f) for f in group)
         terminal = sum(n for p, n in phases.items() if p in FINAL)
-        out[name] = {"flows": len(group), "terminal": terminal,
-                     "terminal_pct": pct(terminal, len(group)),
-                     "succeeded": phases["SUCCEEDED"],
-                     "succeeded_pct": pct(phases["SUCCEEDED"], len(group)),
-                     "failed": phases["FAILED"], "phases": dict(phases)}
+        out[name] = {
+            "flows": len(group),
+            "terminal": terminal,
+            "terminal_pct": pct(terminal, len(group)),
+            "succeeded": phases["SUCCEEDED"],
+            "succeeded_pct": pct(phases["SUCCEEDED"], len(group)),
+            "failed": phases["FAILED"],
+            "phases": dict(phases),
+        }
     return out
 
 
-def failure_reasons(flows: list[FlowRecord], *, ledger: list[dict[str, Any]],
-                    faults: list[Fault]) -> dict[str, Any]:
+def failure_reasons(
+    flows: list[FlowRecord], *, ledger: list[dict[str, Any]], faults: list[Fault]
+) -> dict[str, Any]:
     """Why flows did not succeed: each unsuccessful task's status, reason and message, and
     what the service knows of its final attempt (never received it, or answered it)."""
     seen = {line["key"]: not line.get("error") for line in ledger}
@@ -110,13 +118,21 @@ def failure_reasons(flows: list[FlowRecord], *, ledger: list[dict[str, Any]],
                 if task.get("status") in ("SUCCEEDED", "SKIPPED", "WAITING"):
                     continue
                 error = task.get("error") or {}
-                message = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "<uid>",
-                                 str(error.get("message", ""))[:120])
+                message = re.sub(
+                    r"[0-9a-f]{8}-[0-9a-f-]{27}", "<uid>", str(error.get("message", ""))[:120]
+                )
                 key = f"{flow.uid}/{stage['name']}/{task['name']}/{task.get('attempt', 0)}"
-                service = ("service never received it" if key not in seen else
-                           "service answered it" if seen[key] else "service could not answer")
-                reason = (f"{mode(flow)}: {task.get('status')} ({error.get('reason')}): "
-                          f"{message}; {service}")
+                service = (
+                    "service never received it"
+                    if key not in seen
+                    else "service answered it"
+                    if seen[key]
+                    else "service could not answer"
+                )
+                reason = (
+                    f"{mode(flow)}: {task.get('status')} ({error.get('reason')}): "
+                    f"{message}; {service}"
+                )
                 reasons[reason] += 1
                 # What lost the attempt: the fault under way when the service answered it
                 # (or the operator dispatched it, if the service never got it), else the next.
@@ -125,14 +141,25 @@ def failure_reasons(flows: list[FlowRecord], *, ledger: list[dict[str, Any]],
                     by_fault[fault_at(at, faults=faults)] += 1
                     blamed = True
                 if len(examples) < EXAMPLES:
-                    examples.append({"flow": flow.name, "uid": flow.uid, "mode": mode(flow),
-                                     "stage": stage.get("name"), "task": task.get("name"),
-                                     "status": task.get("status"),
-                                     "attempt": task.get("attempt"), "error": error,
-                                     "attempts": task.get("attempts"),
-                                     "lost": around(at, faults=faults)})
-    return {"reasons": dict(reasons.most_common()),
-            "failed_flows_by_fault": dict(by_fault.most_common()), "examples": examples}
+                    examples.append(
+                        {
+                            "flow": flow.name,
+                            "uid": flow.uid,
+                            "mode": mode(flow),
+                            "stage": stage.get("name"),
+                            "task": task.get("name"),
+                            "status": task.get("status"),
+                            "attempt": task.get("attempt"),
+                            "error": error,
+                            "attempts": task.get("attempts"),
+                            "lost": around(at, faults=faults),
+                        }
+                    )
+    return {
+        "reasons": dict(reasons.most_common()),
+        "failed_flows_by_fault": dict(by_fault.most_common()),
+        "examples": examples,
+    }
 
 
 def fault_at(at: float | None, *, faults: list[Fault]) -> str:
@@ -154,8 +181,9 @@ def split_key(key: str) -> tuple[str, str, str, int] | None:
     return parts[0], parts[1], parts[2], int(parts[3])
 
 
-def results(flows: list[FlowRecord], *, ledger: list[dict[str, Any]], faults: list[Fault]
-            ) -> dict[str, Any]:
+def results(
+    flows: list[FlowRecord], *, ledger: list[dict[str, Any]], faults: list[Fault]
+) -> dict[str, Any]:
     """Final task responses against what the service answered for the final attempt."""
     answered: dict[str, Any] = {}
     delivered: set[str] = set()
@@ -184,17 +212,30 @@ def results(flows: list[FlowRecord], *, ledger: list[dict[str, Any]], faults: li
                     continue
                 counts[kind] += 1
                 if len(examples) < EXAMPLES:
-                    examples.append({"kind": kind, "flow": flow.name, "mode": mode(flow),
-                                     "key": key, "status": task.get("status"),
-                                     "error": task.get("error"),
-                                     "response": task.get("response"),
-                                     "service_answered": answered.get(key),
-                                     "dispatched": around(
-                                         parse_time(task.get("dispatchTime")),
-                                         faults=faults)})
-    return {"tasks_checked": checked, "lost": sum(counts.values()), **{
-        k: counts[k] for k in ("response_differs", "answer_not_recorded",
-                               "succeeded_without_service_answer")}, "examples": examples}
+                    examples.append(
+                        {
+                            "kind": kind,
+                            "flow": flow.name,
+                            "mode": mode(flow),
+                            "key": key,
+                            "status": task.get("status"),
+                            "error": task.get("error"),
+                            "response": task.get("response"),
+                            "service_answered": answered.get(key),
+                            "dispatched": around(
+                                parse_time(task.get("dispatchTime")), faults=faults
+                            ),
+                        }
+                    )
+    return {
+        "tasks_checked": checked,
+        "lost": sum(counts.values()),
+        **{
+            k: counts[k]
+            for k in ("response_differs", "answer_not_recorded", "succeeded_without_service_answer")
+        },
+        "examples": examples,
+    }
 
 
 def executions(flows: list[FlowRecord], *, ledger: list[dict[str, Any]]) -> dict[str, Any]:
@@ -223,8 +264,10 @@ def executions(flows: list[FlowRecord], *, ledger: list[dict[str, Any]]) -> dict
             "executed_more_than_once": len(twice),
             "extra_executions": sum(len(v) - 1 for v in twice.values()),
             "redeliveries_same_key": redeliveries[m],
-            "examples": [{"flow": by_uid[k[0]].name, "key": "/".join(k),
-                          "attempts": sorted(v)} for k, v in list(twice.items())[:EXAMPLES]],
+            "examples": [
+                {"flow": by_uid[k[0]].name, "key": "/".join(k), "attempts": sorted(v)}
+                for k, v in list(twice.items())[:EXAMPLES]
+            ],
         }
     return out
 
@@ -232,8 +275,9 @@ def executions(flows: list[FlowRecord], *, ledger: list[dict[str, Any]]) -> dict
 # -- event streams ---------------------------------------------------------------------
 
 
-def event_streams(flows: list[FlowRecord], *, streams: dict[str, list[Event]],
-                  faults: list[Fault]) -> dict[str, Any]:
+def event_streams(
+    flows: list[FlowRecord], *, streams: dict[str, list[Event]], faults: list[Fault]
+) -> dict[str, Any]:
     """Every created flow's stream: exactly 1..n in order, n = status.lastEventSeq."""
     counts: Counter[str] = Counter()
     missing_total = duplicate_total = 0
@@ -265,20 +309,33 @@ def event_streams(flows: list[FlowRecord], *, streams: dict[str, list[Event]],
         missing_total += len(missing)
         duplicate_total += duplicates
         if any(problems.values()) and len(examples) < EXAMPLES:
-            examples.append({"flow": flow.name, "uid": flow.uid, "mode": mode(flow),
-                             "phase": phase(flow), "last_event_seq": n,
-                             "stored": len(seqs), "missing": _ranges(missing),
-                             "problems": [k for k, v in problems.items() if v],
-                             "gap_after": _gap_after(events, missing=missing, faults=faults),
-                             "completed": around(completion(flow), faults=faults)})
-    return {"flows_checked": checked, "events_stored": sum(len(v) for v in streams.values()),
-            "flows_with_gaps": counts["gaps"], "events_missing": missing_total,
-            "flows_with_inner_gaps": counts["inner_gaps"],
-            "flows_with_duplicates": counts["duplicates"], "duplicate_events": duplicate_total,
-            "flows_out_of_order": counts["out_of_order"],
-            "flows_beyond_last_event_seq": counts["beyond_last_event_seq"],
-            "flows_without_final_event": counts["final_event_missing"],
-            "examples": examples}
+            examples.append(
+                {
+                    "flow": flow.name,
+                    "uid": flow.uid,
+                    "mode": mode(flow),
+                    "phase": phase(flow),
+                    "last_event_seq": n,
+                    "stored": len(seqs),
+                    "missing": _ranges(missing),
+                    "problems": [k for k, v in problems.items() if v],
+                    "gap_after": _gap_after(events, missing=missing, faults=faults),
+                    "completed": around(completion(flow), faults=faults),
+                }
+            )
+    return {
+        "flows_checked": checked,
+        "events_stored": sum(len(v) for v in streams.values()),
+        "flows_with_gaps": counts["gaps"],
+        "events_missing": missing_total,
+        "flows_with_inner_gaps": counts["inner_gaps"],
+        "flows_with_duplicates": counts["duplicates"],
+        "duplicate_events": duplicate_total,
+        "flows_out_of_order": counts["out_of_order"],
+        "flows_beyond_last_event_seq": counts["beyond_last_event_seq"],
+        "flows_without_final_event": counts["final_event_missing"],
+        "examples": examples,
+    }
 
 
 def _gap_after(events: list[Event], *, missing: list[int], faults: list[Fault]) -> str:
@@ -343,10 +400,16 @@ def fault_figures(flows: list[FlowRecord], *, faults: list[Fault]) -> dict[str, 
         "injected": dict(Counter(f.kind for f in faults)),
         "in_flight_at_kill": spread([float(in_flight(flows, at=f.start)) for f in kills]),
         "kill_to_ready_s": spread([f.end - f.start for f in kills]),
-        "others": [{"kind": f.kind, "at_s_into_faults": round(f.start - faults[0].start, 1),
-                    "back_after_s": round(f.end - f.start, 2),
-                    "in_flight": in_flight(flows, at=f.start), "detail": f.detail}
-                   for f in others],
+        "others": [
+            {
+                "kind": f.kind,
+                "at_s_into_faults": round(f.start - faults[0].start, 1),
+                "back_after_s": round(f.end - f.start, 2),
+                "in_flight": in_flight(flows, at=f.start),
+                "detail": f.detail,
+            }
+            for f in others
+        ],
         "window_s": round(faults[-1].end - faults[0].start, 1) if faults else 0.0,
     }
 
@@ -356,13 +419,16 @@ def drain(flows: list[FlowRecord], *, faults: list[Fault], load_start: float) ->
     ends = [completion(f) for f in flows if f.uid]
     open_ = sum(1 for e in ends if e is None)
     done = [e for e in ends if e is not None]
-    return {"last_fault_end": last_fault, "flows_unfinished": open_,
-            "drain_s": (round(max(0.0, max(done) - last_fault), 2)
-                        if done and not open_ else None)}
+    return {
+        "last_fault_end": last_fault,
+        "flows_unfinished": open_,
+        "drain_s": (round(max(0.0, max(done) - last_fault), 2) if done and not open_ else None),
+    }
 
 
-def resume(flows: list[FlowRecord], *, runs: list[Run], ledger: list[dict[str, Any]],
-           arrivals: list[float]) -> dict[str, Any]:
+def resume(
+    flows: list[FlowRecord], *, runs: list[Run], ledger: list[dict[str, Any]], arrivals: list[float]
+) -> dict[str, Any]:
     """For every operator run after the first with flows in flight at its spawn: seconds
     from spawn to ready, and to the first request served or event published."""
     work = sorted([*(line["received"] for line in ledger), *arrivals])
@@ -380,10 +446,14 @@ def resume(flows: list[FlowRecord], *, runs: list[Run], ledger: list[dict[str, A
             to_work.append(work[at] - run.spawned)
         else:
             idle += 1
-    return {"spawn_to_ready_s": spread(to_ready), "spawn_to_first_work_s": spread(to_work),
-            "runs_without_work_before_killed": idle,
-            "runs_ended_on_their_own": [r.how for r in runs if "on its own" in r.how
-                                        or r.how.startswith("failed")]}
+    return {
+        "spawn_to_ready_s": spread(to_ready),
+        "spawn_to_first_work_s": spread(to_work),
+        "runs_without_work_before_killed": idle,
+        "runs_ended_on_their_own": [
+            r.how for r in runs if "on its own" in r.how or r.how.startswith("failed")
+        ],
+    }
 
 
 # -- operator logs ----------------------------------------------------------------------

@@ -37,8 +37,12 @@ async def flood(args: argparse.Namespace) -> dict[str, Any]:
     with DevStack(tmp / "stack") as stack:
         api = config.new_client_from_config(str(stack.kubeconfig))
         custom = client.CustomObjectsApi(api)
-        operator = Operator(kubeconfig=stack.kubeconfig, nats_url=stack.nats.url,
-                            log_path=tmp / "operator.log", flush_interval=1.0)
+        operator = Operator(
+            kubeconfig=stack.kubeconfig,
+            nats_url=stack.nats.url,
+            log_path=tmp / "operator.log",
+            flush_interval=1.0,
+        )
         operator.start()
         nc = await nats.connect(stack.nats.url, pending_size=512 * 1024 * 1024)
         held: list[Any] = []
@@ -47,12 +51,33 @@ async def flood(args: argparse.Namespace) -> dict[str, Any]:
             held.append(msg)
 
         await nc.subscribe("flood.hold", cb=hold)
-        body = {"apiVersion": "taskflow.dev/v1alpha1", "kind": "Taskflow",
-                "metadata": {"name": "victim"},
-                "spec": {"options": {"timeout": "10m"}, "stages": [{"name": "s", "tasks": [
-                    {"name": "t", "taskDetails": {"serviceId": "flood", "actionName": "hold"}}]}]}}
-        created = await asyncio.to_thread(custom.create_namespaced_custom_object,
-                                          "taskflow.dev", "v1alpha1", "default", "taskflows", body)
+        body = {
+            "apiVersion": "taskflow.dev/v1alpha1",
+            "kind": "Taskflow",
+            "metadata": {"name": "victim"},
+            "spec": {
+                "options": {"timeout": "10m"},
+                "stages": [
+                    {
+                        "name": "s",
+                        "tasks": [
+                            {
+                                "name": "t",
+                                "taskDetails": {"serviceId": "flood", "actionName": "hold"},
+                            }
+                        ],
+                    }
+                ],
+            },
+        }
+        created = await asyncio.to_thread(
+            custom.create_namespaced_custom_object,
+            "taskflow.dev",
+            "v1alpha1",
+            "default",
+            "taskflows",
+            body,
+        )
         uid = created["metadata"]["uid"]
         while not held:
             await asyncio.sleep(0.05)
@@ -77,8 +102,14 @@ async def flood(args: argparse.Namespace) -> dict[str, Any]:
         published = time.monotonic() - started
         recorded_s = None
         while time.monotonic() - answered < 120:
-            flow = await asyncio.to_thread(custom.get_namespaced_custom_object, "taskflow.dev",
-                                           "v1alpha1", "default", "taskflows", "victim")
+            flow = await asyncio.to_thread(
+                custom.get_namespaced_custom_object,
+                "taskflow.dev",
+                "v1alpha1",
+                "default",
+                "taskflows",
+                "victim",
+            )
             if (flow.get("status") or {}).get("phase") == "SUCCEEDED":
                 recorded_s = time.monotonic() - answered
                 break
@@ -93,13 +124,17 @@ async def flood(args: argparse.Namespace) -> dict[str, Any]:
         api.close()
     mb = 1024.0
     return {
-        "replies": {"at the cap (1 MiB), unknown flows": args.big,
-                    "small, stale or unknown attempts": args.small,
-                    "forged, on the flow's subjects": args.storm},
+        "replies": {
+            "at the cap (1 MiB), unknown flows": args.big,
+            "small, stale or unknown attempts": args.small,
+            "forged, on the flow's subjects": args.storm,
+        },
         "published in s": round(published, 2),
-        "operator RSS MB": {"before": round(before / mb, 1),
-                            "peak": round(sampler.peak_kb / mb, 1),
-                            "after": round(after / mb, 1)},
+        "operator RSS MB": {
+            "before": round(before / mb, 1),
+            "peak": round(sampler.peak_kb / mb, 1),
+            "after": round(after / mb, 1),
+        },
         "stated bound MB": round(before / mb + PENDING_MB + SLACK_MB, 1),
         "within the bound": sampler.peak_kb / mb <= before / mb + PENDING_MB + SLACK_MB,
         "dropped as a slow consumer": metrics.get("taskflow_dropped_replies_total", 0.0),

@@ -44,8 +44,12 @@ def body(index: int, *, timeout_s: float, retry_delay_s: float) -> bytes:
     group = f"g{index:05d}"
     options = flow["spec"]["options"]
     options.pop("maxAge", None)
-    options.update(timeout=f"{timeout_s:g}s", retryDelay=f"{int(retry_delay_s * 1000)}ms",
-                   maxRetries=3, exactlyOnceTaskExecution=exactly_once(index))
+    options.update(
+        timeout=f"{timeout_s:g}s",
+        retryDelay=f"{int(retry_delay_s * 1000)}ms",
+        maxRetries=3,
+        exactlyOnceTaskExecution=exactly_once(index),
+    )
     for stage in flow["spec"]["stages"]:
         for task in stage["tasks"]:
             task["params"]["groupId"] = group

@@ -68,8 +68,14 @@ class Creator:
         record.created = time.time()
         record.uid = created["metadata"]["uid"]
 
-    async def run(self, *, fraction_done: Callable[[], float], spread: float, until: float,
-                  concurrency: int = 8) -> None:
+    async def run(
+        self,
+        *,
+        fraction_done: Callable[[], float],
+        spread: float,
+        until: float,
+        concurrency: int = 8,
+    ) -> None:
         """Create ``count`` flows, the i-th once ``fraction_done() >= spread * i / count``."""
         queue = list(range(self.count))
         queue.reverse()
@@ -89,8 +95,9 @@ class Creator:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def wait_terminal(api: Api, *, namespace: str, flows: list[FlowRecord], until: float,
-                        log: Any, every: float = 2.0) -> list[dict[str, Any]]:
+async def wait_terminal(
+    api: Api, *, namespace: str, flows: list[FlowRecord], until: float, log: Any, every: float = 2.0
+) -> list[dict[str, Any]]:
     """Poll the API until every created flow has a final phase (or ``until``); the last list."""
     names = {f.name for f in flows if f.uid}
     items: list[dict[str, Any]] = []

@@ -50,11 +50,19 @@ class EventTap:
         async def quiet(_: Exception) -> None:
             pass
 
-        self.nc = await nats.connect(self.url, name="chaos-tap", max_reconnect_attempts=-1,
-                                     reconnect_time_wait=0.2, error_cb=quiet)
-        await self.nc.subscribe(f"{EVENT_PREFIX}>", cb=self._on_event,
-                                pending_msgs_limit=5_000_000,
-                                pending_bytes_limit=1024 * 1024 * 1024)
+        self.nc = await nats.connect(
+            self.url,
+            name="chaos-tap",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            error_cb=quiet,
+        )
+        await self.nc.subscribe(
+            f"{EVENT_PREFIX}>",
+            cb=self._on_event,
+            pending_msgs_limit=5_000_000,
+            pending_bytes_limit=1024 * 1024 * 1024,
+        )
         await self.nc.flush()
 
     async def _on_event(self, _: Any) -> None:
@@ -90,10 +98,14 @@ async def read_streams(url: str, *, timeout: float = 120) -> dict[str, list[Even
         state = (await js.stream_info(EVENT_STREAM)).state
         last, stored = state.last_seq, state.messages
         sub = await js.pull_subscribe(
-            f"{EVENT_PREFIX}>", stream=EVENT_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-                                  inactive_threshold=60.0),
-            pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024)
+            f"{EVENT_PREFIX}>",
+            stream=EVENT_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=60.0
+            ),
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=1024 * 1024 * 1024,
+        )
         deadline = time.monotonic() + timeout
         seen = received = 0
         while seen < last and received < stored and time.monotonic() < deadline:
@@ -104,7 +116,7 @@ async def read_streams(url: str, *, timeout: float = 120) -> dict[str, list[Even
             for msg in batch:
                 received += 1
                 seen = max(seen, msg.metadata.sequence.stream)
-                seqs[msg.subject[len(EVENT_PREFIX):]].append(_event(msg))
+                seqs[msg.subject[len(EVENT_PREFIX) :]].append(_event(msg))
         if seen < last and received < stored:
             raise TimeoutError(f"read {received} of {stored} stored events in {timeout:.0f} s")
         with contextlib.suppress(Exception):
@@ -117,6 +129,7 @@ async def read_streams(url: str, *, timeout: float = 120) -> dict[str, list[Even
 
 async def list_flows(api: Api, *, namespace: str, until: float) -> list[dict[str, Any]]:
     """Every Taskflow in ``namespace`` (one list call, retried while the API is away)."""
+
     async def call() -> list[dict[str, Any]]:
         result = await api.request("GET", api.flows(namespace))
         items: list[dict[str, Any]] = result["items"]

@@ -46,8 +46,9 @@ IDEMPOTENT = "taskflow.dev/idempotent"
 class Ledger:
     """Answers requests and writes one line per request."""
 
-    def __init__(self, *, nc: Any, out: IO[str], rng: random.Random, delay_ms: tuple[int, int]
-                 ) -> None:
+    def __init__(
+        self, *, nc: Any, out: IO[str], rng: random.Random, delay_ms: tuple[int, int]
+    ) -> None:
         self.nc = nc
         self.out = out
         self.rng = rng
@@ -71,8 +72,10 @@ class Ledger:
                 params = json.loads(msg.data or b"{}")
             except ValueError:
                 params = None
-            reply = {"success": True, "data": {
-                "key": key, "params": params, "token": f"{self.rng.getrandbits(48):012x}"}}
+            reply = {
+                "success": True,
+                "data": {"key": key, "params": params, "token": f"{self.rng.getrandbits(48):012x}"},
+            }
             if key:
                 self.answers[key] = reply
         low, high = self.delay_ms
@@ -82,14 +85,22 @@ class Ledger:
             await msg.respond(json.dumps(reply, separators=(",", ":")).encode())
         except Exception as exc:  # (a full reconnect buffer, a closed connection)
             error = f"{type(exc).__name__}: {exc}"
-        line = {"key": key, "subject": msg.subject, "received": received, "sent": time.time(),
-                "repeat": repeat, "data": reply["data"], "error": error}
+        line = {
+            "key": key,
+            "subject": msg.subject,
+            "received": received,
+            "sent": time.time(),
+            "repeat": repeat,
+            "data": reply["data"],
+            "error": error,
+        }
         self.out.write(json.dumps(line, separators=(",", ":")) + "\n")
         self.out.flush()
 
 
-async def main(*, url: str, ledger_path: str, seed: int, delay_ms: tuple[int, int],
-               idempotent: bool) -> None:
+async def main(
+    *, url: str, ledger_path: str, seed: int, delay_ms: tuple[int, int], idempotent: bool
+) -> None:
     async def on_error(exc: Exception) -> None:
         print(f"nats: {exc!r}", flush=True)
 
@@ -99,17 +110,24 @@ async def main(*, url: str, ledger_path: str, seed: int, delay_ms: tuple[int, in
     async def on_disconnect() -> None:
         print(f"{time.time():.3f} disconnected", flush=True)
 
-    nc = await nats.connect(url, name="chaos-service", max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.2, pending_size=64 * 1024 * 1024,
-                            error_cb=on_error, reconnected_cb=on_reconnect,
-                            disconnected_cb=on_disconnect)
+    nc = await nats.connect(
+        url,
+        name="chaos-service",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        pending_size=64 * 1024 * 1024,
+        error_cb=on_error,
+        reconnected_cb=on_reconnect,
+        disconnected_cb=on_disconnect,
+    )
     with open(ledger_path, "a", encoding="utf-8") as out:
         ledger = Ledger(nc=nc, out=out, rng=random.Random(seed), delay_ms=delay_ms)
         metadata = {IDEMPOTENT: "true"} if idempotent else {}
         for name, endpoint in ENDPOINTS:
             service = await add_service(nc, name=name, version="1.0.0", metadata=metadata)
-            await service.add_endpoint(name=endpoint, subject=f"{name}.{endpoint}",
-                                       handler=ledger.on_request)
+            await service.add_endpoint(
+                name=endpoint, subject=f"{name}.{endpoint}", handler=ledger.on_request
+            )
 
         async def pong(msg: Msg) -> None:
             await msg.respond(b"pong")
@@ -136,10 +154,22 @@ if __name__ == "__main__":
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--ledger", required=True, help="the JSON-lines file to append to")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--delay-ms", type=int, nargs=2, default=(100, 3000),
-                        metavar=("MIN", "MAX"))
-    parser.add_argument("--idempotent", action=argparse.BooleanOptionalAction, default=True,
-                        help="declare idempotent replies in the Services API metadata")
+    parser.add_argument(
+        "--delay-ms", type=int, nargs=2, default=(100, 3000), metavar=("MIN", "MAX")
+    )
+    parser.add_argument(
+        "--idempotent",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="declare idempotent replies in the Services API metadata",
+    )
     args = parser.parse_args()
-    asyncio.run(main(url=args.nats_url, ledger_path=args.ledger, seed=args.seed,
-                     delay_ms=(args.delay_ms[0], args.delay_ms[1]), idempotent=args.idempotent))
+    asyncio.run(
+        main(
+            url=args.nats_url,
+            ledger_path=args.ledger,
+            seed=args.seed,
+            delay_ms=(args.delay_ms[0], args.delay_ms[1]),
+            idempotent=args.idempotent,
+        )
+    )

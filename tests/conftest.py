@@ -65,11 +65,15 @@ class Kubectl:
     def __init__(self, kubeconfig: Path) -> None:
         self.kubeconfig = kubeconfig
 
-    def __call__(self, *args: str, input: str | None = None, check: bool = True
-                 ) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-            input=input, capture_output=True, text=True, timeout=60,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
@@ -95,13 +99,25 @@ class OperatorProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "taskflow.cli", "run",
-                 "--kubeconfig", str(self.stack.kubeconfig),
-                 "--nats-url", self.stack.nats.url,
-                 "--metrics-address", f"127.0.0.1:{self.metrics_port}",
-                 "--flush-interval", "0.5",
-                 *self.extra],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "taskflow.cli",
+                    "run",
+                    "--kubeconfig",
+                    str(self.stack.kubeconfig),
+                    "--nats-url",
+                    self.stack.nats.url,
+                    "--metrics-address",
+                    f"127.0.0.1:{self.metrics_port}",
+                    "--flush-interval",
+                    "0.5",
+                    *self.extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         self.wait_ready()
 
@@ -125,8 +141,11 @@ class OperatorProcess:
     def metrics(self) -> dict[str, float]:
         import urllib.request
 
-        text = urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -144,8 +163,9 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator(stack: DevStack, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[OperatorProcess]:
+def operator(
+    stack: DevStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(stack, tmp_path_factory.mktemp("operator"), extra=["--nats-api", "on"])
     proc.start()
     yield proc
@@ -160,30 +180,42 @@ async def eventually(predicate: Callable[[], Any], *, timeout: float = 5.0) -> N
         await asyncio.sleep(0.05)
 
 
-def service_account_token(kube: client.ApiClient, namespace: str, name: str, *,
-                          verbs: list[str] | None = None) -> str:
+def service_account_token(
+    kube: client.ApiClient, namespace: str, name: str, *, verbs: list[str] | None = None
+) -> str:
     """A TokenRequest token of a new ServiceAccount that may ``verbs`` taskflows in
     ``namespace`` (none: a ServiceAccount with no rights on them)."""
     core = client.CoreV1Api(kube)
     core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
     if verbs:
         rbac = client.RbacAuthorizationV1Api(kube)
-        rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": [
-            {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": verbs}]})
-        rbac.create_namespaced_role_binding(namespace, {
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
+        rbac.create_namespaced_role(
+            namespace,
+            {
+                "metadata": {"name": name},
+                "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": verbs}],
+            },
+        )
+        rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            },
+        )
     token = core.create_namespaced_service_account_token(
-        name, namespace, {"spec": {"expirationSeconds": 3600}})
+        name, namespace, {"spec": {"expirationSeconds": 3600}}
+    )
     return str(token.status.token)
 
 
 @pytest.fixture
 def api_token(kube: client.ApiClient, namespace: str) -> str:
     """A caller of the NATS API that may do everything with taskflows in the test's namespace."""
-    return service_account_token(kube, namespace, "caller",
-                                 verbs=["get", "list", "watch", "create", "patch"])
+    return service_account_token(
+        kube, namespace, "caller", verbs=["get", "list", "watch", "create", "patch"]
+    )
 
 
 @pytest.fixture
@@ -215,30 +247,44 @@ class Flows:
             body["metadata"]["name"] = name
         body["metadata"].setdefault("name", f"flow-{uuid.uuid4().hex[:8]}")
         result: dict[str, Any] = await self._run(
-            self.custom.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
-            PLURAL, body)
+            self.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            body,
+        )
         return result
 
     async def get(self, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._run(
-            self.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
-            name)
+            self.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name
+        )
         return result
 
     async def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self._run(
-            self.custom.patch_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
-            name, patch)
+            self.custom.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            patch,
+        )
         return result
 
     async def list(self) -> list[dict[str, Any]]:
         result = await self._run(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL)
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL
+        )
         items: list[dict[str, Any]] = result["items"]
         return items
 
     async def wait(
-        self, name: str, until: Callable[[dict[str, Any]], bool] | None = None,
+        self,
+        name: str,
+        until: Callable[[dict[str, Any]], bool] | None = None,
         timeout: float = 30,
     ) -> dict[str, Any]:
         """Wait until ``until(body)`` (default: the flow reached a final phase)."""
@@ -256,7 +302,8 @@ class Flows:
                     return body
             await asyncio.sleep(0.1)
         raise AssertionError(
-            f"timed out waiting on {name}: {json.dumps(body.get('status'), indent=1)[:4000]}")
+            f"timed out waiting on {name}: {json.dumps(body.get('status'), indent=1)[:4000]}"
+        )
 
 
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "COMPLETED_WITH_FAILURES"}
@@ -334,16 +381,31 @@ async def serve(
     return recorder
 
 
-def flow(svc: str, *stages: list[str], options: dict[str, Any] | None = None,
-         task_options: dict[str, Any] | None = None, action: str = "do") -> dict[str, Any]:
+def flow(
+    svc: str,
+    *stages: list[str],
+    options: dict[str, Any] | None = None,
+    task_options: dict[str, Any] | None = None,
+    action: str = "do",
+) -> dict[str, Any]:
     """A spec with the given stages of task names, every task calling ``<svc>.<action>``."""
-    spec: dict[str, Any] = {"stages": [
-        {"name": f"s{i + 1}", "tasks": [
-            {"name": name, "params": {"task": name},
-             "taskDetails": {"serviceId": svc, "actionName": action},
-             **({"options": task_options} if task_options else {})}
-            for name in names]}
-        for i, names in enumerate(stages)]}
+    spec: dict[str, Any] = {
+        "stages": [
+            {
+                "name": f"s{i + 1}",
+                "tasks": [
+                    {
+                        "name": name,
+                        "params": {"task": name},
+                        "taskDetails": {"serviceId": svc, "actionName": action},
+                        **({"options": task_options} if task_options else {}),
+                    }
+                    for name in names
+                ],
+            }
+            for i, names in enumerate(stages)
+        ]
+    }
     if options:
         spec["options"] = options
     return spec

@@ -24,8 +24,9 @@ Reply = Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]
 
 @pytest.fixture
 async def tf(stack, namespace: str) -> AsyncIterator[TaskflowClient]:  # type: ignore[no-untyped-def]
-    client = TaskflowClient(kubeconfig=str(stack.kubeconfig), namespace=namespace,
-                            nats_url=stack.nats.url)
+    client = TaskflowClient(
+        kubeconfig=str(stack.kubeconfig), namespace=namespace, nats_url=stack.nats.url
+    )
     yield client
     await client.close()
 
@@ -58,12 +59,18 @@ def seed_schema(svc: str) -> dict[str, Any]:
         "stages": [
             {
                 "name": "createGroup",
-                "tasks": [{
-                    "name": "createGroup",
-                    "params": {"groupId": "sdvn78", "groupType": "room", "groupName": "bed-room"},
-                    "type": "ACTION",
-                    "taskDetails": {"serviceId": f"{svc}-group", "actionName": "createGroup"},
-                }],
+                "tasks": [
+                    {
+                        "name": "createGroup",
+                        "params": {
+                            "groupId": "sdvn78",
+                            "groupType": "room",
+                            "groupName": "bed-room",
+                        },
+                        "type": "ACTION",
+                        "taskDetails": {"serviceId": f"{svc}-group", "actionName": "createGroup"},
+                    }
+                ],
             },
             {
                 "name": "addApplianceToGroups",
@@ -72,16 +79,20 @@ def seed_schema(svc: str) -> dict[str, Any]:
                         "name": "addApplianceAlpha",
                         "params": {"groupId": "sdvn78", "applianceId": "vions56x"},
                         "type": "ACTION",
-                        "taskDetails": {"serviceId": f"{svc}-appliance",
-                                        "actionName": "AddApplianceToGroup"},
+                        "taskDetails": {
+                            "serviceId": f"{svc}-appliance",
+                            "actionName": "AddApplianceToGroup",
+                        },
                         "options": {"maxRetries": 3},
                     },
                     {
                         "name": "addApplianceBeta",
                         "params": {"groupId": "sdvn78", "applianceId": "viosds6456x"},
                         "type": "ACTION",
-                        "taskDetails": {"serviceId": f"{svc}-appliance",
-                                        "actionName": "AddApplianceToGroup"},
+                        "taskDetails": {
+                            "serviceId": f"{svc}-appliance",
+                            "actionName": "AddApplianceToGroup",
+                        },
                         "options": {"maxRetries": 3},
                     },
                 ],
@@ -91,16 +102,28 @@ def seed_schema(svc: str) -> dict[str, Any]:
 
 
 def one_task(svc: str, action: str = "act", **options: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {"stages": [{"name": "s1", "tasks": [{
-        "name": "t1", "params": {"n": 1},
-        "taskDetails": {"serviceId": svc, "actionName": action}}]}]}
+    spec: dict[str, Any] = {
+        "stages": [
+            {
+                "name": "s1",
+                "tasks": [
+                    {
+                        "name": "t1",
+                        "params": {"n": 1},
+                        "taskDetails": {"serviceId": svc, "actionName": action},
+                    }
+                ],
+            }
+        ]
+    }
     if options:
         spec["options"] = options
     return spec
 
 
-async def wait_phase(tf: TaskflowClient, ident: str, phases: set[str], timeout: float = 30
-                     ) -> dict[str, Any]:
+async def wait_phase(
+    tf: TaskflowClient, ident: str, phases: set[str], timeout: float = 30
+) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + timeout
     tree: dict[str, Any] = {}
     while asyncio.get_running_loop().time() < deadline:
@@ -146,14 +169,26 @@ async def test_produce_the_seed_schema_then_events_and_details(
     assert events[-1]["eventType"] == "TASKFLOW"
     assert events[-1]["data"]["taskflowStatus"] == "SUCCEEDED"
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    done = {(e["data"]["taskName"], e["data"]["taskStatus"]) for e in events
-            if e["eventType"] == "TASK"}
-    assert {("createGroup", "SUCCEEDED"), ("addApplianceAlpha", "SUCCEEDED"),
-            ("addApplianceBeta", "SUCCEEDED")} <= done
-    task_event = next(e for e in events if e["eventType"] == "TASK"
-                      and e["data"]["taskStatus"] == "SUCCEEDED")
-    assert {"taskflowId", "attempt", "stageId", "taskId", "taskStatus", "taskResponse",
-            "taskflowObject"} <= set(task_event["data"])
+    done = {
+        (e["data"]["taskName"], e["data"]["taskStatus"]) for e in events if e["eventType"] == "TASK"
+    }
+    assert {
+        ("createGroup", "SUCCEEDED"),
+        ("addApplianceAlpha", "SUCCEEDED"),
+        ("addApplianceBeta", "SUCCEEDED"),
+    } <= done
+    task_event = next(
+        e for e in events if e["eventType"] == "TASK" and e["data"]["taskStatus"] == "SUCCEEDED"
+    )
+    assert {
+        "taskflowId",
+        "attempt",
+        "stageId",
+        "taskId",
+        "taskStatus",
+        "taskResponse",
+        "taskflowObject",
+    } <= set(task_event["data"])
 
     details = await tf.get_details(uid)
     assert details["success"] is True
@@ -165,8 +200,10 @@ async def test_produce_the_seed_schema_then_events_and_details(
     assert beta["response"] == {"echo": {"groupId": "sdvn78", "applianceId": "viosds6456x"}}
     assert beta["attempt"] == 0
     assert [a["status"] for a in beta["attempts"]] == ["SUCCEEDED"]
-    assert beta["taskDetails"] == {"serviceId": f"{svc}-appliance",
-                                   "actionName": "AddApplianceToGroup"}
+    assert beta["taskDetails"] == {
+        "serviceId": f"{svc}-appliance",
+        "actionName": "AddApplianceToGroup",
+    }
 
     by_name = await tf.get_details(f"{namespace}/{tree['name']}")
     assert by_name["data"]["taskflowId"] == uid
@@ -190,8 +227,7 @@ async def test_produce_takes_the_pydantic_model_and_a_name(
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda s: s["stages"][0]["tasks"][0]["taskDetails"].update(serviceId="a.b"),
-         "serviceId"),
+        (lambda s: s["stages"][0]["tasks"][0]["taskDetails"].update(serviceId="a.b"), "serviceId"),
         (lambda s: s.update(stages=[]), "stages"),
         (lambda s: s["stages"][0]["tasks"][0].update(type="TASKFLOW"), "taskflow"),
         (lambda s: s["options"].update(maxRetries=1000), "maxRetries"),
@@ -217,15 +253,23 @@ async def test_produce_an_invalid_schema_returns_the_api_servers_message(
 
 async def test_produce_refuses_what_is_not_a_schema(tf: TaskflowClient) -> None:
     res = await tf.produce(["not", "a", "dict"])  # type: ignore[arg-type]
-    assert res == {"success": False, "error": {
-        "message": "a taskflow schema is a dict or a TaskflowSpec, not list", "code": "BadRequest"}}
+    assert res == {
+        "success": False,
+        "error": {
+            "message": "a taskflow schema is a dict or a TaskflowSpec, not list",
+            "code": "BadRequest",
+        },
+    }
 
 
-async def test_details_of_an_unknown_flow_is_a_clear_failure(tf: TaskflowClient,
-                                                             namespace: str) -> None:
+async def test_details_of_an_unknown_flow_is_a_clear_failure(
+    tf: TaskflowClient, namespace: str
+) -> None:
     res = await tf.get_details(f"{namespace}/nope")
-    assert res == {"success": False, "error": {
-        "message": f"taskflow {namespace}/nope not found", "code": "NotFound"}}
+    assert res == {
+        "success": False,
+        "error": {"message": f"taskflow {namespace}/nope not found", "code": "NotFound"},
+    }
     res = await tf.get_details("0b7c6a2e-1111-4222-8333-944455556666")
     assert res["success"] is False and res["error"]["code"] == "NotFound"
 
@@ -237,8 +281,9 @@ async def test_a_uid_is_found_without_nats_by_listing(
     res = await tf.produce(one_task(svc))
     uid = res["data"]["taskflowId"]
     # A fresh client that has never seen the flow and never connects to NATS.
-    fresh = TaskflowClient(kubeconfig=str(stack.kubeconfig), namespace="default",
-                           nats_url="nats://127.0.0.1:1")
+    fresh = TaskflowClient(
+        kubeconfig=str(stack.kubeconfig), namespace="default", nats_url="nats://127.0.0.1:1"
+    )
     try:
         details = await fresh.get_details(uid)
     finally:
@@ -252,16 +297,27 @@ async def test_details_hold_the_whole_tree_of_nested_flows(
 ) -> None:
     await serve(nc, f"{svc}.act", succeed)
     leaf = one_task(svc)
-    middle = {"stages": [
-        {"name": "m1", "tasks": [{"name": "work", "taskDetails": {"serviceId": svc,
-                                                                  "actionName": "act"}}]},
-        {"name": "m2", "tasks": [{"name": "grandchild", "type": "TASKFLOW", "taskflow": leaf}]},
-    ]}
-    root = {"stages": [
-        {"name": "first", "tasks": [{"name": "a", "taskDetails": {"serviceId": svc,
-                                                                  "actionName": "act"}}]},
-        {"name": "nested", "tasks": [{"name": "child", "type": "TASKFLOW", "taskflow": middle}]},
-    ]}
+    middle = {
+        "stages": [
+            {
+                "name": "m1",
+                "tasks": [{"name": "work", "taskDetails": {"serviceId": svc, "actionName": "act"}}],
+            },
+            {"name": "m2", "tasks": [{"name": "grandchild", "type": "TASKFLOW", "taskflow": leaf}]},
+        ]
+    }
+    root = {
+        "stages": [
+            {
+                "name": "first",
+                "tasks": [{"name": "a", "taskDetails": {"serviceId": svc, "actionName": "act"}}],
+            },
+            {
+                "name": "nested",
+                "tasks": [{"name": "child", "type": "TASKFLOW", "taskflow": middle}],
+            },
+        ]
+    }
     res = await tf.produce(root)
     assert res["success"], res
 
@@ -357,8 +413,11 @@ async def flaky(nc, svc: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 
 def two_stages(svc: str) -> dict[str, Any]:
     def task(name: str, fail: bool = False) -> dict[str, Any]:
-        return {"name": name, "params": {"name": name, "fail": fail},
-                "taskDetails": {"serviceId": svc, "actionName": "act"}}
+        return {
+            "name": name,
+            "params": {"name": name, "fail": fail},
+            "taskDetails": {"serviceId": svc, "actionName": "act"},
+        }
 
     return {
         "options": {"continueOnTaskFailure": True, "retryDelay": 0},
@@ -426,8 +485,10 @@ async def test_retry_refusals_are_clear(
     await wait_phase(tf, uid, {"COMPLETED_WITH_FAILURES"})
 
     unknown = await tf.retry(uid, ["three"])
-    assert unknown == {"success": False, "error": {"message": "unknown stage 'three'",
-                                                   "code": "UnknownStage"}}
+    assert unknown == {
+        "success": False,
+        "error": {"message": "unknown stage 'three'", "code": "UnknownStage"},
+    }
     unknown_task = await tf.retry(uid, tasks=["one/nope"])
     assert unknown_task["error"]["message"] == "unknown task 'nope' in stage 'one'"
 
@@ -450,15 +511,21 @@ async def test_retry_writes_the_documented_spec_shape(
     first = (await flows.get("shape"))["spec"]["retry"]
     assert first["stages"] == [{"name": "one"}]
 
-    res = await tf.retry(uid, tasks=[("two", "bad2"), "two/ok2"], failed_only=True, wait=None,
-                         retry_id="r-mine")
+    res = await tf.retry(
+        uid, tasks=[("two", "bad2"), "two/ok2"], failed_only=True, wait=None, retry_id="r-mine"
+    )
 
     spec = (await flows.get("shape"))["spec"]
     assert spec["cancel"] is False
-    assert spec["retry"] == {"id": "r-mine", "failedOnly": True,
-                             "stages": [{"name": "two", "tasks": ["bad2", "ok2"]}]}
-    assert res == {"success": True, "data": {"taskflowId": uid, "retryId": "r-mine",
-                                             "acknowledged": False}}
+    assert spec["retry"] == {
+        "id": "r-mine",
+        "failedOnly": True,
+        "stages": [{"name": "two", "tasks": ["bad2", "ok2"]}],
+    }
+    assert res == {
+        "success": True,
+        "data": {"taskflowId": uid, "retryId": "r-mine", "acknowledged": False},
+    }
     await tf.retry(uid, wait=None)  # the whole flow: the old stages must not linger
     assert "stages" not in (await flows.get("shape"))["spec"]["retry"]
 
@@ -492,10 +559,9 @@ async def test_events_live_then_replayed_by_a_late_subscriber(
 
     replayed = [e async for e in tf.subscribe_events(uid)]
     assert live and live[-1]["data"]["taskflowStatus"] == "SUCCEEDED"
-    assert live == replayed[-len(live):]
+    assert live == replayed[-len(live) :]
     assert replayed[0]["seq"] == 1
-    assert ("TASK", "RUNNING") in {(e["eventType"], e["data"].get("taskStatus"))
-                                   for e in replayed}
+    assert ("TASK", "RUNNING") in {(e["eventType"], e["data"].get("taskStatus")) for e in replayed}
 
 
 async def test_every_failed_attempt_event_carries_its_error(
@@ -507,8 +573,11 @@ async def test_every_failed_attempt_event_carries_its_error(
     await serve(nc, f"{svc}.act", broken)
     uid = (await tf.produce(one_task(svc, maxRetries=1, retryDelay=0)))["data"]["taskflowId"]
 
-    failed = [e for e in [e async for e in tf.subscribe_events(uid)]
-              if e["eventType"] == "TASK" and e["data"]["taskStatus"] == "FAILED"]
+    failed = [
+        e
+        for e in [e async for e in tf.subscribe_events(uid)]
+        if e["eventType"] == "TASK" and e["data"]["taskStatus"] == "FAILED"
+    ]
 
     assert [e["data"]["attempt"] for e in failed] == [0, 1]
     assert [e["data"].get("taskError", {}).get("code") for e in failed] == ["BROKEN", "BROKEN"]
@@ -517,13 +586,15 @@ async def test_every_failed_attempt_event_carries_its_error(
 # -- the sync wrapper, the link constants and the docs -------------------------------------------
 
 
-async def test_sync_client_runs_the_same_calls(operator, stack, nc, svc: str,
-                                               namespace: str) -> None:
+async def test_sync_client_runs_the_same_calls(
+    operator, stack, nc, svc: str, namespace: str
+) -> None:
     await serve(nc, f"{svc}.act", succeed)
 
     def work() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-        with Client(kubeconfig=str(stack.kubeconfig), namespace=namespace,
-                    nats_url=stack.nats.url) as taskflow:
+        with Client(
+            kubeconfig=str(stack.kubeconfig), namespace=namespace, nats_url=stack.nats.url
+        ) as taskflow:
             res = taskflow.produce(one_task(svc))
             events = list(taskflow.subscribe_events(res["data"]["taskflowId"]))
             return res, events, taskflow.get_details(res["data"]["taskflowId"])
@@ -538,8 +609,14 @@ def test_child_links_use_the_operators_keys() -> None:
     from taskflow import client
     from taskflow.shell import effects  # where the operator writes a child's links
 
-    for key in ("PARENT_UID", "PARENT_NAME", "PARENT_TASK", "PARENT_ATTEMPT", "PARENT_CONTEXT",
-                "DEPTH"):
+    for key in (
+        "PARENT_UID",
+        "PARENT_NAME",
+        "PARENT_TASK",
+        "PARENT_ATTEMPT",
+        "PARENT_CONTEXT",
+        "DEPTH",
+    ):
         assert getattr(client, key) == getattr(effects, key)
 
 
@@ -549,12 +626,21 @@ async def test_the_docs_example_runs(operator, stack, namespace: str) -> None:
     demo = asyncio.create_task(demo_services(stack.nats.url))
     await asyncio.sleep(0.3)
     code = extract_example(ROOT / "docs/client.md")
-    env = {**os.environ, "KUBECONFIG": str(stack.kubeconfig), "NATS_URL": stack.nats.url,
-           "TASKFLOW_NAMESPACE": namespace}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(stack.kubeconfig),
+        "NATS_URL": stack.nats.url,
+        "TASKFLOW_NAMESPACE": namespace,
+    }
     try:
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-c", code], env=env, capture_output=True,
-            text=True, timeout=120)
+            subprocess.run,
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         demo.cancel()
     assert result.returncode == 0, result.stderr

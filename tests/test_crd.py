@@ -106,7 +106,9 @@ def test_printer_columns(version: dict[str, Any]) -> None:
     assert columns["Stage"]["jsonPath"] == ".status.currentStage"
     assert columns["Progress"]["jsonPath"] == ".status.progress"
     assert columns["Age"] == {
-        "name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"
+        "name": "Age",
+        "type": "date",
+        "jsonPath": ".metadata.creationTimestamp",
     }
     for name in ("Phase", "Stage", "Progress"):
         assert columns[name]["type"] == "string"
@@ -225,11 +227,22 @@ def test_status_vocabulary(schema: dict[str, Any]) -> None:
     status = schema["properties"]["status"]
     assert status["type"] == "object"
     assert status["properties"]["phase"]["enum"] == [
-        "PENDING", "RUNNING", "SUCCEEDED", "COMPLETED_WITH_FAILURES", "FAILED", "CANCELLED",
+        "PENDING",
+        "RUNNING",
+        "SUCCEEDED",
+        "COMPLETED_WITH_FAILURES",
+        "FAILED",
+        "CANCELLED",
     ]
     task = status["properties"]["stages"]["items"]["properties"]["tasks"]["items"]
     assert task["properties"]["status"]["enum"] == [
-        "WAITING", "RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED", "SKIPPED",
+        "WAITING",
+        "RUNNING",
+        "SUCCEEDED",
+        "FAILED",
+        "TIMED_OUT",
+        "CANCELLED",
+        "SKIPPED",
     ]
     for field in ("nestedTaskflows", "nestedActiveRunningTaskFlowIds", "responseRef", "attempts"):
         assert field in task["properties"], field

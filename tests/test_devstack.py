@@ -23,8 +23,9 @@ def test_make_dev_refuses_a_second_instance_and_stops_everything(tmp_path: Path)
     state = tmp_path / "dev"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "taskflow.devstack", "--dir", str(state), "--no-demo"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                             text=True)
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    )
     try:
         deadline = time.monotonic() + 90
         while not (state / "env").exists():
@@ -34,8 +35,18 @@ def test_make_dev_refuses_a_second_instance_and_stops_everything(tmp_path: Path)
         env_lines = (state / "env").read_text().splitlines()
         assert env_lines[0] == f"export KUBECONFIG={state / 'kubeconfig'}"
         assert env_lines[1].startswith("export NATS_URL=nats://127.0.0.1:")
-        kube = subprocess.run(["kubectl", "--kubeconfig", str(state / "kubeconfig"), "get",
-                               "crd", "taskflows.taskflow.dev"], capture_output=True, text=True)
+        kube = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(state / "kubeconfig"),
+                "get",
+                "crd",
+                "taskflows.taskflow.dev",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert kube.returncode == 0, kube.stderr
         assert _processes_mentioning(str(state)), "servers should be running"
 

@@ -14,8 +14,9 @@ from taskflow.api.status import Status, TaskflowStatus
 from taskflow.wire import journal
 
 
-async def test_stage_of_200_parallel_tasks_loses_no_reply(operator, flows: Flows, nc, svc: str
-                                                          ) -> None:
+async def test_stage_of_200_parallel_tasks_loses_no_reply(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     names = [f"t{i:03d}" for i in range(200)]
     pending: list[Any] = []
     release = asyncio.Event()
@@ -55,9 +56,12 @@ async def test_operator_killed_with_50_tasks_in_flight(
     rec_keys: Counter[str] = Counter()
     names = [f"t{i:02d}" for i in range(10)]
     for i in range(5):
-        await flows.create(flow(svc, names, ["after"],
-                                options={"exactlyOnceTaskExecution": True, "timeout": "60s"}),
-                           f"f{i}")
+        await flows.create(
+            flow(
+                svc, names, ["after"], options={"exactlyOnceTaskExecution": True, "timeout": "60s"}
+            ),
+            f"f{i}",
+        )
     for _ in range(100):
         if len(held) >= 50:
             break
@@ -119,11 +123,20 @@ async def test_operator_killed_between_dispatch_and_api_write(
         return None
 
     await serve(nc, f"{svc}.do", answer)
-    await flows.create(flow(svc, ["first"], ["second"], options={
-        "exactlyOnceTaskExecution": True, "timeout": "60s"}), "wal")
+    await flows.create(
+        flow(
+            svc, ["first"], ["second"], options={"exactlyOnceTaskExecution": True, "timeout": "60s"}
+        ),
+        "wal",
+    )
     body = await flows.wait(
-        "wal", until=lambda b: "status" in b and len(b["status"].get("stages", [])) == 2
-        and task_status(b, "s2", "second")["status"] == "RUNNING")
+        "wal",
+        until=lambda b: (
+            "status" in b
+            and len(b["status"].get("stages", [])) == 2
+            and task_status(b, "s2", "second")["status"] == "RUNNING"
+        ),
+    )
     for _ in range(100):  # sent before that write; on its way to this process's subscriber
         if second:
             break
@@ -138,12 +151,17 @@ async def test_operator_killed_between_dispatch_and_api_write(
 
     body["status"] = older = _before_second_stage(body["status"])
     await asyncio.to_thread(
-        flows.custom.replace_namespaced_custom_object_status, GROUP, VERSION, flows.namespace,
-        PLURAL, "wal", body)
+        flows.custom.replace_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        flows.namespace,
+        PLURAL,
+        "wal",
+        body,
+    )
 
     operator.start()
-    resumed = await flows.wait(
-        "wal", until=lambda b: b["status"]["writeSeq"] > older["writeSeq"])
+    resumed = await flows.wait("wal", until=lambda b: b["status"]["writeSeq"] > older["writeSeq"])
     assert task_status(resumed, "s1", "first")["response"] == "one"
     assert task_status(resumed, "s2", "second")["status"] == "RUNNING"
     await asyncio.sleep(0.5)  # a second dispatch, had there been one, was sent before that write
@@ -176,8 +194,7 @@ async def test_journal_entry_is_dropped_only_if_still_the_writers_own(stack, svc
         await bus.close()
 
 
-async def test_finished_flow_leaves_no_journal_entry(operator, flows: Flows, nc, svc: str
-                                                     ) -> None:
+async def test_finished_flow_leaves_no_journal_entry(operator, flows: Flows, nc, svc: str) -> None:
     await serve(nc, f"{svc}.do")
     created = await flows.create(flow(svc, ["a"], ["b"]), "journaled")
     done = await flows.wait("journaled")
@@ -213,10 +230,15 @@ async def test_a_crd_older_than_the_operator_turns_the_journal_off(
         api = config.new_client_from_config(str(stack.kubeconfig))
         await asyncio.to_thread(
             client.ApiextensionsV1Api(api).patch_custom_resource_definition,
-            name=old["metadata"]["name"], body=old, field_manager="old-release", force=True,
-            _content_type="application/apply-patch+yaml")
-        await asyncio.to_thread(client.CoreV1Api(api).create_namespace,
-                                client.V1Namespace(metadata={"name": "flows"}))
+            name=old["metadata"]["name"],
+            body=old,
+            field_manager="old-release",
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+        await asyncio.to_thread(
+            client.CoreV1Api(api).create_namespace, client.V1Namespace(metadata={"name": "flows"})
+        )
         nc = await nats.connect(stack.nats.url)
         operator = OperatorProcess(stack, tmp_path)
         try:
@@ -251,10 +273,14 @@ async def _journal_entry(nc: Any, uid: str) -> journal.Entry:
     return journal.decode_entry(raw, key=await _operator_key(nc))
 
 
-async def _put_journal_entry(nc: Any, uid: str, status: TaskflowStatus,
-                             events: list[dict[str, Any]], *, signed: bool = True) -> None:
-    raw = journal.encode(status, [(e["seq"], json.dumps(e).encode()) for e in events],
-                         key=await _operator_key(nc) if signed else None)
+async def _put_journal_entry(
+    nc: Any, uid: str, status: TaskflowStatus, events: list[dict[str, Any]], *, signed: bool = True
+) -> None:
+    raw = journal.encode(
+        status,
+        [(e["seq"], json.dumps(e).encode()) for e in events],
+        key=await _operator_key(nc) if signed else None,
+    )
     await (await nc.jetstream().key_value("taskflow-journal")).put(uid, raw)
 
 
@@ -289,10 +315,14 @@ async def test_events_journaled_but_not_published_reach_the_stream_after_a_kill(
         return None
 
     await serve(nc, f"{svc}.do", answer)
-    await flows.create(flow(svc, ["first"], ["second", "third"], options={"timeout": "60s"}),
-                       "ev")
-    body = await flows.wait("ev", until=lambda b: len((b.get("status") or {}).get("stages", []))
-                            == 2 and task_status(b, "s2", "third")["status"] == "RUNNING")
+    await flows.create(flow(svc, ["first"], ["second", "third"], options={"timeout": "60s"}), "ev")
+    body = await flows.wait(
+        "ev",
+        until=lambda b: (
+            len((b.get("status") or {}).get("stages", [])) == 2
+            and task_status(b, "s2", "third")["status"] == "RUNNING"
+        ),
+    )
     await eventually(lambda: len(held) == 2)
     await asyncio.sleep(0.3)  # the events of that round are in the stream by now
     operator.kill(signal.SIGKILL)
@@ -318,7 +348,7 @@ async def test_events_journaled_but_not_published_reach_the_stream_after_a_kill(
     seqs = [e["seq"] for e in after]
     assert seqs == list(range(1, len(after) + 1)), seqs
     assert seqs[-1] == done["status"]["lastEventSeq"] > top + 3
-    assert after[top:top + 3] == unsent
+    assert after[top : top + 3] == unsent
 
 
 async def test_a_forged_journal_entry_is_refused(operator, flows: Flows, nc, svc: str) -> None:
@@ -327,8 +357,9 @@ async def test_a_forged_journal_entry_is_refused(operator, flows: Flows, nc, svc
     held: list[Any] = []
     await serve(nc, f"{svc}.do", lambda m: held.append(m))
     body = await flows.create(flow(svc, ["a"], options={"timeout": "60s"}), "forge")
-    await flows.wait("forge", until=lambda b: "status" in b
-                     and task_status(b, "s1", "a")["status"] == "RUNNING")
+    await flows.wait(
+        "forge", until=lambda b: "status" in b and task_status(b, "s1", "a")["status"] == "RUNNING"
+    )
     await eventually(lambda: held)
     operator.kill(signal.SIGKILL)
     uid = body["metadata"]["uid"]

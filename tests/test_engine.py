@@ -56,7 +56,8 @@ def make_spec(doc: str | dict[str, Any], **patch: Any) -> TaskflowSpec:
             {
                 "name": stage,
                 "tasks": [
-                    t if isinstance(t, dict)
+                    t
+                    if isinstance(t, dict)
                     else {"name": t, "taskDetails": {"serviceId": "svc", "actionName": t}}
                     for t in tasks
                 ],
@@ -128,7 +129,10 @@ def ok(stage: str, name: str, attempt: int = 0, data: Any = None) -> Reply:
 
 def fail(stage: str, name: str, attempt: int = 0, message: str = "boom") -> Reply:
     return Reply(
-        stage=stage, task=name, attempt=attempt, ok=False,
+        stage=stage,
+        task=name,
+        attempt=attempt,
+        ok=False,
         error=TaskError(message=message, code="E1", reason="Service"),
     )
 
@@ -150,8 +154,12 @@ def run_flow(spec: TaskflowSpec, outcome: dict[str, bool], now: int = T0) -> Dec
     """Run a flow to its end, answering every dispatch with ``outcome[task]`` (True = ok)."""
     decision = step(spec, now=now)
     for _ in range(100):
-        if decision.status.phase in (FlowPhase.SUCCEEDED, FlowPhase.FAILED,
-                                     FlowPhase.COMPLETED_WITH_FAILURES, FlowPhase.CANCELLED):
+        if decision.status.phase in (
+            FlowPhase.SUCCEEDED,
+            FlowPhase.FAILED,
+            FlowPhase.COMPLETED_WITH_FAILURES,
+            FlowPhase.CANCELLED,
+        ):
             return decision
         now += 10
         replies: list[Input] = [
@@ -506,8 +514,10 @@ def test_continue_on_task_failure_true_runs_later_stages() -> None:
 
 def test_continue_on_task_failure_false_finishes_stage_then_skips_the_rest() -> None:
     spec = make_spec(
-        {"stages": {"s1": ["a", "b"], "s2": ["c"], "s3": ["d"]},
-         "options": {"continueOnTaskFailure": False}}
+        {
+            "stages": {"s1": ["a", "b"], "s2": ["c"], "s3": ["d"]},
+            "options": {"continueOnTaskFailure": False},
+        }
     )
     d = step(spec)
     d = step(spec, d.status, T0 + 10, [fail("s1", "a")])
@@ -544,16 +554,33 @@ def test_continue_on_task_failure_false_finishes_stage_then_skips_the_rest() -> 
     ("flow", "task_", "expected"),
     [
         (None, None, (DEFAULT_TIMEOUT_MS, 0, DEFAULT_RETRY_DELAY_MS, None, False, False)),
-        ({"timeout": "10s", "maxRetries": 2, "retryDelay": 100, "maxAge": "1m",
-          "continueOnTaskFailure": True, "exactlyOnceTaskExecution": True},
-         None, (10_000, 2, 100, 60_000, True, True)),
-        ({"timeout": "10s", "maxRetries": 2}, {"timeout": 1000},
-         (1000, 2, DEFAULT_RETRY_DELAY_MS, None, False, False)),
-        ({"maxRetries": 3, "continueOnTaskFailure": True, "exactlyOnceTaskExecution": True},
-         {"maxRetries": 0, "continueOnTaskFailure": False, "exactlyOnceTaskExecution": False},
-         (DEFAULT_TIMEOUT_MS, 0, DEFAULT_RETRY_DELAY_MS, None, False, False)),
-        ({"retryDelay": "1s"}, {"retryDelay": 0, "maxAge": "1h30m"},
-         (DEFAULT_TIMEOUT_MS, 0, 0, 5_400_000, False, False)),
+        (
+            {
+                "timeout": "10s",
+                "maxRetries": 2,
+                "retryDelay": 100,
+                "maxAge": "1m",
+                "continueOnTaskFailure": True,
+                "exactlyOnceTaskExecution": True,
+            },
+            None,
+            (10_000, 2, 100, 60_000, True, True),
+        ),
+        (
+            {"timeout": "10s", "maxRetries": 2},
+            {"timeout": 1000},
+            (1000, 2, DEFAULT_RETRY_DELAY_MS, None, False, False),
+        ),
+        (
+            {"maxRetries": 3, "continueOnTaskFailure": True, "exactlyOnceTaskExecution": True},
+            {"maxRetries": 0, "continueOnTaskFailure": False, "exactlyOnceTaskExecution": False},
+            (DEFAULT_TIMEOUT_MS, 0, DEFAULT_RETRY_DELAY_MS, None, False, False),
+        ),
+        (
+            {"retryDelay": "1s"},
+            {"retryDelay": 0, "maxAge": "1h30m"},
+            (DEFAULT_TIMEOUT_MS, 0, 0, 5_400_000, False, False),
+        ),
     ],
     ids=["defaults", "flow-only", "task-timeout", "task-falsy-overrides", "task-delay-zero"],
 )
@@ -565,8 +592,12 @@ def test_effective_options_task_over_flow_per_field(
         Options.model_validate(task_) if task_ is not None else None,
     )
     assert (
-        opts.timeout_ms, opts.max_retries, opts.retry_delay_ms, opts.max_age_ms,
-        opts.continue_on_task_failure, opts.exactly_once_task_execution,
+        opts.timeout_ms,
+        opts.max_retries,
+        opts.retry_delay_ms,
+        opts.max_age_ms,
+        opts.continue_on_task_failure,
+        opts.exactly_once_task_execution,
     ) == expected
     wire = opts.as_wire()
     assert wire["timeout"] == expected[0] and wire["maxRetries"] == expected[1]
@@ -574,14 +605,16 @@ def test_effective_options_task_over_flow_per_field(
 
 
 def test_task_options_override_flow_options_in_the_engine() -> None:
-    spec = make_spec({
-        "stages": {"s1": ["a", "b"], "s2": ["c"]},
-        "options": {"timeout": "10s", "maxRetries": 1, "retryDelay": "1s"},
-        "task_options": {
-            "s1/a": {"timeout": "1s", "continueOnTaskFailure": True},
-            "s1/b": {"retryDelay": "3s"},
-        },
-    })
+    spec = make_spec(
+        {
+            "stages": {"s1": ["a", "b"], "s2": ["c"]},
+            "options": {"timeout": "10s", "maxRetries": 1, "retryDelay": "1s"},
+            "task_options": {
+                "s1/a": {"timeout": "1s", "continueOnTaskFailure": True},
+                "s1/b": {"retryDelay": "3s"},
+            },
+        }
+    )
     d = step(spec)
     assert task(d.status, "s1", "a").deadline == iso(T0 + 1000)
     assert task(d.status, "s1", "b").deadline == iso(T0 + 10_000)
@@ -626,20 +659,24 @@ def test_late_reply_after_timeout_is_marked_and_changes_nothing() -> None:
 
 
 def test_stale_reply_for_an_old_attempt_is_ignored() -> None:
-    spec = make_spec({"stages": {"s1": ["a"]}, "options": {"maxRetries": 2, "retryDelay": 0,
-                                                          "timeout": "1s"}})
+    spec = make_spec(
+        {"stages": {"s1": ["a"]}, "options": {"maxRetries": 2, "retryDelay": 0, "timeout": "1s"}}
+    )
     d = step(spec)
     d = step(spec, d.status, T0 + 1000)  # attempt 0 timed out, attempt 1 dispatched
     assert dispatched(d) == [("s1", "a", 1)]
-    stale = step(spec, d.status, T0 + 1100, [ok("s1", "a", 0, data="old"),
-                                              fail("s1", "a", 0)])
+    stale = step(spec, d.status, T0 + 1100, [ok("s1", "a", 0, data="old"), fail("s1", "a", 0)])
     a = task(stale.status, "s1", "a")
     assert (a.status, a.attempt, a.response) == (Status.RUNNING, 1, None)
     assert stale.effects == []
     assert stale.status.phase == FlowPhase.RUNNING
     # A reply for an attempt that was never sent, or for an unknown task, is ignored too.
-    odd = step(spec, stale.status, T0 + 1200,
-               [ok("s1", "a", 7), ok("s1", "nope"), NoResponders("s1", "a", 0)])
+    odd = step(
+        spec,
+        stale.status,
+        T0 + 1200,
+        [ok("s1", "a", 7), ok("s1", "nope"), NoResponders("s1", "a", 0)],
+    )
     assert task(odd.status, "s1", "a").status == Status.RUNNING
     assert odd.effects == []
 
@@ -648,8 +685,12 @@ def test_stale_reply_for_an_old_attempt_is_ignored() -> None:
 
 
 def test_cancel_cancels_running_tasks_and_skips_later_stages() -> None:
-    spec = make_spec({"stages": {"s1": ["a", "b", "w"], "s2": ["c"]},
-                      "task_options": {"s1/w": {"maxRetries": 1, "retryDelay": "10s"}}})
+    spec = make_spec(
+        {
+            "stages": {"s1": ["a", "b", "w"], "s2": ["c"]},
+            "task_options": {"s1/w": {"maxRetries": 1, "retryDelay": "10s"}},
+        }
+    )
     d = step(spec)
     d = step(spec, d.status, T0 + 10, [ok("s1", "a"), fail("s1", "w")])
     assert task(d.status, "s1", "w").waiting_reason == "RetryDelay"
@@ -755,8 +796,12 @@ MIXED_OUTCOME = {"a": True, "b": False, "c": True, "d": False}
 
 def finished(exactly_once: bool, *, cont: bool = True) -> tuple[TaskflowSpec, TaskflowStatus]:
     """A finished flow: s1 a ok, b failed; s2 c ok, d failed (continueOnTaskFailure)."""
-    spec = make_spec({**MIXED, "options": {"continueOnTaskFailure": cont,
-                                           "exactlyOnceTaskExecution": exactly_once}})
+    spec = make_spec(
+        {
+            **MIXED,
+            "options": {"continueOnTaskFailure": cont, "exactlyOnceTaskExecution": exactly_once},
+        }
+    )
     done = run_flow(spec, MIXED_OUTCOME)
     return spec, done.status
 
@@ -859,8 +904,10 @@ def test_retry_of_a_task_in_an_earlier_stage_reruns_later_stages() -> None:
         ({"id": "r1", "stages": [{"name": "nope"}]}, "unknown stage 'nope'"),
         ({"id": "r1", "stages": [{"name": "s1", "tasks": ["zz"]}]}, "unknown task 'zz'"),
         ({"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}]}, "exactlyOnceTaskExecution"),
-        ({"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}], "failedOnly": True},
-         "nothing to retry"),
+        (
+            {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}], "failedOnly": True},
+            "nothing to retry",
+        ),
     ],
     ids=["unknown-stage", "unknown-task", "succeeded-exactly-once", "empty-selection"],
 )
@@ -946,14 +993,16 @@ def test_retry_counts_max_retries_per_run() -> None:
 
 
 def test_wake_at_is_the_earliest_deadline_or_not_before() -> None:
-    spec = make_spec({
-        "stages": {"s1": ["a", "b", "c"]},
-        "task_options": {
-            "s1/a": {"timeout": "5s"},
-            "s1/b": {"timeout": "2s"},
-            "s1/c": {"timeout": "9s", "maxRetries": 1, "retryDelay": 300},
-        },
-    })
+    spec = make_spec(
+        {
+            "stages": {"s1": ["a", "b", "c"]},
+            "task_options": {
+                "s1/a": {"timeout": "5s"},
+                "s1/b": {"timeout": "2s"},
+                "s1/c": {"timeout": "9s", "maxRetries": 1, "retryDelay": 300},
+            },
+        }
+    )
     d = step(spec)
     assert d.wake_at == T0 + 2000
     d = step(spec, d.status, T0 + 100, [ok("s1", "b"), fail("s1", "c")])
@@ -965,21 +1014,24 @@ def test_wake_at_is_the_earliest_deadline_or_not_before() -> None:
 
 
 def test_progress_and_current_stage_strings() -> None:
-    spec = make_spec({
-        "stages": {
-            "createGroup": ["g"],
-            "addApplianceToGroups": [f"t{i}" for i in range(8)],
-            "notify": ["n1", "n2"],
+    spec = make_spec(
+        {
+            "stages": {
+                "createGroup": ["g"],
+                "addApplianceToGroups": [f"t{i}" for i in range(8)],
+                "notify": ["n1", "n2"],
+            }
         }
-    })
+    )
     d = step(spec)
     assert (d.status.current_stage, d.status.progress) == ("1/3 createGroup", "0/11")
     d = step(spec, d.status, T0 + 1, [ok("createGroup", "g")])
     d = step(spec, d.status, T0 + 2, [ok("addApplianceToGroups", f"t{i}") for i in range(6)])
     assert d.status.current_stage == "2/3 addApplianceToGroups"
     assert d.status.progress == "7/11"
-    d = step(spec, d.status, T0 + 3, [ok("addApplianceToGroups", "t6"),
-                                      ok("addApplianceToGroups", "t7")])
+    d = step(
+        spec, d.status, T0 + 3, [ok("addApplianceToGroups", "t6"), ok("addApplianceToGroups", "t7")]
+    )
     assert (d.status.current_stage, d.status.progress) == ("3/3 notify", "9/11")
     d = step(spec, d.status, T0 + 4, [ok("notify", "n1"), ok("notify", "n2")])
     assert (d.status.current_stage, d.status.progress) == ("3/3 notify", "11/11")
@@ -998,9 +1050,7 @@ def test_event_sequence_is_contiguous_across_a_whole_run() -> None:
         ]
         decisions.append(step(spec, decisions[-1].status, now, replies))
     assert_seq_contiguous(decisions)
-    assert decisions[-1].status.last_event_seq == sum(
-        len(of(d.effects, Emit)) for d in decisions
-    )
+    assert decisions[-1].status.last_event_seq == sum(len(of(d.effects, Emit)) for d in decisions)
 
 
 # -- nested TASKFLOW tasks ----------------------------------------------------------------------
@@ -1008,11 +1058,28 @@ def test_event_sequence_is_contiguous_across_a_whole_run() -> None:
 
 NESTED = {
     "stages": [
-        {"name": "s1", "tasks": [
-            {"name": "child", "type": "TASKFLOW",
-             "taskflow": {"stages": [{"name": "x", "tasks": [
-                 {"name": "y", "taskDetails": {"serviceId": "svc", "actionName": "y"}}]}]}},
-        ]},
+        {
+            "name": "s1",
+            "tasks": [
+                {
+                    "name": "child",
+                    "type": "TASKFLOW",
+                    "taskflow": {
+                        "stages": [
+                            {
+                                "name": "x",
+                                "tasks": [
+                                    {
+                                        "name": "y",
+                                        "taskDetails": {"serviceId": "svc", "actionName": "y"},
+                                    }
+                                ],
+                            }
+                        ]
+                    },
+                },
+            ],
+        },
     ]
 }
 
@@ -1022,18 +1089,24 @@ def test_taskflow_task_creates_a_child_and_finishes_with_it() -> None:
     d = step(spec)
     assert of(d.effects, CreateChild) == [CreateChild(stage="s1", task="child", attempt=0)]
     assert dispatched(d) == []
-    d = step(spec, d.status, T0 + 10,
-             [ChildFinished("s1", "child", "ns/c1", Status.RUNNING, attempt=0)])
+    d = step(
+        spec, d.status, T0 + 10, [ChildFinished("s1", "child", "ns/c1", Status.RUNNING, attempt=0)]
+    )
     t = task(d.status, "s1", "child")
     assert t.nested_taskflows == ["ns/c1"]
     assert t.nested_active_running_taskflow_ids == ["ns/c1"]
     assert t.status == Status.RUNNING
-    d = step(spec, d.status, T0 + 20,
-             [ChildFinished("s1", "child", "ns/c1", Status.SUCCEEDED, summary={"ok": 1},
-                            attempt=0)])
+    d = step(
+        spec,
+        d.status,
+        T0 + 20,
+        [ChildFinished("s1", "child", "ns/c1", Status.SUCCEEDED, summary={"ok": 1}, attempt=0)],
+    )
     t = task(d.status, "s1", "child")
     assert (t.status, t.response, t.nested_active_running_taskflow_ids) == (
-        Status.SUCCEEDED, {"ok": 1}, []
+        Status.SUCCEEDED,
+        {"ok": 1},
+        [],
     )
     assert d.status.phase == FlowPhase.SUCCEEDED
 
@@ -1041,8 +1114,9 @@ def test_taskflow_task_creates_a_child_and_finishes_with_it() -> None:
 def test_cancel_cascades_to_running_children() -> None:
     spec = make_spec(NESTED)
     d = step(spec)
-    d = step(spec, d.status, T0 + 10,
-             [ChildFinished("s1", "child", "ns/c1", Status.RUNNING, attempt=0)])
+    d = step(
+        spec, d.status, T0 + 10, [ChildFinished("s1", "child", "ns/c1", Status.RUNNING, attempt=0)]
+    )
     d = step(with_(spec, cancel=True), d.status, T0 + 20)
     assert of(d.effects, CancelChild) == [CancelChild(child="ns/c1")]
     assert of(d.effects, CancelNotice) == []
@@ -1053,9 +1127,15 @@ def test_failed_child_fails_the_task() -> None:
     spec = make_spec(NESTED)
     d = step(spec)
     # The shell reports a child RUNNING as soon as it created it, then its end.
-    d = step(spec, d.status, T0 + 10,
-             [ChildFinished("s1", "child", "ns/c1", Status.RUNNING, attempt=0),
-              ChildFinished("s1", "child", "ns/c1", Status.FAILED, attempt=0)])
+    d = step(
+        spec,
+        d.status,
+        T0 + 10,
+        [
+            ChildFinished("s1", "child", "ns/c1", Status.RUNNING, attempt=0),
+            ChildFinished("s1", "child", "ns/c1", Status.FAILED, attempt=0),
+        ],
+    )
     t = task(d.status, "s1", "child")
     assert t.status == Status.FAILED
     assert t.error is not None and t.error.reason == "Child" and "ns/c1" in t.error.message
@@ -1084,8 +1164,12 @@ def test_make_spec_from_yaml() -> None:
 def test_child_of_an_earlier_attempt_changes_nothing() -> None:
     spec = make_spec(NESTED)
     d = step(spec)
-    d = step(spec, d.status, T0 + 10,
-             [ChildFinished("s1", "child", "ns/old", Status.SUCCEEDED, attempt=5)])
+    d = step(
+        spec,
+        d.status,
+        T0 + 10,
+        [ChildFinished("s1", "child", "ns/old", Status.SUCCEEDED, attempt=5)],
+    )
     t = task(d.status, "s1", "child")
     assert (t.status, t.nested_taskflows) == (Status.RUNNING, [])
 
@@ -1093,8 +1177,9 @@ def test_child_of_an_earlier_attempt_changes_nothing() -> None:
 def test_action_whose_service_started_children_ends_with_them() -> None:
     spec = make_spec({"stages": {"s1": ["a"], "s2": ["b"]}, "options": {"timeout": "1s"}})
     d = step(spec)
-    reply = Reply(stage="s1", task="a", attempt=0, ok=True, data={"started": 2},
-                  children=("ns/k1", "ns/k2"))
+    reply = Reply(
+        stage="s1", task="a", attempt=0, ok=True, data={"started": 2}, children=("ns/k1", "ns/k2")
+    )
     d = step(spec, d.status, T0 + 100, [reply])
     a = task(d.status, "s1", "a")
     assert (a.status, a.waiting_reason, a.deadline) == (Status.RUNNING, "Children", None)
@@ -1102,12 +1187,14 @@ def test_action_whose_service_started_children_ends_with_them() -> None:
     assert a.response == {"started": 2}
     d = step(spec, d.status, T0 + 5000)  # the reply came: the timeout no longer applies
     assert task(d.status, "s1", "a").status == Status.RUNNING
-    d = step(spec, d.status, T0 + 6000,
-             [ChildFinished("s1", "a", "ns/k1", Status.SUCCEEDED, attempt=0)])
+    d = step(
+        spec, d.status, T0 + 6000, [ChildFinished("s1", "a", "ns/k1", Status.SUCCEEDED, attempt=0)]
+    )
     a = task(d.status, "s1", "a")
     assert (a.status, a.nested_active_running_taskflow_ids) == (Status.RUNNING, ["ns/k2"])
-    d = step(spec, d.status, T0 + 7000,
-             [ChildFinished("s1", "a", "ns/k2", Status.SUCCEEDED, attempt=0)])
+    d = step(
+        spec, d.status, T0 + 7000, [ChildFinished("s1", "a", "ns/k2", Status.SUCCEEDED, attempt=0)]
+    )
     a = task(d.status, "s1", "a")
     assert (a.status, a.response) == (Status.SUCCEEDED, {"started": 2})
     assert a.nested_taskflows == ["ns/k1", "ns/k2"]
@@ -1119,8 +1206,9 @@ def test_waiting_for_a_services_children_is_bounded_by_max_age() -> None:
     d = step(spec)
     reply = Reply(stage="s1", task="a", attempt=0, ok=True, children=("ns/k1", "ns/k2"))
     d = step(spec, d.status, T0 + 100, [reply])
-    d = step(spec, d.status, T0 + 200, [ChildFinished("s1", "a", "ns/k1", Status.SUCCEEDED,
-                                                     attempt=0)])
+    d = step(
+        spec, d.status, T0 + 200, [ChildFinished("s1", "a", "ns/k1", Status.SUCCEEDED, attempt=0)]
+    )
     assert d.wake_at == T0 + 10_000  # the end of the budget, not the reply's timeout
     d = step(spec, d.status, T0 + 9_999)
     assert task(d.status, "s1", "a").status == Status.RUNNING
@@ -1148,17 +1236,29 @@ def test_exactly_once_never_resends_a_timed_out_attempt_on_its_own() -> None:
     from taskflow.api import TaskflowSpec, TaskflowStatus
     from taskflow.engine import Dispatch, decide
 
-    spec = TaskflowSpec.model_validate({
-        "options": {"timeout": 100, "maxRetries": 3, "retryDelay": 0,
-                    "exactlyOnceTaskExecution": True},
-        "stages": [{"name": "s", "tasks": [
-            {"name": "t", "taskDetails": {"serviceId": "a", "actionName": "b"}}]}],
-    })
+    spec = TaskflowSpec.model_validate(
+        {
+            "options": {
+                "timeout": 100,
+                "maxRetries": 3,
+                "retryDelay": 0,
+                "exactlyOnceTaskExecution": True,
+            },
+            "stages": [
+                {
+                    "name": "s",
+                    "tasks": [{"name": "t", "taskDetails": {"serviceId": "a", "actionName": "b"}}],
+                }
+            ],
+        }
+    )
     uid = "00000000-0000-0000-0000-000000000001"
-    first = decide(spec=spec, status=TaskflowStatus(), now=0, uid=uid, generation=1,
-                   event_subject="e")
-    later = decide(spec=spec, status=first.status, now=100, uid=uid, generation=1,
-                   event_subject="e")
+    first = decide(
+        spec=spec, status=TaskflowStatus(), now=0, uid=uid, generation=1, event_subject="e"
+    )
+    later = decide(
+        spec=spec, status=first.status, now=100, uid=uid, generation=1, event_subject="e"
+    )
     task = later.status.stages[0].tasks[0]
     assert task.status == "TIMED_OUT"
     assert not [e for e in later.effects if isinstance(e, Dispatch)]

@@ -52,16 +52,34 @@ def status_of(layout: Layout, phase: FlowPhase | None = None) -> TaskflowStatus:
     stages = []
     for stage, tasks in layout.items():
         statuses = set(tasks.values())
-        stage_status = (OK if statuses == {OK} else SKIP if statuses == {SKIP}
-                        else CANCEL if CANCEL in statuses else FAIL)
-        stages.append(StageStatus(
-            name=stage, id=task_id(UID, stage), status=stage_status,
-            tasks=[_task(stage, name, outcome) for name, outcome in tasks.items()],
-        ))
+        stage_status = (
+            OK
+            if statuses == {OK}
+            else SKIP
+            if statuses == {SKIP}
+            else CANCEL
+            if CANCEL in statuses
+            else FAIL
+        )
+        stages.append(
+            StageStatus(
+                name=stage,
+                id=task_id(UID, stage),
+                status=stage_status,
+                tasks=[_task(stage, name, outcome) for name, outcome in tasks.items()],
+            )
+        )
     return TaskflowStatus(
-        phase=phase or PHASES[id(layout)], taskflowId=UID, eventSubscription="events",
-        observedGeneration=1, createdAt=T0, startTime=iso(T0), completionTime=iso(T0 + 100),
-        stages=stages, lastEventSeq=10, cancelledAt=iso(T0 + 50) if layout is CANCELLED else None,
+        phase=phase or PHASES[id(layout)],
+        taskflowId=UID,
+        eventSubscription="events",
+        observedGeneration=1,
+        createdAt=T0,
+        startTime=iso(T0),
+        completionTime=iso(T0 + 100),
+        stages=stages,
+        lastEventSeq=10,
+        cancelledAt=iso(T0 + 50) if layout is CANCELLED else None,
     )
 
 
@@ -70,31 +88,42 @@ def _task(stage: str, name: str, outcome: Status) -> TaskStatus:
     if outcome != SKIP:
         task.start_time = task.dispatch_time = iso(T0)
         task.end_time = iso(T0 + 10)
-        task.attempts = [AttemptRecord(attempt=0, status=outcome, startTime=iso(T0),
-                                       endTime=iso(T0 + 10))]
+        task.attempts = [
+            AttemptRecord(attempt=0, status=outcome, startTime=iso(T0), endTime=iso(T0 + 10))
+        ]
     return task
 
 
-def spec_of(layout: Layout, retry: dict[str, Any], *, exactly_once: bool,
-            cancel: bool = False) -> TaskflowSpec:
-    return TaskflowSpec.model_validate({
-        "stages": [
-            {"name": stage, "tasks": [
-                {"name": t, "taskDetails": {"serviceId": "svc", "actionName": t}} for t in tasks
-            ]}
-            for stage, tasks in layout.items()
-        ],
-        "options": {"continueOnTaskFailure": layout is MIXED,
-                    "exactlyOnceTaskExecution": exactly_once},
-        "retry": retry,
-        "cancel": cancel,
-    })
+def spec_of(
+    layout: Layout, retry: dict[str, Any], *, exactly_once: bool, cancel: bool = False
+) -> TaskflowSpec:
+    return TaskflowSpec.model_validate(
+        {
+            "stages": [
+                {
+                    "name": stage,
+                    "tasks": [
+                        {"name": t, "taskDetails": {"serviceId": "svc", "actionName": t}}
+                        for t in tasks
+                    ],
+                }
+                for stage, tasks in layout.items()
+            ],
+            "options": {
+                "continueOnTaskFailure": layout is MIXED,
+                "exactlyOnceTaskExecution": exactly_once,
+            },
+            "retry": retry,
+            "cancel": cancel,
+        }
+    )
 
 
 def options(exactly_once: bool) -> OptionsOf:
     """Every task's options: the flow's, with or without exactlyOnceTaskExecution."""
     opts = effective_options(
-        Options.model_validate({"exactlyOnceTaskExecution": exactly_once}), None)
+        Options.model_validate({"exactlyOnceTaskExecution": exactly_once}), None
+    )
     return lambda stage, task: opts
 
 
@@ -112,30 +141,80 @@ WHOLE = {"id": "r1"}
 
 # (layout, phase override, retry, exactlyOnce, cancel, refusal: None or a fragment of it)
 REFUSALS: dict[str, tuple[Layout, FlowPhase | None, dict[str, Any], bool, bool, str | None]] = {
-    "running": (MIXED, FlowPhase.RUNNING, WHOLE, False, False,
-                "the flow is RUNNING: only a finished flow can be retried"),
+    "running": (
+        MIXED,
+        FlowPhase.RUNNING,
+        WHOLE,
+        False,
+        False,
+        "the flow is RUNNING: only a finished flow can be retried",
+    ),
     "pending": (MIXED, FlowPhase.PENDING, WHOLE, False, False, "the flow is PENDING"),
-    "cancel-still-true": (CANCELLED, None, WHOLE, False, True,
-                          "spec.cancel is true: set it to false in the same patch as the retry"),
-    "unknown-stage": (MIXED, None, {"id": "r1", "stages": [{"name": "nope"}]}, False, False,
-                      "unknown stage 'nope'"),
+    "cancel-still-true": (
+        CANCELLED,
+        None,
+        WHOLE,
+        False,
+        True,
+        "spec.cancel is true: set it to false in the same patch as the retry",
+    ),
+    "unknown-stage": (
+        MIXED,
+        None,
+        {"id": "r1", "stages": [{"name": "nope"}]},
+        False,
+        False,
+        "unknown stage 'nope'",
+    ),
     "unknown-stage-after-a-known-one": (
-        MIXED, None, {"id": "r1", "stages": [{"name": "s1"}, {"name": "zz"}]}, False, False,
-        "unknown stage 'zz'"),
-    "unknown-task": (MIXED, None, {"id": "r1", "stages": [{"name": "s2", "tasks": ["zz"]}]},
-                     False, False, "unknown task 'zz' in stage 's2'"),
+        MIXED,
+        None,
+        {"id": "r1", "stages": [{"name": "s1"}, {"name": "zz"}]},
+        False,
+        False,
+        "unknown stage 'zz'",
+    ),
+    "unknown-task": (
+        MIXED,
+        None,
+        {"id": "r1", "stages": [{"name": "s2", "tasks": ["zz"]}]},
+        False,
+        False,
+        "unknown task 'zz' in stage 's2'",
+    ),
     "succeeded-exactly-once-named": (
-        MIXED, None, {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}]}, True, False,
-        "task s1/a SUCCEEDED and exactlyOnceTaskExecution is true: it is never dispatched again"),
+        MIXED,
+        None,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}]},
+        True,
+        False,
+        "task s1/a SUCCEEDED and exactlyOnceTaskExecution is true: it is never dispatched again",
+    ),
     # Accepted by the refusal rules (the selection may still be empty: see below).
     "succeeded-exactly-once-named-failed-only": (
-        MIXED, None, {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}],
-                      "failedOnly": True}, True, False, None),
+        MIXED,
+        None,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}], "failedOnly": True},
+        True,
+        False,
+        None,
+    ),
     "succeeded-exactly-once-by-stage": (
-        MIXED, None, {"id": "r1", "stages": [{"name": "s1"}]}, True, False, None),
+        MIXED,
+        None,
+        {"id": "r1", "stages": [{"name": "s1"}]},
+        True,
+        False,
+        None,
+    ),
     "succeeded-named-without-exactly-once": (
-        MIXED, None, {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}]}, False, False,
-        None),
+        MIXED,
+        None,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}]},
+        False,
+        False,
+        None,
+    ),
     "whole-flow": (MIXED, None, WHOLE, True, False, None),
     "succeeded-flow": (ALL_OK, None, WHOLE, False, False, None),
     "cancelled-flow-cancel-false": (CANCELLED, None, WHOLE, False, False, None),
@@ -148,20 +227,28 @@ def test_retry_refusal(
 ) -> None:
     layout, phase, retry, exactly_once, cancel, expected = row
     status = status_of(layout, phase)
-    refusal = retry_refusal(request=request(retry), status=status, cancel=cancel,
-                            opts=options(exactly_once))
+    refusal = retry_refusal(
+        request=request(retry), status=status, cancel=cancel, opts=options(exactly_once)
+    )
     if expected is None:
         assert refusal is None
     else:
         assert refusal is not None and expected in refusal
     # decide acts on the same answer: refused with exactly that message, nothing else changed.
-    d = decide(spec=spec_of(layout, retry, exactly_once=exactly_once, cancel=cancel),
-               status=status, now=T0 + 1000, uid=UID, generation=1, event_subject="events")
+    d = decide(
+        spec=spec_of(layout, retry, exactly_once=exactly_once, cancel=cancel),
+        status=status,
+        now=T0 + 1000,
+        uid=UID,
+        generation=1,
+        event_subject="events",
+    )
     assert d.status.retry is not None and d.status.retry.id == "r1"
     if refusal is not None:
         assert (d.status.retry.accepted, d.status.retry.message) == (False, refusal)
         assert [t.status for s in d.status.stages for t in s.tasks] == [
-            t.status for s in status.stages for t in s.tasks]
+            t.status for s in status.stages for t in s.tasks
+        ]
 
 
 # -- selection ----------------------------------------------------------------------------------
@@ -172,35 +259,74 @@ SELECTIONS: dict[str, tuple[Layout, dict[str, Any], bool, set[tuple[str, str]]]]
     "whole-exactly-once-keeps-succeeded": (MIXED, WHOLE, True, keys("s1/b", "s2/d")),
     "failed-only": (MIXED, {"id": "r1", "failedOnly": True}, False, keys("s1/b", "s2/d")),
     "stage": (MIXED, {"id": "r1", "stages": [{"name": "s2"}]}, False, keys("s2/c", "s2/d")),
-    "stage-exactly-once": (MIXED, {"id": "r1", "stages": [{"name": "s1"}]}, True,
-                           keys("s1/b", "s2/d")),
-    "task-of-the-last-stage": (MIXED, {"id": "r1", "stages": [{"name": "s2", "tasks": ["d"]}]},
-                               False, keys("s2/d")),
+    "stage-exactly-once": (
+        MIXED,
+        {"id": "r1", "stages": [{"name": "s1"}]},
+        True,
+        keys("s1/b", "s2/d"),
+    ),
+    "task-of-the-last-stage": (
+        MIXED,
+        {"id": "r1", "stages": [{"name": "s2", "tasks": ["d"]}]},
+        False,
+        keys("s2/d"),
+    ),
     # Later stages depended on the re-run work: what did not succeed runs again always, what
     # succeeded only under a plain retry without exactlyOnceTaskExecution.
     "earlier-task-reruns-later-stages": (
-        MIXED, {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}]}, False,
-        keys("s1/b", "s2/c", "s2/d")),
+        MIXED,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}]},
+        False,
+        keys("s1/b", "s2/c", "s2/d"),
+    ),
     "earlier-task-exactly-once-keeps-later-succeeded": (
-        MIXED, {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}]}, True,
-        keys("s1/b", "s2/d")),
+        MIXED,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}]},
+        True,
+        keys("s1/b", "s2/d"),
+    ),
     "earlier-task-failed-only-keeps-later-succeeded": (
-        MIXED, {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}], "failedOnly": True},
-        False, keys("s1/b", "s2/d")),
+        MIXED,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}], "failedOnly": True},
+        False,
+        keys("s1/b", "s2/d"),
+    ),
     "skipped-stages-run-again": (
-        STOPPED, {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}]}, True,
-        keys("s1/b", "s2/c", "s2/d")),
+        STOPPED,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["b"]}]},
+        True,
+        keys("s1/b", "s2/c", "s2/d"),
+    ),
     "failed-only-skipped-later-stages-too": (
-        STOPPED, {"id": "r1", "failedOnly": True}, False, keys("s1/b", "s2/c", "s2/d")),
+        STOPPED,
+        {"id": "r1", "failedOnly": True},
+        False,
+        keys("s1/b", "s2/c", "s2/d"),
+    ),
     "failed-only-counts-cancelled": (
-        CANCELLED, {"id": "r1", "failedOnly": True}, True, keys("s1/b", "s2/c")),
+        CANCELLED,
+        {"id": "r1", "failedOnly": True},
+        True,
+        keys("s1/b", "s2/c"),
+    ),
     "failed-only-counts-timed-out": (
-        TIMED_OUT, {"id": "r1", "failedOnly": True}, False, keys("s1/a", "s2/c")),
+        TIMED_OUT,
+        {"id": "r1", "failedOnly": True},
+        False,
+        keys("s1/a", "s2/c"),
+    ),
     "failed-only-of-a-succeeded-task-is-empty": (
-        MIXED, {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}], "failedOnly": True},
-        True, set()),
+        MIXED,
+        {"id": "r1", "stages": [{"name": "s1", "tasks": ["a"]}], "failedOnly": True},
+        True,
+        set(),
+    ),
     "failed-only-of-a-succeeded-flow-is-empty": (
-        ALL_OK, {"id": "r1", "failedOnly": True}, False, set()),
+        ALL_OK,
+        {"id": "r1", "failedOnly": True},
+        False,
+        set(),
+    ),
     "succeeded-flow-exactly-once-is-empty": (ALL_OK, WHOLE, True, set()),
     "succeeded-flow": (ALL_OK, WHOLE, False, keys("s1/a", "s2/c")),
 }
@@ -212,26 +338,47 @@ def test_retry_selection(
 ) -> None:
     layout, retry, exactly_once, expected = row
     status = status_of(layout)
-    assert retry_refusal(request=request(retry), status=status, cancel=False,
-                         opts=options(exactly_once)) is None
-    assert retry_selection(request=request(retry), status=status,
-                           opts=options(exactly_once)) == expected
+    assert (
+        retry_refusal(
+            request=request(retry), status=status, cancel=False, opts=options(exactly_once)
+        )
+        is None
+    )
+    assert (
+        retry_selection(request=request(retry), status=status, opts=options(exactly_once))
+        == expected
+    )
     # decide runs exactly the selection again (and refuses an empty one).
-    d = decide(spec=spec_of(layout, retry, exactly_once=exactly_once), status=status,
-               now=T0 + 1000, uid=UID, generation=1, event_subject="events")
+    d = decide(
+        spec=spec_of(layout, retry, exactly_once=exactly_once),
+        status=status,
+        now=T0 + 1000,
+        uid=UID,
+        generation=1,
+        event_subject="events",
+    )
     ack = d.status.retry
     assert ack is not None
     if not expected:
         assert not ack.accepted and ack.message.startswith("nothing to retry")
         return
     assert ack.accepted and f"{len(expected)} task(s)" in ack.message
-    again = {(s.name, t.name) for s in d.status.stages for t in s.tasks
-             if t.status not in TERMINAL_TASK_STATUSES}
+    again = {
+        (s.name, t.name)
+        for s in d.status.stages
+        for t in s.tasks
+        if t.status not in TERMINAL_TASK_STATUSES
+    }
     assert again == expected
-    kept = {(s.name, t.name): t.status for s in d.status.stages for t in s.tasks
-            if (s.name, t.name) not in expected}
-    assert kept == {(s, t): v for s, ts in layout.items() for t, v in ts.items()
-                    if (s, t) not in expected}
+    kept = {
+        (s.name, t.name): t.status
+        for s in d.status.stages
+        for t in s.tasks
+        if (s.name, t.name) not in expected
+    }
+    assert kept == {
+        (s, t): v for s, ts in layout.items() for t, v in ts.items() if (s, t) not in expected
+    }
 
 
 # -- reset --------------------------------------------------------------------------------------
@@ -246,8 +393,7 @@ def test_reset_task_starts_a_new_run(outcome: Status, attempt: int) -> None:
     task = _task("s1", "a", outcome)
     history = list(task.attempts)
     reset_task(task)
-    assert (task.status, task.attempt, task.run_start_attempt) == (Status.WAITING, attempt,
-                                                                   attempt)
+    assert (task.status, task.attempt, task.run_start_attempt) == (Status.WAITING, attempt, attempt)
     assert task.attempts == history  # records of earlier runs stay
     assert (task.start_time, task.end_time, task.dispatch_time, task.deadline) == (None,) * 4
     assert (task.error, task.response, task.waiting_reason, task.expires_at) == (None,) * 4

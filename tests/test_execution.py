@@ -11,15 +11,25 @@ import pytest
 from conftest import Flows, flow, serve, task_status
 
 SEED_TASK_INFO_KEYS = {
-    "id", "attempt", "meta", "params", "options", "status", "nestedActiveRunningTaskFlowIds",
-    "nestedTaskflows", "name", "type", "taskDetails",
+    "id",
+    "attempt",
+    "meta",
+    "params",
+    "options",
+    "status",
+    "nestedActiveRunningTaskFlowIds",
+    "nestedTaskflows",
+    "name",
+    "type",
+    "taskDetails",
 }
 
 
 async def test_retry_then_success(operator, flows: Flows, nc, svc: str) -> None:
     def reply(msg: Any) -> dict[str, Any]:
         attempt = json.loads(msg.headers["taskflowExecutionContext"])["taskflow"]["taskInfo"][
-            "attempt"]
+            "attempt"
+        ]
         if attempt < 2:
             return {"success": False, "error": {"message": f"flaky {attempt}", "code": "E1"}}
         return {"success": True, "data": "ok"}
@@ -38,8 +48,9 @@ async def test_retry_then_success(operator, flows: Flows, nc, svc: str) -> None:
 
 async def test_timeout_then_give_up(operator, flows: Flows, nc, svc: str) -> None:
     rec = await serve(nc, f"{svc}.do", lambda msg: None)  # never answers
-    await flows.create(flow(svc, ["a"], options={"timeout": "300ms", "maxRetries": 1,
-                                                 "retryDelay": 0}), "f")
+    await flows.create(
+        flow(svc, ["a"], options={"timeout": "300ms", "maxRetries": 1, "retryDelay": 0}), "f"
+    )
     done = await flows.wait("f", timeout=10)
     a = task_status(done, "s1", "a")
     assert done["status"]["phase"] == "FAILED"
@@ -62,8 +73,7 @@ async def test_max_age_expires_a_task_nobody_serves(operator, flows: Flows, svc:
     assert a["attempt"] == 0
 
 
-async def test_late_service_is_reached_by_redelivery(operator, flows: Flows, nc, svc: str
-                                                     ) -> None:
+async def test_late_service_is_reached_by_redelivery(operator, flows: Flows, nc, svc: str) -> None:
     await flows.create(flow(svc, ["a"], options={"maxAge": "20s"}), "f")
     await asyncio.sleep(1.5)  # a few redeliveries find nobody
     assert (await flows.get("f"))["status"]["phase"] == "RUNNING"
@@ -74,8 +84,9 @@ async def test_late_service_is_reached_by_redelivery(operator, flows: Flows, nc,
 
 
 @pytest.mark.parametrize("continue_on_failure", [True, False])
-async def test_continue_on_task_failure(operator, flows: Flows, nc, svc: str,
-                                        continue_on_failure: bool) -> None:
+async def test_continue_on_task_failure(
+    operator, flows: Flows, nc, svc: str, continue_on_failure: bool
+) -> None:
     def reply(msg: Any) -> dict[str, Any]:
         name = json.loads(msg.data)["task"]
         if name == "bad":
@@ -84,8 +95,11 @@ async def test_continue_on_task_failure(operator, flows: Flows, nc, svc: str,
 
     rec = await serve(nc, f"{svc}.do", reply, delay=0.2)
     await flows.create(
-        flow(svc, ["bad", "slow"], ["later"],
-             options={"continueOnTaskFailure": continue_on_failure}), "f")
+        flow(
+            svc, ["bad", "slow"], ["later"], options={"continueOnTaskFailure": continue_on_failure}
+        ),
+        "f",
+    )
     done = await flows.wait("f")
     status = done["status"]
     # The other task of the failing stage always finishes and is recorded.
@@ -101,8 +115,7 @@ async def test_continue_on_task_failure(operator, flows: Flows, nc, svc: str,
         assert len(rec.requests) == 2
 
 
-async def test_task_options_override_flow_options(operator, flows: Flows, nc, svc: str
-                                                  ) -> None:
+async def test_task_options_override_flow_options(operator, flows: Flows, nc, svc: str) -> None:
     rec = await serve(nc, f"{svc}.do", lambda m: {"success": False, "error": {"message": "x"}})
     spec = flow(svc, ["a", "b"], options={"maxRetries": 0, "retryDelay": 0})
     spec["stages"][0]["tasks"][1]["options"] = {"maxRetries": 2}
@@ -121,12 +134,25 @@ async def test_task_options_override_flow_options(operator, flows: Flows, nc, sv
 async def test_headers_carry_the_seed_context_and_previous_stage_responses(
     operator, flows: Flows, nc, svc: str
 ) -> None:
-    rec = await serve(nc, f"{svc}.do", lambda m: {
-        "success": True, "data": f"done {json.loads(m.data)['task']}"})
+    rec = await serve(
+        nc, f"{svc}.do", lambda m: {"success": True, "data": f"done {json.loads(m.data)['task']}"}
+    )
     created = await flows.create(
-        flow(svc, ["task1", "task2"], ["task3"],
-             options={"maxAge": 60000, "timeout": 60000, "retryDelay": 5000, "maxRetries": 3,
-                      "exactlyOnceTaskExecution": False, "continueOnTaskFailure": True}), "f")
+        flow(
+            svc,
+            ["task1", "task2"],
+            ["task3"],
+            options={
+                "maxAge": 60000,
+                "timeout": 60000,
+                "retryDelay": 5000,
+                "maxRetries": 3,
+                "exactlyOnceTaskExecution": False,
+                "continueOnTaskFailure": True,
+            },
+        ),
+        "f",
+    )
     done = await flows.wait("f")
     assert done["status"]["phase"] == "SUCCEEDED"
     uid = created["metadata"]["uid"]
@@ -138,8 +164,13 @@ async def test_headers_carry_the_seed_context_and_previous_stage_responses(
     assert t["id"] == uid and isinstance(t["createdAt"], int)
     assert set(t["taskInfo"]) == SEED_TASK_INFO_KEYS
     assert t["taskInfo"]["options"] == {
-        "maxRetries": 3, "maxAge": 60000, "timeout": 60000, "retryDelay": 5000,
-        "exactlyOnceTaskExecution": False, "continueOnTaskFailure": True}
+        "maxRetries": 3,
+        "maxAge": 60000,
+        "timeout": 60000,
+        "retryDelay": 5000,
+        "exactlyOnceTaskExecution": False,
+        "continueOnTaskFailure": True,
+    }
     assert t["taskInfo"]["params"] == {"task": "task1"}
     assert t["taskInfo"]["taskDetails"] == {"serviceId": svc, "actionName": "do"}
     assert t["taskInfo"]["meta"] == {}
@@ -162,8 +193,7 @@ async def test_late_subscriber_replays_every_event_in_order(
     created = await flows.create(flow(svc, ["a", "b"], ["c"]), "f")
     await flows.wait("f")
     js = nc.jetstream()
-    sub = await js.subscribe(f"taskflow.events.{created['metadata']['uid']}",
-                             ordered_consumer=True)
+    sub = await js.subscribe(f"taskflow.events.{created['metadata']['uid']}", ordered_consumer=True)
     events = []
     while True:
         try:
@@ -173,15 +203,29 @@ async def test_late_subscriber_replays_every_event_in_order(
         events.append(json.loads(msg.data))
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
-    kinds = [(e["eventType"], e["data"].get("taskStatus") or e["data"].get("stageStatus")
-              or e["data"].get("taskflowStatus")) for e in events]
+    kinds = [
+        (
+            e["eventType"],
+            e["data"].get("taskStatus")
+            or e["data"].get("stageStatus")
+            or e["data"].get("taskflowStatus"),
+        )
+        for e in events
+    ]
     assert kinds[0] == ("TASKFLOW", "RUNNING")
     assert kinds[-1] == ("TASKFLOW", "SUCCEEDED")
     assert kinds.count(("TASK", "SUCCEEDED")) == 3
     assert kinds.count(("STAGE", "SUCCEEDED")) == 2
     task_event = next(e for e in events if e["eventType"] == "TASK")
-    assert set(task_event["data"]) >= {"taskflowId", "attempt", "stageId", "taskId", "taskStatus",
-                                       "taskResponse", "taskflowObject"}
+    assert set(task_event["data"]) >= {
+        "taskflowId",
+        "attempt",
+        "stageId",
+        "taskId",
+        "taskStatus",
+        "taskResponse",
+        "taskflowObject",
+    }
     stage_event = next(e for e in events if e["eventType"] == "STAGE")
     assert set(stage_event["data"]) >= {"taskflowId", "stageId", "stageStatus", "taskflowObject"}
 
@@ -192,10 +236,16 @@ async def test_late_subscriber_replays_every_event_in_order(
         (b"this is not json", "BadReply", "not valid JSON"),
         ({"ok": 1}, "BadReply", 'not {"success"'),
         ([1, 2], "BadReply", 'not {"success"'),
-        ((b"", {"Nats-Service-Error": "device offline", "Nats-Service-Error-Code": "503"}),
-         "Service", "device offline"),
-        (b'{"success": true, "data": "' + b"x" * (5 * 1024 * 1024) + b'"}', "BadReply",
-         "exceeds the limit"),
+        (
+            (b"", {"Nats-Service-Error": "device offline", "Nats-Service-Error-Code": "503"}),
+            "Service",
+            "device offline",
+        ),
+        (
+            b'{"success": true, "data": "' + b"x" * (5 * 1024 * 1024) + b'"}',
+            "BadReply",
+            "exceeds the limit",
+        ),
     ],
     ids=["not-json", "wrong-shape", "array", "service-error-headers", "5MB"],
 )
@@ -218,7 +268,8 @@ async def test_reply_for_an_old_attempt_is_ignored(operator, flows: Flows, nc, s
 
     async def reply(msg: Any) -> Any:
         attempt = json.loads(msg.headers["taskflowExecutionContext"])["taskflow"]["taskInfo"][
-            "attempt"]
+            "attempt"
+        ]
         if attempt == 0:
             first.append(msg)
             return None  # let attempt 0 time out
@@ -228,8 +279,9 @@ async def test_reply_for_an_old_attempt_is_ignored(operator, flows: Flows, nc, s
         return {"success": True, "data": "fresh"}
 
     await serve(nc, f"{svc}.do", reply)
-    await flows.create(flow(svc, ["a"], options={"timeout": "400ms", "maxRetries": 1,
-                                                 "retryDelay": 0}), "f")
+    await flows.create(
+        flow(svc, ["a"], options={"timeout": "400ms", "maxRetries": 1, "retryDelay": 0}), "f"
+    )
     done = await flows.wait("f", timeout=10)
     a = task_status(done, "s1", "a")
     assert a["response"] == "fresh"
@@ -237,8 +289,9 @@ async def test_reply_for_an_old_attempt_is_ignored(operator, flows: Flows, nc, s
     assert a["attempts"][0].get("lateReply") is True
 
 
-async def test_large_response_is_kept_out_of_the_object(operator, flows: Flows, nc, svc: str
-                                                        ) -> None:
+async def test_large_response_is_kept_out_of_the_object(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     big = "y" * (200 * 1024)
     await serve(nc, f"{svc}.do", lambda m: {"success": True, "data": big})
     created = await flows.create(flow(svc, ["a"]), "f")

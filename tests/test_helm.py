@@ -92,8 +92,9 @@ def helm_binary() -> str:
     return path
 
 
-def helm(*args: str, kubeconfig: Path | None = None, check: bool = True,
-         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     argv = [helm_binary(), *args]
     if kubeconfig is not None:
         argv += ["--kubeconfig", str(kubeconfig)]
@@ -109,12 +110,26 @@ def values_file(tmp_path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
-def template(tmp_path: Path, values: dict[str, Any], *, release: str = "taskflow",
-             namespace: str = "taskflow-system", check: bool = True
-             ) -> subprocess.CompletedProcess[str]:
-    return helm("template", release, str(CHART), "--namespace", namespace,
-                "--kube-version", KUBE_VERSION, "-f", str(values_file(tmp_path, values)),
-                check=check)
+def template(
+    tmp_path: Path,
+    values: dict[str, Any],
+    *,
+    release: str = "taskflow",
+    namespace: str = "taskflow-system",
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    return helm(
+        "template",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        KUBE_VERSION,
+        "-f",
+        str(values_file(tmp_path, values)),
+        check=check,
+    )
 
 
 def render(tmp_path: Path, values: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
@@ -157,8 +172,13 @@ def cluster_crds(kubectl: Kubectl) -> None:
     """The chart's other CRD (kopf peering) and a ServiceMonitor CRD in the shared API server."""
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(PEERING_CRD))
     kubectl("apply", "--server-side", "-f", "-", input=SERVICE_MONITOR_CRD)
-    kubectl("wait", "--for=condition=Established", "--timeout=30s",
-            "crd/clusterkopfpeerings.kopf.dev", "crd/servicemonitors.monitoring.coreos.com")
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/clusterkopfpeerings.kopf.dev",
+        "crd/servicemonitors.monitoring.coreos.com",
+    )
 
 
 # -- chart checks that need no server ---------------------------------------------------------
@@ -171,11 +191,19 @@ def test_helm_lint_is_clean() -> None:
 
 def test_lint_with_every_option_on(tmp_path: Path) -> None:
     values = {
-        "replicas": 2, "watchNamespaces": ["a", "b"],
-        "nats": {"url": "tls://nats.nats.svc:4222",
-                 "auth": {"type": "creds", "existingSecret": "nats-creds"},
-                 "tls": {"enabled": True, "existingSecret": "nats-tls", "caKey": "ca.crt",
-                         "certKey": "tls.crt", "keyKey": "tls.key"}},
+        "replicas": 2,
+        "watchNamespaces": ["a", "b"],
+        "nats": {
+            "url": "tls://nats.nats.svc:4222",
+            "auth": {"type": "creds", "existingSecret": "nats-creds"},
+            "tls": {
+                "enabled": True,
+                "existingSecret": "nats-tls",
+                "caKey": "ca.crt",
+                "certKey": "tls.crt",
+                "keyKey": "tls.key",
+            },
+        },
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "signingKey": {"existingSecret": "taskflow-key"},
     }
@@ -193,28 +221,47 @@ def test_chart_admission_policy_is_the_generated_one(tmp_path: Path) -> None:
     from taskflow.api import admission
 
     docs = render(tmp_path, {})
-    rendered = {(d["kind"], d["metadata"]["name"]): d for d in docs
-                if d["kind"].startswith("ValidatingAdmissionPolicy")}
+    rendered = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in docs
+        if d["kind"].startswith("ValidatingAdmissionPolicy")
+    }
     prefix = "taskflow-system-taskflow-taskflow-operator"
     wanted = {}
-    for suffix, objects in (("parent-links", admission.policy()),
-                            ("tenant-policy", admission.tenant_policy())):
+    for suffix, objects in (
+        ("parent-links", admission.policy()),
+        ("tenant-policy", admission.tenant_policy()),
+    ):
         name = f"{prefix}-{suffix}"
         for want in objects:
-            wanted[(want["kind"], name)] = {**want["spec"], **(
-                {"policyName": name} if "policyName" in want["spec"] else {})}
+            wanted[(want["kind"], name)] = {
+                **want["spec"],
+                **({"policyName": name} if "policyName" in want["spec"] else {}),
+            }
     assert {key: doc["spec"] for key, doc in rendered.items()} == wanted
     required = render(tmp_path, {"tenancy": {"requirePolicy": True}})
-    (binding,) = [d for d in required if d["kind"] == "ValidatingAdmissionPolicyBinding"
-                  and "paramRef" in d["spec"]]
+    (binding,) = [
+        d
+        for d in required
+        if d["kind"] == "ValidatingAdmissionPolicyBinding" and "paramRef" in d["spec"]
+    ]
     assert binding["spec"]["paramRef"]["parameterNotFoundAction"] == "Deny"
     assert "--require-policy" in container(required)["args"]
     narrowed = render(tmp_path, {"tenancy": {"credentialSecrets": ["nats-team-a"]}})
     (role,) = [d for d in narrowed if d["kind"] == "Role"]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
-                              "resourceNames": ["nats-team-a"], "verbs": ["get"]}]
-    assert not [d for d in render(tmp_path, {"admissionPolicy": {"enabled": False}})
-                if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["nats-team-a"],
+            "verbs": ["get"],
+        }
+    ]
+    assert not [
+        d
+        for d in render(tmp_path, {"admissionPolicy": {"enabled": False}})
+        if d["kind"].startswith("ValidatingAdmissionPolicy")
+    ]
 
 
 def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
@@ -239,8 +286,13 @@ def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
     role = one(docs, "ClusterRole")
     assert rule_set(role["rules"]) == EXPECTED_RULES
     binding = one(docs, "ClusterRoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "taskflow-taskflow-operator",
-                                    "namespace": "taskflow-system"}]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": "taskflow-taskflow-operator",
+            "namespace": "taskflow-system",
+        }
+    ]
     assert not [d for d in docs if d["kind"] in ("ClusterKopfPeering", "ServiceMonitor")]
     # Only the credentials Role is namespaced: Secrets of the release namespace, read only.
     (credentials,) = [d for d in docs if d["kind"] == "Role"]
@@ -255,63 +307,94 @@ def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
 def test_namespaced_rbac_has_no_cluster_role(tmp_path: Path) -> None:
     docs = render(tmp_path, {"watchNamespaces": ["team-a", "team-b"]})
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    roles = [d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith(
-        "-credentials")]
+    roles = [
+        d
+        for d in docs
+        if d["kind"] == "Role" and not d["metadata"]["name"].endswith("-credentials")
+    ]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert rule_set(role["rules"]) == EXPECTED_RULES
-    bindings = [d for d in docs if d["kind"] == "RoleBinding" and not d["metadata"][
-        "name"].endswith("-credentials")]
+    bindings = [
+        d
+        for d in docs
+        if d["kind"] == "RoleBinding" and not d["metadata"]["name"].endswith("-credentials")
+    ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     args = container(docs)["args"]
     assert [a for a in args if a.startswith("--namespace")] == [
-        "--namespace=team-a", "--namespace=team-b"]
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
 
 
-@pytest.mark.parametrize(("auth", "flag", "file", "key"), [
-    ("userPassword", "--nats-password-file", "password", "pw"),
-    ("token", "--nats-token-file", "token", "tok"),
-    ("creds", "--nats-creds-file", "nats.creds", "user.creds"),
-    ("nkey", "--nats-nkey-file", "nkey.seed", "seed"),
-])
+@pytest.mark.parametrize(
+    ("auth", "flag", "file", "key"),
+    [
+        ("userPassword", "--nats-password-file", "password", "pw"),
+        ("token", "--nats-token-file", "token", "tok"),
+        ("creds", "--nats-creds-file", "nats.creds", "user.creds"),
+        ("nkey", "--nats-nkey-file", "nkey.seed", "seed"),
+    ],
+)
 def test_credentials_are_files_from_the_existing_secret(
     tmp_path: Path, auth: str, flag: str, file: str, key: str
 ) -> None:
-    keys = {"userPassword": "passwordKey", "token": "tokenKey", "creds": "credsKey",
-            "nkey": "nkeyKey"}
-    docs = render(tmp_path, {"nats": {"auth": {"type": auth, "existingSecret": "nats-auth",
-                                               keys[auth]: key}}})
+    keys = {
+        "userPassword": "passwordKey",
+        "token": "tokenKey",
+        "creds": "credsKey",
+        "nkey": "nkeyKey",
+    }
+    docs = render(
+        tmp_path, {"nats": {"auth": {"type": auth, "existingSecret": "nats-auth", keys[auth]: key}}}
+    )
     c = container(docs)
     assert f"{flag}=/etc/taskflow/nats-auth/{file}" in c["args"]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "nats-auth"]
     assert volume["secret"]["secretName"] == "nats-auth"
     assert volume["secret"]["items"] == [{"key": key, "path": file}]
-    assert {"name": "nats-auth", "mountPath": "/etc/taskflow/nats-auth",
-            "readOnly": True} in c["volumeMounts"]
+    assert {"name": "nats-auth", "mountPath": "/etc/taskflow/nats-auth", "readOnly": True} in c[
+        "volumeMounts"
+    ]
     # nothing secret in plain env values: only the user name comes from the Secret, by reference
     plain = {e["name"] for e in c["env"] if "value" in e}
     assert plain == {"PYTHONUNBUFFERED"}
-    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} \
-        in c["env"]
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
     if auth == "userPassword":
         (user,) = [e for e in c["env"] if e["name"] == "NATS_USER"]
         assert user["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "username"}
 
 
 def test_tls_files_from_a_secret(tmp_path: Path) -> None:
-    docs = render(tmp_path, {"nats": {"url": "tls://nats:4222", "tls": {
-        "enabled": True, "existingSecret": "nats-client-tls", "certKey": "tls.crt",
-        "keyKey": "tls.key"}}})
+    docs = render(
+        tmp_path,
+        {
+            "nats": {
+                "url": "tls://nats:4222",
+                "tls": {
+                    "enabled": True,
+                    "existingSecret": "nats-client-tls",
+                    "certKey": "tls.crt",
+                    "keyKey": "tls.key",
+                },
+            }
+        },
+    )
     c = container(docs)
-    assert {"--nats-tls-ca=/etc/taskflow/nats-tls/ca.crt",
-            "--nats-tls-cert=/etc/taskflow/nats-tls/tls.crt",
-            "--nats-tls-key=/etc/taskflow/nats-tls/tls.key"} <= set(c["args"])
+    assert {
+        "--nats-tls-ca=/etc/taskflow/nats-tls/ca.crt",
+        "--nats-tls-cert=/etc/taskflow/nats-tls/tls.crt",
+        "--nats-tls-key=/etc/taskflow/nats-tls/tls.key",
+    } <= set(c["args"])
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "nats-tls"]
-    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"},
-                                         {"key": "tls.crt", "path": "tls.crt"},
-                                         {"key": "tls.key", "path": "tls.key"}]
+    assert volume["secret"]["items"] == [
+        {"key": "ca.crt", "path": "ca.crt"},
+        {"key": "tls.crt", "path": "tls.crt"},
+        {"key": "tls.key", "path": "tls.key"},
+    ]
 
 
 def test_signing_key_file_from_a_secret(tmp_path: Path) -> None:
@@ -320,8 +403,11 @@ def test_signing_key_file_from_a_secret(tmp_path: Path) -> None:
     assert "--key-file=/etc/taskflow/key/key" in container(docs)["args"]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "key"]
-    assert volume["secret"] == {"secretName": "taskflow-key", "defaultMode": 0o440,
-                                "items": [{"key": "key", "path": "key"}]}
+    assert volume["secret"] == {
+        "secretName": "taskflow-key",
+        "defaultMode": 0o440,
+        "items": [{"key": "key", "path": "key"}],
+    }
 
 
 def test_replicas_run_with_kopf_peering(tmp_path: Path) -> None:
@@ -335,8 +421,9 @@ def test_replicas_run_with_kopf_peering(tmp_path: Path) -> None:
 
 
 def test_service_monitor_is_optional(tmp_path: Path) -> None:
-    docs = render(tmp_path, {"metrics": {"serviceMonitor": {"enabled": True,
-                                                            "labels": {"release": "prom"}}}})
+    docs = render(
+        tmp_path, {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+    )
     monitor = one(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
@@ -347,45 +434,60 @@ def test_service_monitor_is_optional(tmp_path: Path) -> None:
 
 def test_nats_api_is_off_by_default_and_authorizes_callers_when_on(tmp_path: Path) -> None:
     docs = render(tmp_path, {})
-    assert not [a for a in container(docs)["args"]
-                if a.startswith(("--api-namespaces", "--nats-api"))]
-    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding"
-                and d["roleRef"]["name"] == "system:auth-delegator"]
+    assert not [
+        a for a in container(docs)["args"] if a.startswith(("--api-namespaces", "--nats-api"))
+    ]
+    assert not [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"] == "system:auth-delegator"
+    ]
     docs = render(tmp_path, {"natsApi": {"enabled": True}})
     assert "--nats-api=on" in container(docs)["args"]
-    (delegate,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"
-                   and d["roleRef"]["name"] == "system:auth-delegator"]
+    (delegate,) = [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"] == "system:auth-delegator"
+    ]
     assert delegate["subjects"][0]["kind"] == "ServiceAccount"
-    args = container(render(tmp_path, {"watchNamespaces": ["a", "b"], "natsApi": {
-        "enabled": True, "namespaces": ["b"]}}))["args"]
+    args = container(
+        render(
+            tmp_path,
+            {"watchNamespaces": ["a", "b"], "natsApi": {"enabled": True, "namespaces": ["b"]}},
+        )
+    )["args"]
     assert {"--nats-api=on", "--api-namespaces=b"} <= set(args)
     assert "--nats-api-users" not in args
     args = container(render(tmp_path, {"natsApi": {"enabled": True, "natsUsers": True}}))["args"]
     assert "--nats-api-users" in args
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"replicas": "two"}, "replicas"),
-    ({"replicas": -1}, "replicas"),
-    ({"logFormat": "xml"}, "logFormat"),
-    ({"logLevel": "verbose"}, "logLevel"),
-    ({"replica": 2}, "replica"),  # a typo is an unknown key, not silently ignored
-    ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
-    ({"watchNamespaces": "team-a"}, "watchNamespaces"),
-    ({"nats": {"url": "http://nats:4222"}}, "url"),
-    ({"nats": {"auth": {"type": "kerberos"}}}, "type"),
-    ({"nats": {"auth": {"type": "token"}}}, "existingSecret"),
-    ({"nats": {"auth": {"type": "none", "password": "hunter2"}}}, "password"),
-    ({"nats": {"tls": {"enabled": True, "existingSecret": "t", "certKey": "tls.crt"}}},
-     "keyKey"),
-    ({"subjectTemplate": "{actionName}"}, "subjectTemplate"),
-    ({"subjectTemplate": "svc.>.{serviceId}"}, "subjectTemplate"),
-    ({"image": {"digest": "latest"}}, "digest"),
-    ({"watchNamespaces": ["a"], "natsApi": {"namespaces": ["b"]}}, "natsApi.namespaces"),
-    ({"natsApi": {"enabled": "yes"}}, "enabled"),
-])
-def test_bad_values_fail_at_template(tmp_path: Path, values: dict[str, Any],
-                                     message: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicas": "two"}, "replicas"),
+        ({"replicas": -1}, "replicas"),
+        ({"logFormat": "xml"}, "logFormat"),
+        ({"logLevel": "verbose"}, "logLevel"),
+        ({"replica": 2}, "replica"),  # a typo is an unknown key, not silently ignored
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+        ({"watchNamespaces": "team-a"}, "watchNamespaces"),
+        ({"nats": {"url": "http://nats:4222"}}, "url"),
+        ({"nats": {"auth": {"type": "kerberos"}}}, "type"),
+        ({"nats": {"auth": {"type": "token"}}}, "existingSecret"),
+        ({"nats": {"auth": {"type": "none", "password": "hunter2"}}}, "password"),
+        (
+            {"nats": {"tls": {"enabled": True, "existingSecret": "t", "certKey": "tls.crt"}}},
+            "keyKey",
+        ),
+        ({"subjectTemplate": "{actionName}"}, "subjectTemplate"),
+        ({"subjectTemplate": "svc.>.{serviceId}"}, "subjectTemplate"),
+        ({"image": {"digest": "latest"}}, "digest"),
+        ({"watchNamespaces": ["a"], "natsApi": {"namespaces": ["b"]}}, "natsApi.namespaces"),
+        ({"natsApi": {"enabled": "yes"}}, "enabled"),
+    ],
+)
+def test_bad_values_fail_at_template(tmp_path: Path, values: dict[str, Any], message: str) -> None:
     result = template(tmp_path, values, check=False)
     assert result.returncode != 0, f"accepted {values}: {result.stdout[:500]}"
     assert message in result.stderr, result.stderr
@@ -394,30 +496,48 @@ def test_bad_values_fail_at_template(tmp_path: Path, values: dict[str, Any],
 # -- the chart on the shared test API server -------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["default", "namespaced", "credentials-tls",
-                                     "replicas-2", "monitoring", "no-metrics"])
+@pytest.mark.parametrize(
+    "variant",
+    ["default", "namespaced", "credentials-tls", "replicas-2", "monitoring", "no-metrics"],
+)
 def test_template_applies_with_server_dry_run(
     kubectl: Kubectl, cluster_crds: None, tmp_path: Path, variant: str
 ) -> None:
     release_ns = new_namespace(kubectl, "tf-system")
     values: dict[str, Any] = {
         "default": {},
-        "namespaced": {"watchNamespaces": [new_namespace(kubectl, "team-a"),
-                                           new_namespace(kubectl, "team-b")]},
-        "credentials-tls": {"nats": {
-            "url": "tls://nats-1.nats.svc:4222,tls://nats-2.nats.svc:4222",
-            "auth": {"type": "userPassword", "existingSecret": "nats-user"},
-            "tls": {"enabled": True, "existingSecret": "nats-tls", "certKey": "tls.crt",
-                    "keyKey": "tls.key"}}},
+        "namespaced": {
+            "watchNamespaces": [new_namespace(kubectl, "team-a"), new_namespace(kubectl, "team-b")]
+        },
+        "credentials-tls": {
+            "nats": {
+                "url": "tls://nats-1.nats.svc:4222,tls://nats-2.nats.svc:4222",
+                "auth": {"type": "userPassword", "existingSecret": "nats-user"},
+                "tls": {
+                    "enabled": True,
+                    "existingSecret": "nats-tls",
+                    "certKey": "tls.crt",
+                    "keyKey": "tls.key",
+                },
+            }
+        },
         "replicas-2": {"replicas": 2, "watchNamespaces": [new_namespace(kubectl, "team-c")]},
-        "monitoring": {"metrics": {"serviceMonitor": {"enabled": True}},
-                       "logFormat": "text", "logLevel": "DEBUG",
-                       "subjectTemplate": "svc.{serviceId}.{actionName}"},
+        "monitoring": {
+            "metrics": {"serviceMonitor": {"enabled": True}},
+            "logFormat": "text",
+            "logLevel": "DEBUG",
+            "subjectTemplate": "svc.{serviceId}.{actionName}",
+        },
         "no-metrics": {"metrics": {"enabled": False}, "serviceAccount": {"name": "tf-op"}},
     }[variant]
     # the release namespace enforces the "restricted" Pod Security Standard
-    kubectl("label", "namespace", release_ns, "pod-security.kubernetes.io/enforce=restricted",
-            "pod-security.kubernetes.io/warn=restricted")
+    kubectl(
+        "label",
+        "namespace",
+        release_ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/warn=restricted",
+    )
     manifest = template(tmp_path, values, namespace=release_ns).stdout
     result = kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
     docs = [d for d in yaml.safe_load_all(manifest) if d]
@@ -426,9 +546,12 @@ def test_template_applies_with_server_dry_run(
     assert "PodSecurity" not in result.stderr, result.stderr
     # ...and the Deployment's pod itself is admitted there
     template_ = one(docs, "Deployment")["spec"]["template"]
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {**template_["metadata"], "name": "operator-pod", "namespace": release_ns},
-           "spec": template_["spec"]}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template_["metadata"], "name": "operator-pod", "namespace": release_ns},
+        "spec": template_["spec"],
+    }
     kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod))
 
 
@@ -445,85 +568,145 @@ def fresh_cluster(tmp_path: Path) -> Iterator[Path]:
         plane.stop()
 
 
-def install_and_uninstall(kubeconfig: Path, tmp_path: Path, values: dict[str, Any],
-                          watched: str | None = None) -> None:
+def install_and_uninstall(
+    kubeconfig: Path, tmp_path: Path, values: dict[str, Any], watched: str | None = None
+) -> None:
     kubectl = Kubectl(kubeconfig)
     ns = f"taskflow-system-{uuid.uuid4().hex[:6]}"
-    result = helm("install", "taskflow", str(CHART), "--namespace", ns, "--create-namespace",
-                  "-f", str(values_file(tmp_path, values)), kubeconfig=kubeconfig)
+    result = helm(
+        "install",
+        "taskflow",
+        str(CHART),
+        "--namespace",
+        ns,
+        "--create-namespace",
+        "-f",
+        str(values_file(tmp_path, values)),
+        kubeconfig=kubeconfig,
+    )
     assert "STATUS: deployed" in result.stdout
     assert "kubectl apply" in result.stdout  # NOTES.txt tells how to apply the example
-    status = json.loads(helm("status", "taskflow", "-n", ns, "-o", "json",
-                             kubeconfig=kubeconfig).stdout)
+    status = json.loads(
+        helm("status", "taskflow", "-n", ns, "-o", "json", kubeconfig=kubeconfig).stdout
+    )
     assert status["info"]["status"] == "deployed"
-    deployment = json.loads(kubectl("get", "deployment", "taskflow-taskflow-operator", "-n", ns,
-                                    "-o", "json").stdout)
-    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == \
-        "taskflow-taskflow-operator"
-    kubectl("get", "serviceaccount/taskflow-taskflow-operator",
-            "service/taskflow-taskflow-operator-metrics", "-n", ns)
+    deployment = json.loads(
+        kubectl("get", "deployment", "taskflow-taskflow-operator", "-n", ns, "-o", "json").stdout
+    )
+    assert (
+        deployment["spec"]["template"]["spec"]["serviceAccountName"] == "taskflow-taskflow-operator"
+    )
+    kubectl(
+        "get",
+        "serviceaccount/taskflow-taskflow-operator",
+        "service/taskflow-taskflow-operator-metrics",
+        "-n",
+        ns,
+    )
     kubectl("get", "crd", "taskflows.taskflow.dev", "clusterkopfpeerings.kopf.dev")
     if watched is None:
-        kubectl("get", f"clusterrole/{ns}-taskflow-taskflow-operator",
-                f"clusterrolebinding/{ns}-taskflow-taskflow-operator")
+        kubectl(
+            "get",
+            f"clusterrole/{ns}-taskflow-taskflow-operator",
+            f"clusterrolebinding/{ns}-taskflow-taskflow-operator",
+        )
     else:
-        kubectl("get", "role/taskflow-taskflow-operator", "rolebinding/taskflow-taskflow-operator",
-                "-n", watched)
+        kubectl(
+            "get",
+            "role/taskflow-taskflow-operator",
+            "rolebinding/taskflow-taskflow-operator",
+            "-n",
+            watched,
+        )
     if values.get("replicas", 1) > 1:
-        kubectl("get", f"clusterkopfpeering/{ns}-taskflow-taskflow-operator",
-                f"clusterrole/{ns}-taskflow-taskflow-operator-peering")
+        kubectl(
+            "get",
+            f"clusterkopfpeering/{ns}-taskflow-taskflow-operator",
+            f"clusterrole/{ns}-taskflow-taskflow-operator-peering",
+        )
 
     helm("uninstall", "taskflow", "-n", ns, "--wait", kubeconfig=kubeconfig)
     listed = json.loads(helm("list", "-n", ns, "-o", "json", kubeconfig=kubeconfig).stdout)
     assert listed == []
-    gone = kubectl("get", "deployment,serviceaccount,service", "-n", ns,
-                   "-l", "app.kubernetes.io/instance=taskflow", "-o", "name").stdout
+    gone = kubectl(
+        "get",
+        "deployment,serviceaccount,service",
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/instance=taskflow",
+        "-o",
+        "name",
+    ).stdout
     assert gone.strip() == ""
     for cluster_scoped in ("clusterrole", "clusterrolebinding"):
-        leftover = kubectl("get", cluster_scoped, "-l", "app.kubernetes.io/instance=taskflow",
-                           "-o", "name").stdout
+        leftover = kubectl(
+            "get", cluster_scoped, "-l", "app.kubernetes.io/instance=taskflow", "-o", "name"
+        ).stdout
         assert ns not in leftover
     if watched is not None:
-        assert "NotFound" in kubectl("get", "role/taskflow-taskflow-operator", "-n", watched,
-                                     check=False).stderr
-    assert "NotFound" in kubectl("get", f"clusterkopfpeering/{ns}-taskflow-taskflow-operator",
-                                 check=False).stderr
+        assert (
+            "NotFound"
+            in kubectl("get", "role/taskflow-taskflow-operator", "-n", watched, check=False).stderr
+        )
+    assert (
+        "NotFound"
+        in kubectl("get", f"clusterkopfpeering/{ns}-taskflow-taskflow-operator", check=False).stderr
+    )
     # Helm keeps CRDs (and with them every Taskflow) on uninstall.
     kubectl("get", "crd", "taskflows.taskflow.dev", "clusterkopfpeerings.kopf.dev")
 
 
-def test_helm_install_and_uninstall_on_the_test_apiserver(
-    stack: DevStack, tmp_path: Path
-) -> None:
+def test_helm_install_and_uninstall_on_the_test_apiserver(stack: DevStack, tmp_path: Path) -> None:
     """The session API server already has the Taskflow CRD (the stack applied it): Helm leaves
     it as it is and installs the rest."""
     install_and_uninstall(stack.kubeconfig, tmp_path, {})
 
 
-def test_helm_install_into_a_cluster_without_the_crds(fresh_cluster: Path,
-                                                      tmp_path: Path) -> None:
+def test_helm_install_into_a_cluster_without_the_crds(fresh_cluster: Path, tmp_path: Path) -> None:
     """`helm install` alone installs the CRDs too; here with the non-default options."""
     kubectl = Kubectl(fresh_cluster)
     for crd in ("taskflows.taskflow.dev", "clusterkopfpeerings.kopf.dev"):
         assert "NotFound" in kubectl("get", "crd", crd, check=False).stderr
     watched = new_namespace(kubectl, "flows")
-    install_and_uninstall(fresh_cluster, tmp_path, {
-        "replicas": 2, "watchNamespaces": [watched],
-        "nats": {"auth": {"type": "token", "existingSecret": "nats-token"}},
-    }, watched=watched)
+    install_and_uninstall(
+        fresh_cluster,
+        tmp_path,
+        {
+            "replicas": 2,
+            "watchNamespaces": [watched],
+            "nats": {"auth": {"type": "token", "existingSecret": "nats-token"}},
+        },
+        watched=watched,
+    )
     crd = json.loads(kubectl("get", "crd", "taskflows.taskflow.dev", "-o", "json").stdout)
     assert crd["spec"]["names"]["shortNames"] == ["tf"]
 
 
 def test_helm_install_refuses_bad_values(stack: DevStack, kubectl: Kubectl) -> None:
     ns = f"taskflow-bad-{uuid.uuid4().hex[:6]}"
-    result = helm("install", "taskflow", str(CHART), "--namespace", ns, "--create-namespace",
-                  "--set", "logFormat=xml", "--set-string", "replicas=two",
-                  kubeconfig=stack.kubeconfig, check=False)
+    result = helm(
+        "install",
+        "taskflow",
+        str(CHART),
+        "--namespace",
+        ns,
+        "--create-namespace",
+        "--set",
+        "logFormat=xml",
+        "--set-string",
+        "replicas=two",
+        kubeconfig=stack.kubeconfig,
+        check=False,
+    )
     assert result.returncode != 0
     assert "replicas" in result.stderr and "logFormat" in result.stderr, result.stderr
-    assert kubectl("get", "deployments", "-A", "-l", "app.kubernetes.io/instance=taskflow",
-                   "-o", "name").stdout.strip() == ""
+    assert (
+        kubectl(
+            "get", "deployments", "-A", "-l", "app.kubernetes.io/instance=taskflow", "-o", "name"
+        ).stdout.strip()
+        == ""
+    )
 
 
 # -- RBAC: the chart's ServiceAccount runs the operator, and may do nothing more ---------------
@@ -534,8 +717,10 @@ class _StrictServer(devservers.Server):
 
     def start(self) -> None:
         if self.name == "kube-apiserver":
-            self.argv = [*self.argv,
-                         "--enable-admission-plugins=OwnerReferencesPermissionEnforcement"]
+            self.argv = [
+                *self.argv,
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+            ]
         super().start()
 
 
@@ -560,8 +745,9 @@ def identity_kubeconfig(admin: Path, user: dict[str, str], target: Path) -> Path
     """The admin kubeconfig's cluster with another user's credentials."""
     cfg = yaml.safe_load(admin.read_text())
     cfg["users"] = [{"name": "operator", "user": user}]
-    cfg["contexts"] = [{"name": "operator", "context": {
-        "cluster": cfg["clusters"][0]["name"], "user": "operator"}}]
+    cfg["contexts"] = [
+        {"name": "operator", "context": {"cluster": cfg["clusters"][0]["name"], "user": "operator"}}
+    ]
     cfg["current-context"] = "operator"
     target.write_text(yaml.safe_dump(cfg))
     target.chmod(0o600)
@@ -591,20 +777,27 @@ def x509_user(stack: DevStack, namespace: str, sa: str) -> dict[str, str]:
     key = _key()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        subject = x509.Name([
-            # longer than X.509's advisory 64 characters; the API server does not mind
-            x509.NameAttribute(NameOID.COMMON_NAME, f"system:serviceaccount:{namespace}:{sa}",
-                               _validate=False),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:serviceaccounts"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"system:serviceaccounts:{namespace}"),
-        ])
+        subject = x509.Name(
+            [
+                # longer than X.509's advisory 64 characters; the API server does not mind
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"system:serviceaccount:{namespace}:{sa}", _validate=False
+                ),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:serviceaccounts"),
+                x509.NameAttribute(
+                    NameOID.ORGANIZATION_NAME, f"system:serviceaccounts:{namespace}"
+                ),
+            ]
+        )
     cert = _cert(subject=subject, key=key, issuer=ca.subject, signer=ca_key)  # type: ignore[arg-type]
 
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
 
-    return {"client-certificate-data": b64(cert.public_bytes(serialization.Encoding.PEM)),
-            "client-key-data": b64(_pem_key(key))}
+    return {
+        "client-certificate-data": b64(cert.public_bytes(serialization.Encoding.PEM)),
+        "client-key-data": b64(_pem_key(key)),
+    }
 
 
 def fail_fast_on_anonymous_login(operator: OperatorProcess) -> None:
@@ -616,8 +809,10 @@ def fail_fast_on_anonymous_login(operator: OperatorProcess) -> None:
         time.sleep(0.1)
     time.sleep(1.0)
     if "system:anonymous" in operator.log_path.read_text():
-        pytest.fail("kopf talks to the API server anonymously: the operator's kopf login does "
-                    "not pass on the ServiceAccount token (see Operator.login)")
+        pytest.fail(
+            "kopf talks to the API server anonymously: the operator's kopf login does "
+            "not pass on the ServiceAccount token (see Operator.login)"
+        )
 
 
 async def hold_and_echo(url: str, held: list[str]) -> nats.NATS:
@@ -638,35 +833,85 @@ async def hold_and_echo(url: str, held: list[str]) -> nats.NATS:
 
 
 NESTED = {
-    "stages": [{"name": "outer", "tasks": [{
-        "name": "child", "type": "TASKFLOW",
-        "taskflow": {"stages": [{"name": "inner", "tasks": [{
-            "name": "say", "params": {"word": "nested"},
-            "taskDetails": {"serviceId": "echo", "actionName": "say"}}]}]},
-    }]}],
+    "stages": [
+        {
+            "name": "outer",
+            "tasks": [
+                {
+                    "name": "child",
+                    "type": "TASKFLOW",
+                    "taskflow": {
+                        "stages": [
+                            {
+                                "name": "inner",
+                                "tasks": [
+                                    {
+                                        "name": "say",
+                                        "params": {"word": "nested"},
+                                        "taskDetails": {"serviceId": "echo", "actionName": "say"},
+                                    }
+                                ],
+                            }
+                        ]
+                    },
+                }
+            ],
+        }
+    ],
 }
 CANCELLABLE = {
     "options": {"timeout": "5m", "maxAge": "10m"},
-    "stages": [{"name": "outer", "tasks": [{
-        "name": "child", "type": "TASKFLOW",
-        "taskflow": {"stages": [{"name": "inner", "tasks": [{
-            "name": "wait", "params": {},
-            "taskDetails": {"serviceId": "hold", "actionName": "forever"}}]}]},
-    }]}],
+    "stages": [
+        {
+            "name": "outer",
+            "tasks": [
+                {
+                    "name": "child",
+                    "type": "TASKFLOW",
+                    "taskflow": {
+                        "stages": [
+                            {
+                                "name": "inner",
+                                "tasks": [
+                                    {
+                                        "name": "wait",
+                                        "params": {},
+                                        "taskDetails": {
+                                            "serviceId": "hold",
+                                            "actionName": "forever",
+                                        },
+                                    }
+                                ],
+                            }
+                        ]
+                    },
+                }
+            ],
+        }
+    ],
 }
 # Things the operator's ServiceAccount must never be allowed to do.
 DENIED = [
-    ("list", "secrets"), ("watch", "secrets"), ("list", "configmaps"), ("create", "pods"),
-    ("delete", "pods"), ("delete", "namespaces"), ("create", "namespaces"),
-    ("delete", "taskflows.taskflow.dev"), ("update", "taskflows.taskflow.dev"),
+    ("list", "secrets"),
+    ("watch", "secrets"),
+    ("list", "configmaps"),
+    ("create", "pods"),
+    ("delete", "pods"),
+    ("delete", "namespaces"),
+    ("create", "namespaces"),
+    ("delete", "taskflows.taskflow.dev"),
+    ("update", "taskflows.taskflow.dev"),
     ("deletecollection", "taskflows.taskflow.dev"),
     ("patch", "taskflows.taskflow.dev", "--subresource=status"),
-    ("delete", "events"), ("list", "events"),
+    ("delete", "events"),
+    ("list", "events"),
     ("create", "serviceaccounts", "--subresource=token"),
     ("create", "clusterroles.rbac.authorization.k8s.io"),
     ("create", "rolebindings.rbac.authorization.k8s.io"),
-    ("impersonate", "serviceaccounts"), ("list", "customresourcedefinitions"),
-    ("update", "customresourcedefinitions"), ("create", "deployments.apps"),
+    ("impersonate", "serviceaccounts"),
+    ("list", "customresourcedefinitions"),
+    ("update", "customresourcedefinitions"),
+    ("create", "deployments.apps"),
     ("list", "nodes"),
 ]
 
@@ -688,26 +933,36 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
     other_ns = new_namespace(admin, "other")
     watch = [flows_ns] if mode == "namespaced" else []
     docs = render(tmp_path, {"watchNamespaces": watch}, namespace=release_ns)
-    rbac = [d for d in docs if d["kind"] in (
-        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+    rbac = [
+        d
+        for d in docs
+        if d["kind"]
+        in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    ]
     admin("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
     sa = one(docs, "ServiceAccount")["metadata"]["name"]
-    user = (token_user(admin, release_ns, sa) if credential == "token"
-            else x509_user(private_stack, release_ns, sa))
-    kubeconfig = identity_kubeconfig(private_stack.kubeconfig, user,
-                                     tmp_path / "operator.kubeconfig")
+    user = (
+        token_user(admin, release_ns, sa)
+        if credential == "token"
+        else x509_user(private_stack, release_ns, sa)
+    )
+    kubeconfig = identity_kubeconfig(
+        private_stack.kubeconfig, user, tmp_path / "operator.kubeconfig"
+    )
     as_operator = Kubectl(kubeconfig)
     whoami = json.loads(as_operator("auth", "whoami", "-o", "json").stdout)["status"]["userInfo"]
     assert whoami["username"] == f"system:serviceaccount:{release_ns}:{sa}"
-    assert {"system:serviceaccounts", f"system:serviceaccounts:{release_ns}",
-            "system:authenticated"} <= set(whoami["groups"])
+    assert {
+        "system:serviceaccounts",
+        f"system:serviceaccounts:{release_ns}",
+        "system:authenticated",
+    } <= set(whoami["groups"])
 
     health = free_port()
     operator = OperatorProcess(
         SimpleNamespace(kubeconfig=kubeconfig, nats=private_stack.nats),  # type: ignore[arg-type]
         tmp_path,
-        extra=["--health-address", f"127.0.0.1:{health}",
-               *[f"--namespace={ns}" for ns in watch]],
+        extra=["--health-address", f"127.0.0.1:{health}", *[f"--namespace={ns}" for ns in watch]],
     )
     api = config.new_client_from_config(str(private_stack.kubeconfig))
     flows = Flows(api, flows_ns)
@@ -737,13 +992,21 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
         await flows.patch("cancel-me", {"spec": {"cancel": True}})
         done = await flows.wait("cancel-me", timeout=60)
         assert done["status"]["phase"] == "CANCELLED", done["status"]
-        children = [f for f in await flows.list()
-                    if f["metadata"]["name"] != "cancel-me"
-                    and f["metadata"].get("ownerReferences", [{}])[0].get("name") == "cancel-me"]
+        children = [
+            f
+            for f in await flows.list()
+            if f["metadata"]["name"] != "cancel-me"
+            and f["metadata"].get("ownerReferences", [{}])[0].get("name") == "cancel-me"
+        ]
         assert len(children) == 1
-        child = await flows.wait(children[0]["metadata"]["name"], timeout=30, until=lambda b: (
-            b["spec"].get("cancel") is True
-            and (b.get("status") or {}).get("phase") == "CANCELLED"))
+        child = await flows.wait(
+            children[0]["metadata"]["name"],
+            timeout=30,
+            until=lambda b: (
+                b["spec"].get("cancel") is True
+                and (b.get("status") or {}).get("phase") == "CANCELLED"
+            ),
+        )
         # (only the operator touches the child: the test patched the parent alone)
         assert child["status"]["phase"] == "CANCELLED"
         # 4. flow-level Kubernetes Events, posted with the operator's token
@@ -765,10 +1028,12 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
     log = operator.log_path.read_text()
     # (the timestamp is cut off first: its milliseconds may well read "403")
     messages = [_LOG_STAMP.sub("", line) for line in log.splitlines()]
-    forbidden = [line for line in messages
-                 if (_HTTP_403.search(line) or "orbidden" in line
-                     or "permission" in line.lower())
-                 and not _kopf_optional_scan(line)]
+    forbidden = [
+        line
+        for line in messages
+        if (_HTTP_403.search(line) or "orbidden" in line or "permission" in line.lower())
+        and not _kopf_optional_scan(line)
+    ]
     assert not forbidden, "\n".join(forbidden[:20])
 
     # ...and the same token is refused everything it does not need.
@@ -780,16 +1045,20 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
     for ns, want in ((release_ns, "yes"), (flows_ns, "no"), (other_ns, "no")):
         answer = as_operator("auth", "can-i", "get", "secrets", "-n", ns, check=False)
         assert answer.stdout.strip() == want, f"get secrets -n {ns}: {answer.stdout}"
-    for args in (["get", "secrets", "-n", release_ns], ["get", "pods", "-n", flows_ns],
-                 ["delete", "namespace", other_ns, "--wait=false"],
-                 ["delete", "taskflow", "configure-group", "-n", flows_ns],
-                 ["get", "clusterroles"]):
+    for args in (
+        ["get", "secrets", "-n", release_ns],
+        ["get", "pods", "-n", flows_ns],
+        ["delete", "namespace", other_ns, "--wait=false"],
+        ["delete", "taskflow", "configure-group", "-n", flows_ns],
+        ["get", "clusterroles"],
+    ):
         refused = as_operator(*args, check=False)
         assert refused.returncode != 0 and "Forbidden" in refused.stderr, (args, refused)
     allowed_elsewhere = "yes" if mode == "cluster-wide" else "no"
     for verb in ("list", "create", "patch"):
-        answer = as_operator("auth", "can-i", verb, "taskflows.taskflow.dev", "-n", other_ns,
-                             check=False)
+        answer = as_operator(
+            "auth", "can-i", verb, "taskflows.taskflow.dev", "-n", other_ns, check=False
+        )
         assert answer.stdout.strip() == allowed_elsewhere, (verb, answer.stdout)
     if mode == "namespaced":
         refused = as_operator("get", "taskflows", "-A", check=False)
@@ -812,8 +1081,18 @@ def test_in_cluster_login_authenticates_as_the_service_account(
     admin = Kubectl(private_stack.kubeconfig)
     release_ns = new_namespace(admin, "taskflow-system")
     docs = render(tmp_path, {}, namespace=release_ns)
-    admin("apply", "-f", "-", input=yaml.safe_dump_all(
-        [d for d in docs if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]))
+    admin(
+        "apply",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(
+            [
+                d
+                for d in docs
+                if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+            ]
+        ),
+    )
     sa = one(docs, "ServiceAccount")["metadata"]["name"]
     token = token_user(admin, release_ns, sa)["token"]
     mounted = tmp_path / "serviceaccount"
@@ -832,10 +1111,24 @@ def test_in_cluster_login_authenticates_as_the_service_account(
     assert info.scheme == "Bearer"
     assert info.token == token  # the bare token: kopf adds the scheme itself
     whoami = subprocess.run(
-        ["kubectl", "--server", info.server, "--certificate-authority", str(info.ca_path),
-         "--token", info.token, "auth", "whoami", "-o", "json"],
-        capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"],
-                                                         "HOME": str(tmp_path)})
+        [
+            "kubectl",
+            "--server",
+            info.server,
+            "--certificate-authority",
+            str(info.ca_path),
+            "--token",
+            info.token,
+            "auth",
+            "whoami",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+    )
     assert whoami.returncode == 0, whoami.stderr
     user = json.loads(whoami.stdout)["status"]["userInfo"]["username"]
     assert user == f"system:serviceaccount:{release_ns}:{sa}"
@@ -860,7 +1153,9 @@ def _kopf_optional_scan(line: str) -> bool:
     operator serves one resource whose CRD Helm installs first, and knows its namespaces."""
     return "Not enough permissions to" in line or any(
         f'cannot {verb} resource "{resource}"' in line
-        for verb in ("list", "watch") for resource in ("customresourcedefinitions", "namespaces"))
+        for verb in ("list", "watch")
+        for resource in ("customresourcedefinitions", "namespaces")
+    )
 
 
 async def test_two_replicas_one_serves_the_other_takes_over(
@@ -870,8 +1165,9 @@ async def test_two_replicas_one_serves_the_other_takes_over(
     by, and takes over when the first one stops."""
     admin = Kubectl(private_stack.kubeconfig)
     admin("apply", "--server-side", "-f", str(PEERING_CRD))
-    admin("wait", "--for=condition=Established", "--timeout=30s",
-          "crd/clusterkopfpeerings.kopf.dev")
+    admin(
+        "wait", "--for=condition=Established", "--timeout=30s", "crd/clusterkopfpeerings.kopf.dev"
+    )
     release_ns = new_namespace(admin, "taskflow-system")
     flows_ns = new_namespace(admin, "flows")
     docs = render(tmp_path, {"replicas": 2, "watchNamespaces": [flows_ns]}, namespace=release_ns)
@@ -880,23 +1176,40 @@ async def test_two_replicas_one_serves_the_other_takes_over(
     args = container(docs)["args"]
     (peering,) = [a for a in args if a.startswith("--peering=")]
     sa = one(docs, "ServiceAccount")["metadata"]["name"]
-    kubeconfig = identity_kubeconfig(private_stack.kubeconfig,
-                                     x509_user(private_stack, release_ns, sa),
-                                     tmp_path / "operator.kubeconfig")
+    kubeconfig = identity_kubeconfig(
+        private_stack.kubeconfig,
+        x509_user(private_stack, release_ns, sa),
+        tmp_path / "operator.kubeconfig",
+    )
     replicas = []
     for i in range(2):
         log_dir = tmp_path / f"replica-{i}"
         log_dir.mkdir()
-        replicas.append(OperatorProcess(
-            SimpleNamespace(kubeconfig=kubeconfig, nats=private_stack.nats),  # type: ignore[arg-type]
-            log_dir, extra=[peering, f"--namespace={flows_ns}", "--log-level=DEBUG"]))
+        replicas.append(
+            OperatorProcess(
+                SimpleNamespace(kubeconfig=kubeconfig, nats=private_stack.nats),  # type: ignore[arg-type]
+                log_dir,
+                extra=[peering, f"--namespace={flows_ns}", "--log-level=DEBUG"],
+            )
+        )
     # DEBUG: kopf logs its peering keep-alives only at that level
     api = config.new_client_from_config(str(private_stack.kubeconfig))
     flows = Flows(api, flows_ns)
     services = await hold_and_echo(private_stack.nats.url, [])
-    hello = {"stages": [{"name": "s", "tasks": [{
-        "name": "say", "params": {"n": 1}, "taskDetails": {"serviceId": "echo",
-                                                           "actionName": "say"}}]}]}
+    hello = {
+        "stages": [
+            {
+                "name": "s",
+                "tasks": [
+                    {
+                        "name": "say",
+                        "params": {"n": 1},
+                        "taskDetails": {"serviceId": "echo", "actionName": "say"},
+                    }
+                ],
+            }
+        ]
+    }
     try:
         for replica in replicas:
             await asyncio.to_thread(replica.start)
@@ -925,6 +1238,9 @@ async def test_two_replicas_one_serves_the_other_takes_over(
         await services.drain()
         api.close()
     for replica in replicas:
-        denied = [line for line in replica.log_path.read_text().splitlines()
-                  if "orbidden" in line and not _kopf_optional_scan(line)]
+        denied = [
+            line
+            for line in replica.log_path.read_text().splitlines()
+            if "orbidden" in line and not _kopf_optional_scan(line)
+        ]
         assert not denied, denied[:5]

@@ -18,8 +18,9 @@ from taskflow.client import TaskflowClient
 
 async def other_namespace(kube: client.ApiClient) -> Flows:
     name = f"t-other-{uuid.uuid4().hex[:8]}"
-    await asyncio.to_thread(client.CoreV1Api(kube).create_namespace,
-                            client.V1Namespace(metadata={"name": name}))
+    await asyncio.to_thread(
+        client.CoreV1Api(kube).create_namespace, client.V1Namespace(metadata={"name": name})
+    )
     return Flows(kube, name)
 
 
@@ -29,8 +30,7 @@ async def test_a_child_in_another_namespace_fails_the_attempt_and_is_never_cance
     victims = await other_namespace(kube)
     await serve(nc, f"{svc}.hold", lambda m: None)  # the victim's task stays running
     await victims.create(flow(svc, ["v"], action="hold"), "victim")
-    await victims.wait("victim", until=lambda b: (b.get("status") or {}).get("phase")
-                       == "RUNNING")
+    await victims.wait("victim", until=lambda b: (b.get("status") or {}).get("phase") == "RUNNING")
     claim = {"success": True, "data": 1, "nestedTaskflows": [f"{victims.namespace}/victim"]}
     await serve(nc, f"{svc}.do", lambda m: claim)
     await flows.create(flow(svc, ["a"], ["b"]), "f")
@@ -38,8 +38,10 @@ async def test_a_child_in_another_namespace_fails_the_attempt_and_is_never_cance
     a = task_status(done, "s1", "a")
     assert done["status"]["phase"] == "FAILED"
     assert a["error"]["reason"] == "Child"
-    assert f"child flow {victims.namespace}/victim is not in this flow's namespace" in (
-        a["error"]["message"])
+    assert (
+        f"child flow {victims.namespace}/victim is not in this flow's namespace"
+        in (a["error"]["message"])
+    )
     assert a["nestedTaskflows"] == []
     await flows.patch("f", {"spec": {"cancel": True}})
     await asyncio.sleep(1.0)
@@ -48,11 +50,15 @@ async def test_a_child_in_another_namespace_fails_the_attempt_and_is_never_cance
     assert victim["status"]["phase"] == "RUNNING"
 
 
-async def test_a_child_that_does_not_exist_fails_the_attempt(operator, flows: Flows, nc,
-                                                             svc: str) -> None:
+async def test_a_child_that_does_not_exist_fails_the_attempt(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     """Once a task waited for it forever, with no deadline."""
-    await serve(nc, f"{svc}.do", lambda m: {
-        "success": True, "nestedTaskflows": [f"{flows.namespace}/nobody"]})
+    await serve(
+        nc,
+        f"{svc}.do",
+        lambda m: {"success": True, "nestedTaskflows": [f"{flows.namespace}/nobody"]},
+    )
     await flows.create(flow(svc, ["a"]), "f")
     done = await flows.wait("f", timeout=15)
     a = task_status(done, "s1", "a")
@@ -60,11 +66,15 @@ async def test_a_child_that_does_not_exist_fails_the_attempt(operator, flows: Fl
     assert "does not exist" in a["error"]["message"]
 
 
-@pytest.mark.parametrize("metadata", [
-    {"labels": {"taskflow.dev/parent-uid": "00000000-0000-0000-0000-000000000001"}},
-    {"annotations": {"taskflow.dev/depth": "0"}},
-    {"annotations": {"taskflow.dev/parent-context": '{"forged": true}'}},
-], ids=["parent-uid", "depth", "parent-context"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"labels": {"taskflow.dev/parent-uid": "00000000-0000-0000-0000-000000000001"}},
+        {"annotations": {"taskflow.dev/depth": "0"}},
+        {"annotations": {"taskflow.dev/parent-context": '{"forged": true}'}},
+    ],
+    ids=["parent-uid", "depth", "parent-context"],
+)
 async def test_the_operators_labels_without_an_owner_reference_are_refused_at_apply(
     kube: client.ApiClient, flows: Flows, svc: str, metadata: dict[str, Any]
 ) -> None:
@@ -74,17 +84,23 @@ async def test_the_operators_labels_without_an_owner_reference_are_refused_at_ap
         await flows.create(forged)
     assert refused.value.status == 403
     key = next(iter(next(iter(metadata.values()))))
-    assert (f"taskflow.dev/* labels and annotations ({key}) are the operator's: only a child "
-            "flow carries them, with taskflow.dev/parent-uid and an ownerReference to that "
-            "Taskflow") in str(refused.value.body)
+    assert (
+        f"taskflow.dev/* labels and annotations ({key}) are the operator's: only a child "
+        "flow carries them, with taskflow.dev/parent-uid and an ownerReference to that "
+        "Taskflow"
+    ) in str(refused.value.body)
     assert await flows.list() == []
     # The same metadata given to produce is dropped, not refused: the flow is a plain one.
     tf = TaskflowClient(api_client=kube, namespace=flows.namespace)
     made = await tf.produce(forged, name="produced")
     assert made["success"], made
     body = await flows.get("produced")
-    assert not [k for part in ("labels", "annotations")
-                for k in (body["metadata"].get(part) or {}) if k.startswith("taskflow.dev/")]
+    assert not [
+        k
+        for part in ("labels", "annotations")
+        for k in (body["metadata"].get(part) or {})
+        if k.startswith("taskflow.dev/")
+    ]
 
 
 @pytest.fixture
@@ -123,8 +139,7 @@ async def test_a_flow_that_claims_a_parent_by_label_changes_nothing(
         "metadata": {
             "name": "forged",
             "labels": {"taskflow.dev/parent-uid": uid},
-            "annotations": {"taskflow.dev/parent-task": "s1.a",
-                            "taskflow.dev/parent-attempt": "0"},
+            "annotations": {"taskflow.dev/parent-task": "s1.a", "taskflow.dev/parent-attempt": "0"},
         },
         "spec": flow(svc, ["x"]),
     }

@@ -42,20 +42,25 @@ async def test_a_service_user_may_answer_its_own_request_and_nothing_else(
     auth = NatsAuth.make(services=("svc", "other"))
     with DevStack(tmp_path_factory.mktemp("nats-auth"), nats_auth=auth) as stack:
         api = config.new_client_from_config(str(stack.kubeconfig))
-        await asyncio.to_thread(client.CoreV1Api(api).create_namespace,
-                                client.V1Namespace(metadata={"name": "flows"}))
+        await asyncio.to_thread(
+            client.CoreV1Api(api).create_namespace, client.V1Namespace(metadata={"name": "flows"})
+        )
         workdir = tmp_path_factory.mktemp("nats-auth-operator")
         password = Path(workdir / "nats-password")
         password.write_text(auth.passwords[OPERATOR_USER])
-        operator = OperatorProcess(stack, workdir, extra=[
-            "--nats-user", OPERATOR_USER, "--nats-password-file", str(password)])
+        operator = OperatorProcess(
+            stack,
+            workdir,
+            extra=["--nats-user", OPERATOR_USER, "--nats-password-file", str(password)],
+        )
         operator.start()
         violations = Violations()
         svc = await nats.connect(auth.url(stack.nats.url, "svc-svc"), error_cb=violations.record)
         other_svc = await nats.connect(auth.url(stack.nats.url, "svc-other"))
         with pytest.raises(Exception, match=r"[Aa]uthorization"):
-            await asyncio.wait_for(nats.connect(
-                stack.nats.url, allow_reconnect=False, connect_timeout=2), 10)
+            await asyncio.wait_for(
+                nats.connect(stack.nats.url, allow_reconnect=False, connect_timeout=2), 10
+            )
         try:
             requests: list[Any] = []
 
@@ -73,8 +78,9 @@ async def test_a_service_user_may_answer_its_own_request_and_nothing_else(
             await other_svc.flush()
             flows = Flows(api, "flows")
             spec = flow("svc", ["a", "b"], options={"timeout": "60s"})
-            spec["stages"][0]["tasks"].append({"name": "c", "taskDetails": {
-                "serviceId": "other", "actionName": "do"}})
+            spec["stages"][0]["tasks"].append(
+                {"name": "c", "taskDetails": {"serviceId": "other", "actionName": "do"}}
+            )
             await flows.create(spec, "f")
             for _ in range(200):
                 if len(requests) == 2 and theirs:
@@ -89,7 +95,8 @@ async def test_a_service_user_may_answer_its_own_request_and_nothing_else(
             operator_nc = await nats.connect(auth.url(stack.nats.url, OPERATOR_USER))
             try:
                 stored = await operator_nc.jetstream().get_last_msg(
-                    "TASKFLOW_REPLIES", mine.reply, direct=True)
+                    "TASKFLOW_REPLIES", mine.reply, direct=True
+                )
                 assert json.loads(stored.data)["data"] == "mine"
             finally:
                 await operator_nc.close()
@@ -98,9 +105,13 @@ async def test_a_service_user_may_answer_its_own_request_and_nothing_else(
             # Not the reply of an attempt it was not sent (even knowing its subject), the
             # journal, the NATS API or the event stream.
             uid = json.loads(mine.headers["taskflowExecutionContext"])["taskflow"]["id"]
-            for subject in (theirs[0].reply, f"taskflow.reply.{uid}.s1.b.0",
-                            f"$KV.taskflow-journal.{uid}", "taskflow.api.produce",
-                            f"taskflow.events.{uid}"):
+            for subject in (
+                theirs[0].reply,
+                f"taskflow.reply.{uid}.s1.b.0",
+                f"$KV.taskflow-journal.{uid}",
+                "taskflow.api.produce",
+                f"taskflow.events.{uid}",
+            ):
                 violations.seen.clear()
                 await svc.publish(subject, forged)
                 await violations.wait_for(f'Publish to "{subject}"')
@@ -111,11 +122,13 @@ async def test_a_service_user_may_answer_its_own_request_and_nothing_else(
             assert done["status"]["phase"] == "SUCCEEDED"
             # The viewer replays the flow's events, and may do nothing else.
             watched = Violations()
-            viewer = await nats.connect(auth.url(stack.nats.url, VIEWER_USER),
-                                        error_cb=watched.record)
+            viewer = await nats.connect(
+                auth.url(stack.nats.url, VIEWER_USER), error_cb=watched.record
+            )
             try:
-                sub = await viewer.jetstream().subscribe(f"taskflow.events.{uid}",
-                                                         ordered_consumer=True)
+                sub = await viewer.jetstream().subscribe(
+                    f"taskflow.events.{uid}", ordered_consumer=True
+                )
                 first = json.loads((await sub.next_msg(timeout=5)).data)
                 assert first["seq"] == 1 and first["data"]["taskflowId"] == uid
                 await viewer.publish("taskflow.api.produce", b"{}")

@@ -20,12 +20,20 @@ from taskflow.shell.bus import idempotent_endpoints
 
 
 def test_services_api_metadata_declares_idempotent_endpoints() -> None:
-    info = {"name": "svc", "metadata": {"taskflow.dev/idempotent": "true"},
-            "endpoints": [{"name": "a", "subject": "svc.a"}, {"name": "b", "subject": "svc.b"}]}
+    info = {
+        "name": "svc",
+        "metadata": {"taskflow.dev/idempotent": "true"},
+        "endpoints": [{"name": "a", "subject": "svc.a"}, {"name": "b", "subject": "svc.b"}],
+    }
     assert idempotent_endpoints(json.dumps(info).encode()) == {"svc.a", "svc.b"}
-    per_endpoint = {"name": "svc", "metadata": {}, "endpoints": [
-        {"name": "a", "subject": "svc.a", "metadata": {"taskflow.dev/idempotent": "True"}},
-        {"name": "b", "subject": "svc.b", "metadata": None}]}
+    per_endpoint = {
+        "name": "svc",
+        "metadata": {},
+        "endpoints": [
+            {"name": "a", "subject": "svc.a", "metadata": {"taskflow.dev/idempotent": "True"}},
+            {"name": "b", "subject": "svc.b", "metadata": None},
+        ],
+    }
     assert idempotent_endpoints(json.dumps(per_endpoint).encode()) == {"svc.a"}
     for junk in (b"", b"[]", b'{"endpoints": 7}', b"[" * 5000):
         assert idempotent_endpoints(junk) == set()
@@ -41,12 +49,14 @@ async def test_replies_lost_in_a_nats_restart_are_asked_again(
     cache: every task SUCCEEDED, each executed once (without the re-ask: TIMED_OUT, FAILED)."""
     with DevStack(tmp_path_factory.mktemp("nats-restart")) as stack:
         api = config.new_client_from_config(str(stack.kubeconfig))
-        await asyncio.to_thread(client.CoreV1Api(api).create_namespace,
-                                client.V1Namespace(metadata={"name": "flows"}))
+        await asyncio.to_thread(
+            client.CoreV1Api(api).create_namespace, client.V1Namespace(metadata={"name": "flows"})
+        )
         operator = OperatorProcess(stack, tmp_path_factory.mktemp("nats-restart-operator"))
         operator.start()
-        svc_nc = await nats.connect(stack.nats.url, pending_size=0, max_reconnect_attempts=-1,
-                                    reconnect_time_wait=0.2)
+        svc_nc = await nats.connect(
+            stack.nats.url, pending_size=0, max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        )
         gate = asyncio.Event()
         runs: Counter[str] = Counter()
         service = Service("idem", nc=svc_nc)
@@ -61,8 +71,10 @@ async def test_replies_lost_in_a_nats_restart_are_asked_again(
         try:
             flows = Flows(api, "flows")
             names = ["a", "b", "c", "d"]
-            await flows.create(flow("idem", names, options={
-                "exactlyOnceTaskExecution": True, "timeout": "60s"}), "f")
+            await flows.create(
+                flow("idem", names, options={"exactlyOnceTaskExecution": True, "timeout": "60s"}),
+                "f",
+            )
             await eventually(lambda: len(runs) == 4, timeout=10)
 
             stack.nats.server.stop(sig=signal.SIGKILL)

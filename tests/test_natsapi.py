@@ -20,8 +20,9 @@ from taskflow.shell.natsapi import serve_api
 from test_client import extract_example, one_task, seed_schema, serve, succeed
 
 
-async def call(nc: Any, subject: str, request: Any, timeout: float = 20,
-               token: str | None = None) -> dict[str, Any]:
+async def call(
+    nc: Any, subject: str, request: Any, timeout: float = 20, token: str | None = None
+) -> dict[str, Any]:
     data = request if isinstance(request, bytes) else json.dumps(request).encode()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     reply = await nc.request(subject, data, timeout=timeout, headers=headers)
@@ -37,8 +38,9 @@ async def restricted(kube: k8s.ApiClient, nc, namespace: str) -> AsyncIterator[s
     yield prefix
 
 
-async def wait_phase(nc: Any, prefix: str, ident: str, phases: set[str],
-                     token: str | None = None) -> dict[str, Any]:
+async def wait_phase(
+    nc: Any, prefix: str, ident: str, phases: set[str], token: str | None = None
+) -> dict[str, Any]:
     for _ in range(300):
         res = await call(nc, f"{prefix}.details", {"taskflowId": ident}, token=token)
         assert res["success"], res
@@ -64,37 +66,49 @@ async def test_the_operator_serves_produce_details_cancel_and_retry(
     schema["options"]["retryDelay"] = 0
     schema["stages"][1]["tasks"][0]["options"] = {"maxRetries": 0}
 
-    res = await call(nc, "taskflow.api.produce", {"namespace": namespace, "schema": schema},
-                     token=api_token)
+    res = await call(
+        nc, "taskflow.api.produce", {"namespace": namespace, "schema": schema}, token=api_token
+    )
 
     assert res["success"], res
     assert set(res["data"]) == {"taskflowId", "eventSubscription"}
     uid = res["data"]["taskflowId"]
     assert res["data"]["eventSubscription"] == f"taskflow.events.{uid}"
-    tree = await wait_phase(nc, "taskflow.api", uid, {"COMPLETED_WITH_FAILURES"},
-                            token=api_token)
+    tree = await wait_phase(nc, "taskflow.api", uid, {"COMPLETED_WITH_FAILURES"}, token=api_token)
     alpha = next(t for t in tree["stages"][1]["tasks"] if t["name"] == "addApplianceAlpha")
     assert alpha["status"] == "FAILED" and alpha["error"]["code"] == "DOWN"
 
     failing["on"] = False
-    retried = await call(nc, "taskflow.api.retry", {
-        "taskflowId": uid, "stages": [{"stageId": tree["stages"][1]["id"],
-                                       "taskIds": [alpha["id"]]}]}, token=api_token)
+    retried = await call(
+        nc,
+        "taskflow.api.retry",
+        {
+            "taskflowId": uid,
+            "stages": [{"stageId": tree["stages"][1]["id"], "taskIds": [alpha["id"]]}],
+        },
+        token=api_token,
+    )
     assert retried["success"] and retried["data"]["accepted"], retried
     tree = await wait_phase(nc, "taskflow.api", uid, {"SUCCEEDED"}, token=api_token)
     assert tree["progress"] == "3/3"
 
-    by_name = await call(nc, "taskflow.api.details",
-                         {"taskflowId": f"{namespace}/{tree['name']}"}, token=api_token)
+    by_name = await call(
+        nc, "taskflow.api.details", {"taskflowId": f"{namespace}/{tree['name']}"}, token=api_token
+    )
     assert by_name["data"]["taskflowId"] == uid
 
-    running = await call(nc, "taskflow.api.produce", {
-        "namespace": namespace, "name": "held", "schema": one_task(f"{svc}-nobody")},
-        token=api_token)
-    await wait_phase(nc, "taskflow.api", running["data"]["taskflowId"], {"RUNNING"},
-                     token=api_token)
-    cancelled = await call(nc, "taskflow.api.cancel", {"taskflowId": f"{namespace}/held"},
-                           token=api_token)
+    running = await call(
+        nc,
+        "taskflow.api.produce",
+        {"namespace": namespace, "name": "held", "schema": one_task(f"{svc}-nobody")},
+        token=api_token,
+    )
+    await wait_phase(
+        nc, "taskflow.api", running["data"]["taskflowId"], {"RUNNING"}, token=api_token
+    )
+    cancelled = await call(
+        nc, "taskflow.api.cancel", {"taskflowId": f"{namespace}/held"}, token=api_token
+    )
     assert cancelled["success"], cancelled
     assert cancelled["data"]["acknowledged"] is True
     assert cancelled["data"]["phase"] == "CANCELLED"
@@ -117,12 +131,16 @@ async def test_every_call_is_authorized_as_kubernetes_would(
     assert none["error"]["code"] == "Unauthorized"
     assert "bearer token" in none["error"]["message"]
     forged = await call(nc, "taskflow.api.produce", produce, token="not-a-token")
-    assert forged["error"] == {"message": "the bearer token was not accepted by Kubernetes",
-                               "code": "Unauthorized"}
+    assert forged["error"] == {
+        "message": "the bearer token was not accepted by Kubernetes",
+        "code": "Unauthorized",
+    }
     read_only = await call(nc, "taskflow.api.produce", produce, token=reader)
-    assert read_only["error"] == {"code": "Forbidden", "message":
-                                  f"system:serviceaccount:{namespace}:reader may not create "
-                                  f"taskflows in namespace {namespace}"}
+    assert read_only["error"] == {
+        "code": "Forbidden",
+        "message": f"system:serviceaccount:{namespace}:reader may not create "
+        f"taskflows in namespace {namespace}",
+    }
     elsewhere = await call(nc, "taskflow.api.produce", produce, token=outsider)
     assert elsewhere["error"]["code"] == "Forbidden"
     assert await flows.list() == []
@@ -137,8 +155,9 @@ async def test_every_call_is_authorized_as_kubernetes_would(
         refused = await call(nc, f"taskflow.api.{verb}", {"taskflowId": uid}, token=reader)
         assert refused["error"]["code"] == "Forbidden", refused
         assert f"may not patch taskflows in namespace {namespace}" in refused["error"]["message"]
-    assert (await call(nc, "taskflow.api.details", {"taskflowId": uid}, token=outsider)
-            )["error"]["code"] == "Forbidden"
+    assert (await call(nc, "taskflow.api.details", {"taskflowId": uid}, token=outsider))["error"][
+        "code"
+    ] == "Forbidden"
     body = (await flows.list())[0]
     assert body["spec"].get("cancel") is None and body["spec"].get("retry") is None
 
@@ -165,10 +184,9 @@ async def test_a_request_for_another_namespace_is_refused(
     elsewhere = Flows(kube, other)
     await serve(nc, f"{svc}.act", succeed)
     foreign = await elsewhere.create({"spec": one_task(svc)}, name="foreign")
-    refusal = (f"namespace {other!r} is not allowed here (allowed: {namespace})")
+    refusal = f"namespace {other!r} is not allowed here (allowed: {namespace})"
 
-    produce = await call(nc, f"{restricted}.produce", {"namespace": other,
-                                                       "schema": one_task(svc)})
+    produce = await call(nc, f"{restricted}.produce", {"namespace": other, "schema": one_task(svc)})
     details = await call(nc, f"{restricted}.details", {"taskflowId": f"{other}/foreign"})
     by_uid = await call(nc, f"{restricted}.details", {"taskflowId": foreign["metadata"]["uid"]})
     cancel = await call(nc, f"{restricted}.cancel", {"taskflowId": f"{other}/foreign"})
@@ -180,8 +198,9 @@ async def test_a_request_for_another_namespace_is_refused(
     assert [f["metadata"]["name"] for f in await elsewhere.list()] == ["foreign"]
     assert (await elsewhere.get("foreign"))["spec"].get("cancel") is None
 
-    allowed = await call(nc, f"{restricted}.produce", {"namespace": namespace,
-                                                       "schema": one_task(svc)})
+    allowed = await call(
+        nc, f"{restricted}.produce", {"namespace": namespace, "schema": one_task(svc)}
+    )
     assert allowed["success"], allowed
     done = await wait_phase(nc, restricted, allowed["data"]["taskflowId"], {"SUCCEEDED"})
     assert done["namespace"] == namespace
@@ -189,20 +208,34 @@ async def test_a_request_for_another_namespace_is_refused(
 
 async def test_bad_requests_get_clear_answers(restricted: str, nc) -> None:
     assert await call(nc, f"{restricted}.details", b"not json") == {
-        "success": False, "error": {"message": "the request is not JSON: Expecting value: "
-                                    "line 1 column 1 (char 0)", "code": "BadRequest"}}
+        "success": False,
+        "error": {
+            "message": "the request is not JSON: Expecting value: line 1 column 1 (char 0)",
+            "code": "BadRequest",
+        },
+    }
     assert await call(nc, f"{restricted}.details", b"[1]") == {
-        "success": False, "error": {"message": "the request is a JSON object",
-                                    "code": "BadRequest"}}
+        "success": False,
+        "error": {"message": "the request is a JSON object", "code": "BadRequest"},
+    }
     assert await call(nc, f"{restricted}.details", {}) == {
-        "success": False, "error": {"message": '"taskflowId" (a uid or "namespace/name") is '
-                                    "required", "code": "BadRequest"}}
+        "success": False,
+        "error": {
+            "message": '"taskflowId" (a uid or "namespace/name") is required',
+            "code": "BadRequest",
+        },
+    }
     assert (await call(nc, f"{restricted}.produce", {"schema": {"stages": []}}))["error"] == {
-        "message": '"namespace" is required', "code": "BadRequest"}
+        "message": '"namespace" is required',
+        "code": "BadRequest",
+    }
     assert (await call(nc, f"{restricted}.produce", {"namespace": "x"}))["error"] == {
-        "message": '"schema" (the TaskFlowSchema object) is required', "code": "BadRequest"}
-    assert (await call(nc, f"{restricted}.retry", {"taskflowId": "a/b", "stages": "s1"})
-            )["error"] == {"message": '"stages" is a list', "code": "BadRequest"}
+        "message": '"schema" (the TaskFlowSchema object) is required',
+        "code": "BadRequest",
+    }
+    assert (await call(nc, f"{restricted}.retry", {"taskflowId": "a/b", "stages": "s1"}))[
+        "error"
+    ] == {"message": '"stages" is a list', "code": "BadRequest"}
 
 
 async def test_a_child_produced_with_a_parent_context_is_linked_to_the_task(
@@ -212,21 +245,45 @@ async def test_a_child_produced_with_a_parent_context_is_linked_to_the_task(
     service starts a child of the task it serves and names it in its reply."""
 
     async def fanout(msg: Any) -> None:
-        parent = {"taskflowExecutionContext": json.loads(msg.headers["taskflowExecutionContext"]),
-                  "idempotencyKey": msg.headers["Taskflow-Idempotency-Key"]}
-        res = await call(nc, "taskflow.api.produce", {"schema": one_task(f"{svc}-leaf"),
-                                                      "parent": parent}, token=api_token)
+        parent = {
+            "taskflowExecutionContext": json.loads(msg.headers["taskflowExecutionContext"]),
+            "idempotencyKey": msg.headers["Taskflow-Idempotency-Key"],
+        }
+        res = await call(
+            nc,
+            "taskflow.api.produce",
+            {"schema": one_task(f"{svc}-leaf"), "parent": parent},
+            token=api_token,
+        )
         assert res["success"], res
-        await msg.respond(json.dumps({"success": True, "data": "started",
-                                      "nestedTaskflows": [res["data"]["ref"]]}).encode())
+        await msg.respond(
+            json.dumps(
+                {"success": True, "data": "started", "nestedTaskflows": [res["data"]["ref"]]}
+            ).encode()
+        )
 
     async def fanout_cb(msg: Any) -> None:
         asyncio.get_running_loop().create_task(fanout(msg))
 
     await nc.subscribe(f"{svc}.fanout", cb=fanout_cb)
     await serve(nc, f"{svc}-leaf.act", succeed)
-    created = await flows.create({"spec": {"stages": [{"name": "s", "tasks": [
-        {"name": "fan", "taskDetails": {"serviceId": svc, "actionName": "fanout"}}]}]}})
+    created = await flows.create(
+        {
+            "spec": {
+                "stages": [
+                    {
+                        "name": "s",
+                        "tasks": [
+                            {
+                                "name": "fan",
+                                "taskDetails": {"serviceId": svc, "actionName": "fanout"},
+                            }
+                        ],
+                    }
+                ]
+            }
+        }
+    )
 
     done = await flows.wait(created["metadata"]["name"])
 
@@ -238,14 +295,25 @@ async def test_a_child_produced_with_a_parent_context_is_linked_to_the_task(
     assert child["status"]["phase"] == "SUCCEEDED"
 
 
-async def test_the_docs_example_runs(operator, stack, namespace: str, svc: str,
-                                     api_token: str) -> None:
+async def test_the_docs_example_runs(
+    operator, stack, namespace: str, svc: str, api_token: str
+) -> None:
     code = extract_example(ROOT / "docs/nats-api.md")
-    env = {**os.environ, "NATS_URL": stack.nats.url, "TASKFLOW_NAMESPACE": namespace,
-           "SERVICE_ID": svc, "TASKFLOW_API_TOKEN": api_token}
+    env = {
+        **os.environ,
+        "NATS_URL": stack.nats.url,
+        "TASKFLOW_NAMESPACE": namespace,
+        "SERVICE_ID": svc,
+        "TASKFLOW_API_TOKEN": api_token,
+    }
     env.pop("KUBECONFIG", None)  # the point: no Kubernetes access needed
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", code], env=env, capture_output=True, text=True,
-        timeout=120)
+        subprocess.run,
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "taskflow SUCCEEDED" in result.stdout, result.stdout

@@ -11,8 +11,11 @@ from conftest import Flows, flow, serve, task_status
 
 
 def action(svc: str, name: str) -> dict[str, Any]:
-    return {"name": name, "params": {"task": name},
-            "taskDetails": {"serviceId": svc, "actionName": "do"}}
+    return {
+        "name": name,
+        "params": {"task": name},
+        "taskDetails": {"serviceId": svc, "actionName": "do"},
+    }
 
 
 def leaf_held_until(release: asyncio.Event) -> Any:
@@ -28,16 +31,22 @@ def leaf_held_until(release: asyncio.Event) -> Any:
 
 def three_levels(svc: str) -> dict[str, Any]:
     grandchild = {"stages": [{"name": "g1", "tasks": [action(svc, "leaf")]}]}
-    child = {"stages": [
-        {"name": "c1", "tasks": [action(svc, "childFirst")]},
-        {"name": "c2", "tasks": [{"name": "deeper", "type": "TASKFLOW",
-                                  "taskflow": grandchild}]},
-    ]}
-    return {"stages": [
-        {"name": "p1", "tasks": [action(svc, "prepare")]},
-        {"name": "p2", "tasks": [{"name": "nested", "type": "TASKFLOW", "taskflow": child}]},
-        {"name": "p3", "tasks": [action(svc, "finish")]},
-    ]}
+    child = {
+        "stages": [
+            {"name": "c1", "tasks": [action(svc, "childFirst")]},
+            {
+                "name": "c2",
+                "tasks": [{"name": "deeper", "type": "TASKFLOW", "taskflow": grandchild}],
+            },
+        ]
+    }
+    return {
+        "stages": [
+            {"name": "p1", "tasks": [action(svc, "prepare")]},
+            {"name": "p2", "tasks": [{"name": "nested", "type": "TASKFLOW", "taskflow": child}]},
+            {"name": "p3", "tasks": [action(svc, "finish")]},
+        ]
+    }
 
 
 async def test_three_level_flow_runs_to_succeeded_with_the_parent_context(
@@ -68,7 +77,8 @@ async def test_three_level_flow_runs_to_succeeded_with_the_parent_context(
     assert leaf_meta["taskflow"]["taskInfo"]["name"] == "deeper"
     assert leaf_meta["taskflow"]["taskInfo"]["type"] == "TASKFLOW"
     assert leaf_meta["previousStageRes"] == [
-        {"taskName": "childFirst", "response": {"success": True, "data": {"task": "childFirst"}}}]
+        {"taskName": "childFirst", "response": {"success": True, "data": {"task": "childFirst"}}}
+    ]
     top_meta = leaf_meta["taskflow"]["taskInfo"]["meta"]["taskflowExecutionContext"]
     assert top_meta["taskflow"]["id"] == created["metadata"]["uid"]
     assert top_meta["taskflow"]["taskInfo"]["name"] == "nested"
@@ -100,8 +110,9 @@ async def test_cancel_cascades_to_running_children(operator, flows: Flows, nc, s
     release.set()
 
 
-async def test_retry_of_a_parent_task_runs_a_new_child(operator, flows: Flows, nc, svc: str
-                                                       ) -> None:
+async def test_retry_of_a_parent_task_runs_a_new_child(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     failing = {"leaf"}
 
     def reply(msg: Any) -> dict[str, Any]:
@@ -116,10 +127,16 @@ async def test_retry_of_a_parent_task_runs_a_new_child(operator, flows: Flows, n
     assert failed["status"]["phase"] == "FAILED"
     old_child = task_status(failed, "p2", "nested")["nestedTaskflows"][0]
     failing.clear()
-    await flows.patch("top", {"spec": {"retry": {"id": "again", "stages": [
-        {"name": "p2", "tasks": ["nested"]}]}}})
-    done = await flows.wait("top", lambda b: b["status"].get("retry", {}).get("id") == "again"
-                            and b["status"]["phase"] != "RUNNING", timeout=30)
+    await flows.patch(
+        "top", {"spec": {"retry": {"id": "again", "stages": [{"name": "p2", "tasks": ["nested"]}]}}}
+    )
+    done = await flows.wait(
+        "top",
+        lambda b: (
+            b["status"].get("retry", {}).get("id") == "again" and b["status"]["phase"] != "RUNNING"
+        ),
+        timeout=30,
+    )
     assert done["status"]["phase"] == "SUCCEEDED"
     nested = task_status(done, "p2", "nested")
     assert nested["attempt"] == 1
@@ -147,22 +164,29 @@ async def test_operator_restart_while_a_child_runs(operator, flows: Flows, nc, s
     assert len(await flows.list()) == 3  # a restart never creates a second child
 
 
-async def test_depth_limit_is_refused_with_a_clear_error(operator, flows: Flows, nc, svc: str
-                                                         ) -> None:
+async def test_depth_limit_is_refused_with_a_clear_error(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     """Eleven levels of inline children: the tenth child's own child is refused (the depth
     annotation is the operator's; admission refuses it on a flow that is not a child)."""
     await serve(nc, f"{svc}.do")
     spec: dict[str, Any] = flow(svc, ["x"])
     for _ in range(11):
-        spec = {"stages": [{"name": "s", "tasks": [
-            {"name": "n", "type": "TASKFLOW", "taskflow": spec}]}]}
+        spec = {
+            "stages": [
+                {"name": "s", "tasks": [{"name": "n", "type": "TASKFLOW", "taskflow": spec}]}
+            ]
+        }
     await flows.create({"metadata": {"name": "deep"}, "spec": spec})
     done = await flows.wait("deep", timeout=60)
     assert done["status"]["phase"] == "FAILED"
     children = await flows.list()
     assert len(children) == 11  # the top and ten children
-    deepest = next(c for c in children
-                   if (c["metadata"].get("annotations") or {}).get("taskflow.dev/depth") == "10")
+    deepest = next(
+        c
+        for c in children
+        if (c["metadata"].get("annotations") or {}).get("taskflow.dev/depth") == "10"
+    )
     n = task_status(deepest, "s", "n")
     assert "nesting depth 11 exceeds the limit of 10" in n["error"]["message"]
 
@@ -170,8 +194,17 @@ async def test_depth_limit_is_refused_with_a_clear_error(operator, flows: Flows,
 async def test_invalid_child_spec_fails_the_task_with_the_api_servers_message(
     operator, flows: Flows
 ) -> None:
-    await flows.create({"stages": [{"name": "s", "tasks": [
-        {"name": "n", "type": "TASKFLOW", "taskflow": {"stages": []}}]}]}, "bad")
+    await flows.create(
+        {
+            "stages": [
+                {
+                    "name": "s",
+                    "tasks": [{"name": "n", "type": "TASKFLOW", "taskflow": {"stages": []}}],
+                }
+            ]
+        },
+        "bad",
+    )
     done = await flows.wait("bad")
     n = task_status(done, "s", "n")
     assert n["status"] == "FAILED"
@@ -179,8 +212,9 @@ async def test_invalid_child_spec_fails_the_task_with_the_api_servers_message(
     assert "spec.stages" in n["error"]["message"]
 
 
-async def test_deleting_a_parent_removes_its_children(operator, flows: Flows, nc, svc: str,
-                                                      kubectl, namespace: str) -> None:
+async def test_deleting_a_parent_removes_its_children(
+    operator, flows: Flows, nc, svc: str, kubectl, namespace: str
+) -> None:
     release = asyncio.Event()
 
     async def slow(msg: Any) -> dict[str, Any]:
@@ -188,8 +222,17 @@ async def test_deleting_a_parent_removes_its_children(operator, flows: Flows, nc
         return {"success": True, "data": 1}
 
     await serve(nc, f"{svc}.do", slow)
-    await flows.create({"stages": [{"name": "s", "tasks": [
-        {"name": "n", "type": "TASKFLOW", "taskflow": flow(svc, ["x"])}]}]}, "parent")
+    await flows.create(
+        {
+            "stages": [
+                {
+                    "name": "s",
+                    "tasks": [{"name": "n", "type": "TASKFLOW", "taskflow": flow(svc, ["x"])}],
+                }
+            ]
+        },
+        "parent",
+    )
     for _ in range(100):
         if len(await flows.list()) == 2:
             break

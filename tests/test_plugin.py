@@ -30,8 +30,13 @@ class Plugin:
 
     async def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return await asyncio.to_thread(
-            subprocess.run, [PLUGIN, *args, *self.base], env=self.env, capture_output=True,
-            text=True, timeout=timeout)
+            subprocess.run,
+            [PLUGIN, *args, *self.base],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture
@@ -49,8 +54,10 @@ async def service(nc, svc: str) -> AsyncIterator[dict[str, Any]]:  # type: ignor
         if params.get("hold"):
             await state["gate"].wait()
         if params.get("fail") and not state["heal"]:
-            body: dict[str, Any] = {"success": False, "error": {
-                "message": f"{params['name']} broke", "code": "BROKEN"}}
+            body: dict[str, Any] = {
+                "success": False,
+                "error": {"message": f"{params['name']} broke", "code": "BROKEN"},
+            }
         else:
             body = {"success": True, "data": params["name"]}
         await msg.respond(json.dumps(body).encode())
@@ -65,28 +72,40 @@ async def service(nc, svc: str) -> AsyncIterator[dict[str, Any]]:  # type: ignor
 
 
 def task(svc: str, name: str, **params: Any) -> dict[str, Any]:
-    return {"name": name, "params": {"name": name, **params},
-            "taskDetails": {"serviceId": svc, "actionName": "act"}}
+    return {
+        "name": name,
+        "params": {"name": name, **params},
+        "taskDetails": {"serviceId": svc, "actionName": "act"},
+    }
 
 
 def mixed_flow(svc: str) -> dict[str, Any]:
     """A success, a failure after one retry, and an inline nested flow."""
-    return {"spec": {
-        "options": {"continueOnTaskFailure": True, "retryDelay": 0},
-        "stages": [
-            {"name": "prepare", "tasks": [task(svc, "ok")]},
-            {"name": "work", "tasks": [
-                {**task(svc, "bad", fail=True), "options": {"maxRetries": 1}},
-                {"name": "sub", "type": "TASKFLOW", "taskflow": {"stages": [
-                    {"name": "inner", "tasks": [task(svc, "deep")]}]}},
-            ]},
-        ],
-    }}
+    return {
+        "spec": {
+            "options": {"continueOnTaskFailure": True, "retryDelay": 0},
+            "stages": [
+                {"name": "prepare", "tasks": [task(svc, "ok")]},
+                {
+                    "name": "work",
+                    "tasks": [
+                        {**task(svc, "bad", fail=True), "options": {"maxRetries": 1}},
+                        {
+                            "name": "sub",
+                            "type": "TASKFLOW",
+                            "taskflow": {
+                                "stages": [{"name": "inner", "tasks": [task(svc, "deep")]}]
+                            },
+                        },
+                    ],
+                },
+            ],
+        }
+    }
 
 
 @pytest.fixture
-async def finished(operator, flows: Flows, service: dict[str, Any], svc: str
-                   ) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+async def finished(operator, flows: Flows, service: dict[str, Any], svc: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     await flows.create(mixed_flow(svc), name="mixed")
     return await flows.wait("mixed")
 
@@ -102,11 +121,15 @@ async def test_tree_shows_stages_tasks_errors_and_nested_flows_plain_when_piped(
     lines = out.splitlines()
     assert re.match(rf"^{namespace}/mixed  COMPLETED_WITH_FAILURES  3/3  \S+$", lines[0]), out
     assert re.match(r"^├── stage prepare  SUCCEEDED  \S+$", lines[1]), out
-    assert re.match(r"^│   └── ok  SUCCEEDED  attempt 0  \d+ms$|^│   └── ok  SUCCEEDED  "
-                    r"attempt 0  [\d.]+s$", lines[2]), out
+    assert re.match(
+        r"^│   └── ok  SUCCEEDED  attempt 0  \d+ms$|^│   └── ok  SUCCEEDED  "
+        r"attempt 0  [\d.]+s$",
+        lines[2],
+    ), out
     assert lines[3].startswith("└── stage work  FAILED")
-    assert re.match(r"^    ├── bad  FAILED  attempt 1  \S+  error: bad broke \[BROKEN\]$",
-                    lines[4]), out
+    assert re.match(
+        r"^    ├── bad  FAILED  attempt 1  \S+  error: bad broke \[BROKEN\]$", lines[4]
+    ), out
     assert lines[5].startswith("    └── sub  SUCCEEDED  (nested flow)  attempt 0")
     child = task_status(finished, "work", "sub")["nestedTaskflows"][0]
     assert lines[6].startswith(f"        └── flow {child}  SUCCEEDED  1/1  (attempt 0)")
@@ -119,8 +142,13 @@ async def test_tree_is_coloured_on_a_terminal(plugin: Plugin, finished: dict[str
     leader, follower = pty.openpty()
     try:
         proc = await asyncio.to_thread(
-            subprocess.run, [PLUGIN, "tree", "mixed", *plugin.base], env=plugin.env,
-            stdout=follower, stderr=subprocess.PIPE, timeout=60)
+            subprocess.run,
+            [PLUGIN, "tree", "mixed", *plugin.base],
+            env=plugin.env,
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
         os.close(follower)
         chunks = []
         while True:
@@ -160,8 +188,10 @@ async def test_events_replay_prints_the_history_and_ends(
     lines = result.stdout.splitlines()
     assert re.search(r"#1\s+TASKFLOW\s+mixed\s+RUNNING", lines[0]), lines[0]
     assert re.search(r"TASKFLOW\s+mixed\s+COMPLETED_WITH_FAILURES$", lines[-1]), lines[-1]
-    assert any(re.search(r"TASK\s+work/bad\s+FAILED  attempt 1  error: bad broke \[BROKEN\]", ln)
-               for ln in lines), result.stdout
+    assert any(
+        re.search(r"TASK\s+work/bad\s+FAILED  attempt 1  error: bad broke \[BROKEN\]", ln)
+        for ln in lines
+    ), result.stdout
     as_json = await plugin("events", "mixed", "--replay", "-o", "json")
     events = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert len(events) == len(lines)
@@ -180,12 +210,19 @@ async def test_events_without_replay_on_a_finished_flow_says_so(
 async def test_events_tails_a_running_flow_live(
     operator, plugin: Plugin, flows: Flows, service: dict[str, Any], svc: str, nc
 ) -> None:
-    created = await flows.create({"spec": {"stages": [{"name": "s", "tasks": [
-        task(svc, "held", hold=True)]}]}}, name="live")
+    created = await flows.create(
+        {"spec": {"stages": [{"name": "s", "tasks": [task(svc, "held", hold=True)]}]}}, name="live"
+    )
     await flows.wait("live", until=lambda b: (b.get("status") or {}).get("phase") == "RUNNING")
     proc = await asyncio.create_subprocess_exec(
-        PLUGIN, "events", "live", *plugin.base, env=plugin.env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        PLUGIN,
+        "events",
+        "live",
+        *plugin.base,
+        env=plugin.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     subject = f"taskflow.events.{created['metadata']['uid']}"
     js = nc.jetstream()
     for _ in range(200):  # until the plugin's consumer exists: then nothing can be missed
@@ -212,8 +249,11 @@ async def test_retry_failed_tasks_then_stages_and_tasks(
     result = await plugin("retry", "mixed", "--failed")
 
     assert result.returncode == 0, result.stderr
-    assert re.match(r"^retry r-[0-9a-f]{12} of mixed accepted: retry r-[0-9a-f]{12}: "
-                    r"1 task\(s\) to run again$", result.stdout.strip()), result.stdout
+    assert re.match(
+        r"^retry r-[0-9a-f]{12} of mixed accepted: retry r-[0-9a-f]{12}: "
+        r"1 task\(s\) to run again$",
+        result.stdout.strip(),
+    ), result.stdout
     done = await flows.wait("mixed", until=lambda b: b["status"]["phase"] == "SUCCEEDED")
     assert task_status(done, "work", "bad")["response"] == "bad"
 
@@ -221,17 +261,26 @@ async def test_retry_failed_tasks_then_stages_and_tasks(
     assert result.returncode == 0, result.stderr
     assert "accepted" in result.stdout
     body = await flows.get("mixed")
-    assert body["spec"]["retry"]["stages"] == [{"name": "prepare"},
-                                               {"name": "work", "tasks": ["bad"]}]
-    await flows.wait("mixed", until=lambda b: b["status"]["phase"] == "SUCCEEDED"
-                     and b["status"]["retry"]["id"] == body["spec"]["retry"]["id"])
+    assert body["spec"]["retry"]["stages"] == [
+        {"name": "prepare"},
+        {"name": "work", "tasks": ["bad"]},
+    ]
+    await flows.wait(
+        "mixed",
+        until=lambda b: (
+            b["status"]["phase"] == "SUCCEEDED"
+            and b["status"]["retry"]["id"] == body["spec"]["retry"]["id"]
+        ),
+    )
 
 
 async def test_cancel_a_running_flow_then_refuse_a_second_cancel(
     operator, plugin: Plugin, flows: Flows, service: dict[str, Any], svc: str, namespace: str
 ) -> None:
-    await flows.create({"spec": {"stages": [{"name": "s", "tasks": [
-        task(svc, "held", hold=True)]}]}}, name="stop-me")
+    await flows.create(
+        {"spec": {"stages": [{"name": "s", "tasks": [task(svc, "held", hold=True)]}]}},
+        name="stop-me",
+    )
     await flows.wait("stop-me", until=lambda b: (b.get("status") or {}).get("phase") == "RUNNING")
 
     result = await plugin("cancel", "stop-me")
@@ -241,8 +290,9 @@ async def test_cancel_a_running_flow_then_refuse_a_second_cancel(
     again = await plugin("cancel", "stop-me")
     assert again.returncode == 1
     assert again.stdout == ""
-    assert again.stderr == (f"error: taskflow {namespace}/stop-me already ended CANCELLED: "
-                            "nothing to cancel\n")
+    assert again.stderr == (
+        f"error: taskflow {namespace}/stop-me already ended CANCELLED: nothing to cancel\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -250,12 +300,18 @@ async def test_cancel_a_running_flow_then_refuse_a_second_cancel(
     [
         (["tree", "nope"], "error: taskflow {ns}/nope not found"),
         (["retry", "nope"], "error: taskflow {ns}/nope not found"),
-        (["retry", "nope", "--task", "justastage"],
-         "error: --task takes STAGE/TASK, not 'justastage'"),
-        (["tree", "nope", "--kubeconfig", "/does/not/exist"],
-         "error: cannot load the kubeconfig: "),
-        (["events", "nope", "--nats-url", "nats://127.0.0.1:1"],
-         "error: cannot connect to NATS at nats://127.0.0.1:1"),
+        (
+            ["retry", "nope", "--task", "justastage"],
+            "error: --task takes STAGE/TASK, not 'justastage'",
+        ),
+        (
+            ["tree", "nope", "--kubeconfig", "/does/not/exist"],
+            "error: cannot load the kubeconfig: ",
+        ),
+        (
+            ["events", "nope", "--nats-url", "nats://127.0.0.1:1"],
+            "error: cannot connect to NATS at nats://127.0.0.1:1",
+        ),
     ],
     ids=["unknown-flow", "unknown-flow-retry", "bad-task", "bad-kubeconfig", "no-nats"],
 )
@@ -264,20 +320,39 @@ async def test_errors_are_one_clear_line_and_a_non_zero_exit(
 ) -> None:
     # flags given twice: the last wins, as kubectl users expect
     result = await asyncio.to_thread(
-        subprocess.run, [PLUGIN, *plugin.base, *args], env=plugin.env, capture_output=True,
-        text=True, timeout=60)
+        subprocess.run,
+        [PLUGIN, *plugin.base, *args],
+        env=plugin.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(message.format(ns=namespace)), result.stderr
 
 
-async def test_kubectl_finds_the_plugin(kubectl, finished: dict[str, Any], stack,
-                                        namespace: str) -> None:
+async def test_kubectl_finds_the_plugin(
+    kubectl, finished: dict[str, Any], stack, namespace: str
+) -> None:
     env = {**os.environ, "PATH": f"{Path(PLUGIN).parent}:{os.environ['PATH']}"}
     result = await asyncio.to_thread(
-        subprocess.run, ["kubectl", "taskflow", "tree", "mixed", "--kubeconfig",
-                         str(stack.kubeconfig), "-n", namespace],
-        env=env, capture_output=True, text=True, timeout=60)
+        subprocess.run,
+        [
+            "kubectl",
+            "taskflow",
+            "tree",
+            "mixed",
+            "--kubeconfig",
+            str(stack.kubeconfig),
+            "-n",
+            namespace,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{namespace}/mixed  COMPLETED_WITH_FAILURES")

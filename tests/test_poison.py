@@ -29,12 +29,19 @@ POISON = {
     "deep-5000": (deep(5000), None, "BadReply", "nested more than 64 levels deep"),
     "nan": (b'{"success": true, "data": {"x": NaN}}', None, "BadReply", "NaN is not"),
     "huge-float": (b'{"success": true, "data": 1e999}', None, "BadReply", "out of range"),
-    "lone-surrogate": (b'{"success": true, "data": "\\udc00"}', None, "BadReply",
-                       "not valid Unicode"),
+    "lone-surrogate": (
+        b'{"success": true, "data": "\\udc00"}',
+        None,
+        "BadReply",
+        "not valid Unicode",
+    ),
     # Once dropped by the operator, so the attempt ended TIMED_OUT with the answer lost.
-    "long-error-code-header": (b"", {"Nats-Service-Error": "offline",
-                                     "Nats-Service-Error-Code": "9" * 400},
-                               "Service", "offline"),
+    "long-error-code-header": (
+        b"",
+        {"Nats-Service-Error": "offline", "Nats-Service-Error-Code": "9" * 400},
+        "Service",
+        "offline",
+    ),
 }
 
 
@@ -48,8 +55,9 @@ async def test_a_poison_reply_fails_its_attempt_and_the_retry_succeeds(
         return (body, headers) if attempt_of(msg) == 0 else {"success": True, "data": "fine"}
 
     rec = await serve(nc, f"{svc}.do", reply)
-    await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0,
-                                                 "timeout": "20s"}), "f")
+    await flows.create(
+        flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0, "timeout": "20s"}), "f"
+    )
     done = await flows.wait("f", timeout=15)
     a = task_status(done, "s1", "a")
     assert done["status"]["phase"] == "SUCCEEDED", a
@@ -63,8 +71,7 @@ async def test_a_poison_reply_fails_its_attempt_and_the_retry_succeeds(
     assert operator.process.poll() is None
 
 
-async def test_a_huge_error_is_bounded_in_the_object(operator, flows: Flows, nc, svc: str
-                                                     ) -> None:
+async def test_a_huge_error_is_bounded_in_the_object(operator, flows: Flows, nc, svc: str) -> None:
     """200 KB of message and 300 KB of error.data once grew the object to 885 KB."""
     error = {"message": "m" * 200_000, "code": "E", "data": {"blob": "d" * 300_000}}
     await serve(nc, f"{svc}.do", lambda m: {"success": False, "error": error})
@@ -90,8 +97,9 @@ async def test_a_poison_reply_left_in_the_stream_is_not_replayed_forever(
         return {"success": True, "data": "fine"}
 
     await serve(nc, f"{svc}.do", reply)
-    await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0,
-                                                 "timeout": "30s"}), "f")
+    await flows.create(
+        flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0, "timeout": "30s"}), "f"
+    )
     await eventually(lambda: held, timeout=10)
     operator.kill(signal.SIGKILL)
     try:
@@ -115,37 +123,60 @@ async def test_a_writer_that_cannot_write_says_so_and_recovers(
     misconfigured cluster would). The writer does not give up: a Stalled condition and a
     Warning Event name the error, and once the policy goes the flow finishes."""
     admission = client.AdmissionregistrationV1Api(kube)
-    await asyncio.to_thread(admission.create_validating_admission_policy, {
-        "metadata": {"name": POLICY},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [{"apiGroups": ["taskflow.dev"], "apiVersions": ["*"],
-                                   "operations": ["UPDATE"], "resources": ["taskflows/status"]}],
-                "namespaceSelector": {"matchLabels": {
-                    "kubernetes.io/metadata.name": flows.namespace}},
+    await asyncio.to_thread(
+        admission.create_validating_admission_policy,
+        {
+            "metadata": {"name": POLICY},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["taskflow.dev"],
+                            "apiVersions": ["*"],
+                            "operations": ["UPDATE"],
+                            "resources": ["taskflows/status"],
+                        }
+                    ],
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": flows.namespace}
+                    },
+                },
+                "validations": [
+                    {
+                        "expression": "!has(object.status.progress) || "
+                        "object.status.progress != '1/1'",
+                        "message": "results are refused by a test policy",
+                    }
+                ],
             },
-            "validations": [{
-                "expression": "!has(object.status.progress) || object.status.progress != '1/1'",
-                "message": "results are refused by a test policy"}],
         },
-    })
-    await asyncio.to_thread(admission.create_validating_admission_policy_binding, {
-        "metadata": {"name": POLICY},
-        "spec": {"policyName": POLICY, "validationActions": ["Deny"]},
-    })
+    )
+    await asyncio.to_thread(
+        admission.create_validating_admission_policy_binding,
+        {
+            "metadata": {"name": POLICY},
+            "spec": {"policyName": POLICY, "validationActions": ["Deny"]},
+        },
+    )
     try:
         await asyncio.sleep(2)  # the policy takes a moment to reach the admission chain
         await serve(nc, f"{svc}.do")
         await flows.create(flow(svc, ["a"]), "f")
-        stalled = await flows.wait("f", timeout=30, until=lambda b: any(
-            c["type"] == "Stalled" for c in (b.get("status") or {}).get("conditions", [])))
+        stalled = await flows.wait(
+            "f",
+            timeout=30,
+            until=lambda b: any(
+                c["type"] == "Stalled" for c in (b.get("status") or {}).get("conditions", [])
+            ),
+        )
         condition = next(c for c in stalled["status"]["conditions"] if c["type"] == "Stalled")
         assert condition["status"] == "True" and condition["reason"] == "WriterFailing"
         assert "results are refused by a test policy" in condition["message"]
         assert stalled["status"]["phase"] == "RUNNING"
         events = await asyncio.to_thread(
-            client.CoreV1Api(kube).list_namespaced_event, flows.namespace)
+            client.CoreV1Api(kube).list_namespaced_event, flows.namespace
+        )
         assert any(e.reason == "WriterFailing" and e.type == "Warning" for e in events.items)
     finally:
         await asyncio.to_thread(admission.delete_validating_admission_policy_binding, POLICY)
@@ -169,11 +200,13 @@ async def test_replies_dropped_by_a_slow_consumer_are_read_from_the_stream(
 
     with DevStack(tmp_path_factory.mktemp("slow-consumer")) as stack:
         api = config.new_client_from_config(str(stack.kubeconfig))
-        await asyncio.to_thread(client.CoreV1Api(api).create_namespace,
-                                client.V1Namespace(metadata={"name": "flows"}))
+        await asyncio.to_thread(
+            client.CoreV1Api(api).create_namespace, client.V1Namespace(metadata={"name": "flows"})
+        )
         nc = await nats.connect(stack.nats.url)
-        small = OperatorProcess(stack, tmp_path_factory.mktemp("slow-operator"),
-                                extra=["--reply-pending-bytes", "8192"])
+        small = OperatorProcess(
+            stack, tmp_path_factory.mktemp("slow-operator"), extra=["--reply-pending-bytes", "8192"]
+        )
         try:
             gate = asyncio.Event()
 
@@ -184,8 +217,9 @@ async def test_replies_dropped_by_a_slow_consumer_are_read_from_the_stream(
             rec = await serve(nc, f"{svc}.do", reply)
             small.start()
             flows = Flows(api, "flows")
-            await flows.create(flow(svc, [f"t{i}" for i in range(100)],
-                                    options={"timeout": "60s"}), "f")
+            await flows.create(
+                flow(svc, [f"t{i}" for i in range(100)], options={"timeout": "60s"}), "f"
+            )
             for _ in range(400):
                 if len(rec.requests) == 100:
                     break
@@ -201,16 +235,19 @@ async def test_replies_dropped_by_a_slow_consumer_are_read_from_the_stream(
             api.close()
 
 
-async def test_cancel_acts_on_a_flow_that_got_a_poison_reply(operator, flows: Flows, nc,
-                                                            svc: str) -> None:
+async def test_cancel_acts_on_a_flow_that_got_a_poison_reply(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     """Once a poison reply left a flow RUNNING for good and a cancel changed nothing."""
+
     def reply(msg: Any) -> Any:
         return deep(300) if json.loads(msg.data)["task"] == "a" else None  # b: held
 
     await serve(nc, f"{svc}.do", reply)
     await flows.create(flow(svc, ["a", "b"], options={"timeout": "60s"}), "f")
-    await flows.wait("f", until=lambda b: "status" in b
-                     and task_status(b, "s1", "a")["status"] == "FAILED")
+    await flows.wait(
+        "f", until=lambda b: "status" in b and task_status(b, "s1", "a")["status"] == "FAILED"
+    )
     await flows.patch("f", {"spec": {"cancel": True}})
     done = await flows.wait("f", timeout=15)
     assert done["status"]["phase"] == "CANCELLED"
@@ -220,14 +257,18 @@ async def test_cancel_acts_on_a_flow_that_got_a_poison_reply(operator, flows: Fl
 
 async def test_a_timeout_acts_after_a_poison_reply(operator, flows: Flows, nc, svc: str) -> None:
     """Attempt 0 gets a poison reply, attempt 1 no reply at all: its timeout ends the flow."""
+
     def reply(msg: Any) -> Any:
         return deep(300) if attempt_of(msg) == 0 else None
 
     await serve(nc, f"{svc}.do", reply)
-    await flows.create(flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0,
-                                                 "timeout": "1s"}), "f")
+    await flows.create(
+        flow(svc, ["a"], options={"maxRetries": 1, "retryDelay": 0, "timeout": "1s"}), "f"
+    )
     done = await flows.wait("f", timeout=15)
     a = task_status(done, "s1", "a")
     assert done["status"]["phase"] == "FAILED"
     assert [(x["status"], x["error"]["reason"]) for x in a["attempts"]] == [
-        ("FAILED", "BadReply"), ("TIMED_OUT", "Timeout")]
+        ("FAILED", "BadReply"),
+        ("TIMED_OUT", "Timeout"),
+    ]

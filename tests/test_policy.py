@@ -42,29 +42,50 @@ def test_wildcards_and_the_empty_and_absent_lists() -> None:
     assert "has no TaskflowPolicy" in no_policy_refusal("s", "x")
 
 
-@pytest.mark.parametrize("grant", [
-    {"serviceId": "a.b"}, {"serviceId": "a>"}, {"serviceId": ""},
-    {"serviceId": "a", "actions": ["x y"]}, {"serviceId": "a", "extra": 1},
-])
+@pytest.mark.parametrize(
+    "grant",
+    [
+        {"serviceId": "a.b"},
+        {"serviceId": "a>"},
+        {"serviceId": ""},
+        {"serviceId": "a", "actions": ["x y"]},
+        {"serviceId": "a", "extra": 1},
+    ],
+)
 def test_grants_are_nats_tokens_or_a_star(grant: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         policy(grant)
 
 
 def spec(*tasks: tuple[str, str], retries: int = 3) -> TaskflowSpec:
-    return TaskflowSpec.model_validate({
-        "options": {"maxRetries": retries, "retryDelay": 0},
-        "stages": [{"name": "s1", "tasks": [
-            {"name": f"t{i}", "taskDetails": {"serviceId": s, "actionName": a}}
-            for i, (s, a) in enumerate(tasks)]}],
-    })
+    return TaskflowSpec.model_validate(
+        {
+            "options": {"maxRetries": retries, "retryDelay": 0},
+            "stages": [
+                {
+                    "name": "s1",
+                    "tasks": [
+                        {"name": f"t{i}", "taskDetails": {"serviceId": s, "actionName": a}}
+                        for i, (s, a) in enumerate(tasks)
+                    ],
+                }
+            ],
+        }
+    )
 
 
 def test_the_engine_refuses_a_task_before_sending_it_and_does_not_retry_it() -> None:
     flow = spec(("devices", "configure"), ("billing", "charge"))
     only_devices = policy({"serviceId": "devices"})
-    first = decide(spec=flow, status=TaskflowStatus(), now=T0, uid=UID, generation=1,
-                   event_subject="e", refuse=only_devices.refusal)
+    first = decide(
+        spec=flow,
+        status=TaskflowStatus(),
+        now=T0,
+        uid=UID,
+        generation=1,
+        event_subject="e",
+        refuse=only_devices.refusal,
+    )
     dispatched = [e for e in first.effects if isinstance(e, Dispatch)]
     assert [d.task for d in dispatched] == ["t0"]
     t1 = first.status.stages[0].tasks[1]
@@ -72,33 +93,55 @@ def test_the_engine_refuses_a_task_before_sending_it_and_does_not_retry_it() -> 
     assert t1.error is not None and t1.error.reason == POLICY_DENIED
     assert "billing.charge" in t1.error.message
     assert [a.error.reason for a in t1.attempts if a.error] == [POLICY_DENIED]
-    done = decide(spec=flow, status=first.status, now=T0 + 10, uid=UID, generation=1,
-                  event_subject="e", refuse=only_devices.refusal,
-                  inputs=[Reply(stage="s1", task="t0", attempt=0, ok=True, data={})])
+    done = decide(
+        spec=flow,
+        status=first.status,
+        now=T0 + 10,
+        uid=UID,
+        generation=1,
+        event_subject="e",
+        refuse=only_devices.refusal,
+        inputs=[Reply(stage="s1", task="t0", attempt=0, ok=True, data={})],
+    )
     assert done.status.phase == FlowPhase.FAILED
     assert not [e for e in done.effects if isinstance(e, Dispatch)]
 
 
 def test_no_refusal_means_every_task_is_sent() -> None:
     flow = spec(("devices", "configure"), ("billing", "charge"))
-    first = decide(spec=flow, status=TaskflowStatus(), now=T0, uid=UID, generation=1,
-                   event_subject="e")
+    first = decide(
+        spec=flow, status=TaskflowStatus(), now=T0, uid=UID, generation=1, event_subject="e"
+    )
     assert len([e for e in first.effects if isinstance(e, Dispatch)]) == 2
 
 
 def test_a_retry_is_refused_again_when_the_policy_tightened_meanwhile() -> None:
     flow = spec(("devices", "configure"), retries=0)
-    first = decide(spec=flow, status=TaskflowStatus(), now=T0, uid=UID, generation=1,
-                   event_subject="e")
-    failed = decide(spec=flow, status=first.status, now=T0 + 5, uid=UID, generation=1,
-                    event_subject="e", inputs=[Reply(stage="s1", task="t0", attempt=0,
-                                                     ok=False)])
+    first = decide(
+        spec=flow, status=TaskflowStatus(), now=T0, uid=UID, generation=1, event_subject="e"
+    )
+    failed = decide(
+        spec=flow,
+        status=first.status,
+        now=T0 + 5,
+        uid=UID,
+        generation=1,
+        event_subject="e",
+        inputs=[Reply(stage="s1", task="t0", attempt=0, ok=False)],
+    )
     assert failed.status.phase == FlowPhase.FAILED
-    retried = TaskflowSpec.model_validate({**flow.model_dump(by_alias=True, exclude_none=True),
-                                           "retry": {"id": "r1"}})
-    again = decide(spec=retried,
-                   status=failed.status, now=T0 + 10, uid=UID, generation=2,
-                   event_subject="e", refuse=policy().refusal)
+    retried = TaskflowSpec.model_validate(
+        {**flow.model_dump(by_alias=True, exclude_none=True), "retry": {"id": "r1"}}
+    )
+    again = decide(
+        spec=retried,
+        status=failed.status,
+        now=T0 + 10,
+        uid=UID,
+        generation=2,
+        event_subject="e",
+        refuse=policy().refusal,
+    )
     assert not [e for e in again.effects if isinstance(e, Dispatch)]
     task = again.status.stages[0].tasks[0]
     assert task.status == Status.FAILED and task.error and task.error.reason == POLICY_DENIED
@@ -109,8 +152,9 @@ def test_the_subject_template_may_name_the_namespace() -> None:
     assert subjects.template_problem() is None
     assert subjects.request("svc", "do", "team-a") == "team-a.svc.do"
     assert subjects.request("svc", "do") == "*.svc.do"  # what a service of every namespace hears
-    assert "must contain {serviceId}" in (Subjects(template="x.{actionName}").template_problem()
-                                          or "")
+    assert "must contain {serviceId}" in (
+        Subjects(template="x.{actionName}").template_problem() or ""
+    )
     assert "not tenant" in (Subjects(template="{tenant}.{serviceId}").template_problem() or "")
     assert "wildcard" in (Subjects(template="{serviceId}.>").template_problem() or "")
     assert "malformed" in (Subjects(template="{serviceId").template_problem() or "")

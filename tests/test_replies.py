@@ -18,8 +18,9 @@ LIMITS = ReplyLimits()
 UID = "00000000-0000-0000-0000-000000000001"
 
 
-def read(data: bytes | str, headers: dict[str, str] | None = None,
-         limits: ReplyLimits = LIMITS) -> Any:
+def read(
+    data: bytes | str, headers: dict[str, str] | None = None, limits: ReplyLimits = LIMITS
+) -> Any:
     raw = data.encode() if isinstance(data, str) else data
     return read_reply(stage="s", task="t", attempt=0, data=raw, headers=headers, limits=limits)
 
@@ -77,8 +78,10 @@ def test_long_service_error_headers_are_cut_and_say_so() -> None:
 
 
 def test_a_large_error_is_bounded_and_says_what_was_dropped() -> None:
-    body = {"success": False,
-            "error": {"message": "m" * 200_000, "code": 7, "data": {"blob": "d" * 300_000}}}
+    body = {
+        "success": False,
+        "error": {"message": "m" * 200_000, "code": 7, "data": {"blob": "d" * 300_000}},
+    }
     item = read(json.dumps(body))
     assert isinstance(item, Reply) and item.error is not None
     assert item.error.data is None and item.error.code == "7"
@@ -108,43 +111,75 @@ def test_children_are_named_once_and_capped() -> None:
     assert many.error.reason == "Child"
 
 
-SPEC = TaskflowSpec.model_validate({"stages": [{"name": "s", "tasks": [
-    {"name": "t", "taskDetails": {"serviceId": "svc", "actionName": "t"}}]}]})
+SPEC = TaskflowSpec.model_validate(
+    {
+        "stages": [
+            {
+                "name": "s",
+                "tasks": [{"name": "t", "taskDetails": {"serviceId": "svc", "actionName": "t"}}],
+            }
+        ]
+    }
+)
 T0 = 1_700_000_000_000
 
 
 def run_with(item: Any) -> Any:
-    first = decide(spec=SPEC, status=TaskflowStatus(), now=T0, uid=UID, generation=1,
-                   event_subject="e")
-    return decide(spec=SPEC, status=first.status, now=T0 + 1, inputs=[item], uid=UID,
-                  generation=1, event_subject="e")
+    first = decide(
+        spec=SPEC, status=TaskflowStatus(), now=T0, uid=UID, generation=1, event_subject="e"
+    )
+    return decide(
+        spec=SPEC,
+        status=first.status,
+        now=T0 + 1,
+        inputs=[item],
+        uid=UID,
+        generation=1,
+        event_subject="e",
+    )
 
 
 def test_quarantine_turns_an_unrecordable_reply_into_a_bad_reply() -> None:
-    first = decide(spec=SPEC, status=TaskflowStatus(), now=T0, uid=UID, generation=1,
-                   event_subject="e")
+    first = decide(
+        spec=SPEC, status=TaskflowStatus(), now=T0, uid=UID, generation=1, event_subject="e"
+    )
     deep: Any = []
     for _ in range(300):  # what read_reply would refuse, as if it came another way
         deep = [deep]
     poison = Reply(stage="s", task="t", attempt=0, ok=True, data=deep)
     fine = Reply(stage="x", task="y", attempt=0, ok=True, data=1)
-    cleaned = quarantine(spec=SPEC, status=first.status, inputs=[poison, fine], now=T0 + 1,
-                         uid=UID, generation=1, event_subject="e")
+    cleaned = quarantine(
+        spec=SPEC,
+        status=first.status,
+        inputs=[poison, fine],
+        now=T0 + 1,
+        uid=UID,
+        generation=1,
+        event_subject="e",
+    )
     assert cleaned[1] is fine
     bad = cleaned[0]
     assert isinstance(bad, Reply) and not bad.ok and bad.error is not None
     assert bad.error.reason == BAD_REPLY
     assert "Maximum serialization depth exceeded" in bad.error.message
-    after = decide(spec=SPEC, status=first.status, now=T0 + 1, inputs=cleaned, uid=UID,
-                   generation=1, event_subject="e")
+    after = decide(
+        spec=SPEC,
+        status=first.status,
+        now=T0 + 1,
+        inputs=cleaned,
+        uid=UID,
+        generation=1,
+        event_subject="e",
+    )
     assert after.status.phase == FlowPhase.FAILED
     assert after.status.stages[0].tasks[0].status == Status.FAILED
     journal.encode(after.status)
 
 
 def test_journal_round_trip_and_the_newer_copy() -> None:
-    first = decide(spec=SPEC, status=TaskflowStatus(), now=T0, uid=UID, generation=1,
-                   event_subject="e").status
+    first = decide(
+        spec=SPEC, status=TaskflowStatus(), now=T0, uid=UID, generation=1, event_subject="e"
+    ).status
     first.write_seq = 3
     copy = journal.decode(journal.encode(first))
     assert copy == first

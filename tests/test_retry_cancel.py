@@ -33,14 +33,22 @@ class Service:
         return {"success": True, "data": f"{name}#{self.calls[name]}"}
 
 
-async def failed_flow(flows: Flows, nc: Any, svc: str, *, exactly_once: bool,
-                      cont: bool = True) -> Service:
+async def failed_flow(
+    flows: Flows, nc: Any, svc: str, *, exactly_once: bool, cont: bool = True
+) -> Service:
     """s1: a, b (b fails) ; s2: c, d — finished, with b FAILED."""
     service = Service()
     service.failing = {"b"}
     await serve(nc, f"{svc}.do", service)
-    await flows.create(flow(svc, ["a", "b"], ["c", "d"], options={
-        "exactlyOnceTaskExecution": exactly_once, "continueOnTaskFailure": cont}), "f")
+    await flows.create(
+        flow(
+            svc,
+            ["a", "b"],
+            ["c", "d"],
+            options={"exactlyOnceTaskExecution": exactly_once, "continueOnTaskFailure": cont},
+        ),
+        "f",
+    )
     done = await flows.wait("f")
     assert done["status"]["phase"] == ("COMPLETED_WITH_FAILURES" if cont else "FAILED")
     service.failing.clear()
@@ -50,8 +58,13 @@ async def failed_flow(flows: Flows, nc: Any, svc: str, *, exactly_once: bool,
 
 async def retry(flows: Flows, request: dict[str, Any]) -> dict[str, Any]:
     await flows.patch("f", {"spec": {"retry": request}})
-    return await flows.wait("f", lambda b: (b["status"].get("retry") or {}).get("id")
-                            == request["id"] and b["status"]["phase"] not in ("RUNNING",))
+    return await flows.wait(
+        "f",
+        lambda b: (
+            (b["status"].get("retry") or {}).get("id") == request["id"]
+            and b["status"]["phase"] not in ("RUNNING",)
+        ),
+    )
 
 
 @pytest.mark.parametrize("exactly_once", [True, False])
@@ -96,13 +109,19 @@ async def test_retry_given_tasks(operator, flows: Flows, nc, svc: str) -> None:
     assert done["status"]["phase"] == "SUCCEEDED"
 
 
-async def test_same_retry_is_acted_on_once(operator, flows: Flows, nc, svc: str,
-                                           kubectl: Kubectl, namespace: str) -> None:
+async def test_same_retry_is_acted_on_once(
+    operator, flows: Flows, nc, svc: str, kubectl: Kubectl, namespace: str
+) -> None:
     service = await failed_flow(flows, nc, svc, exactly_once=True)
     patch = json.dumps({"spec": {"retry": {"id": "again-1"}}})
     kubectl("patch", "tf", "f", "-n", namespace, "--type", "merge", "-p", patch)
-    done = await flows.wait("f", lambda b: (b["status"].get("retry") or {}).get("id") == "again-1"
-                            and b["status"]["phase"] == "SUCCEEDED")
+    done = await flows.wait(
+        "f",
+        lambda b: (
+            (b["status"].get("retry") or {}).get("id") == "again-1"
+            and b["status"]["phase"] == "SUCCEEDED"
+        ),
+    )
     # Re-applying the same object (as from `kubectl get -o yaml`) changes nothing.
     kubectl("patch", "tf", "f", "-n", namespace, "--type", "merge", "-p", patch)
     manifest = await flows.get("f")
@@ -127,18 +146,21 @@ async def test_retry_refusals_are_reported(operator, flows: Flows, nc, svc: str)
     await flows.create(flow(svc, ["a"], ["b"]), "f")
     await flows.wait("f", lambda b: (b.get("status") or {}).get("phase") == "RUNNING")
     await flows.patch("f", {"spec": {"retry": {"id": "too-early"}}})
-    refused = await flows.wait("f", lambda b: (b["status"].get("retry") or {}).get("id")
-                               == "too-early")
+    refused = await flows.wait(
+        "f", lambda b: (b["status"].get("retry") or {}).get("id") == "too-early"
+    )
     assert refused["status"]["retry"]["accepted"] is False
     assert "only a finished flow can be retried" in refused["status"]["retry"]["message"]
     cond = next(c for c in refused["status"]["conditions"] if c["type"] == "RetryAccepted")
     assert cond["status"] == "False" and "too-early" in cond["message"]
     release.set()
     await flows.wait("f")
-    await flows.patch("f", {"spec": {"retry": {"id": "bad-task", "stages": [
-        {"name": "s1", "tasks": ["nope"]}]}}})
-    refused = await flows.wait("f", lambda b: (b["status"].get("retry") or {}).get("id")
-                               == "bad-task")
+    await flows.patch(
+        "f", {"spec": {"retry": {"id": "bad-task", "stages": [{"name": "s1", "tasks": ["nope"]}]}}}
+    )
+    refused = await flows.wait(
+        "f", lambda b: (b["status"].get("retry") or {}).get("id") == "bad-task"
+    )
     assert refused["status"]["retry"]["accepted"] is False
     assert "unknown task 'nope'" in refused["status"]["retry"]["message"]
     assert refused["status"]["phase"] == "SUCCEEDED"  # nothing half-applied
@@ -170,8 +192,14 @@ async def test_cancel_with_100_tasks_in_flight(operator, flows: Flows, nc, svc: 
     assert keys == {f"{uid}/s1/{n}/0" for n in names}
     # A late reply is recorded as late and changes no outcome.
     await nc.publish(held[0].reply, json.dumps({"success": True, "data": "late"}).encode())
-    late = await flows.wait("f", lambda b: task_status(b, "s1", held_name(held[0])).get(
-        "attempts", [{}])[-1].get("lateReply") is True, timeout=10)
+    late = await flows.wait(
+        "f",
+        lambda b: (
+            task_status(b, "s1", held_name(held[0])).get("attempts", [{}])[-1].get("lateReply")
+            is True
+        ),
+        timeout=10,
+    )
     assert late["status"]["phase"] == "CANCELLED"
     assert task_status(late, "s1", held_name(held[0]))["status"] == "CANCELLED"
 
@@ -180,27 +208,34 @@ def held_name(msg: Any) -> str:
     return str(json.loads(msg.data)["task"])
 
 
-async def test_cancel_of_a_finished_flow_is_a_recorded_noop(operator, flows: Flows, nc, svc: str
-                                                            ) -> None:
+async def test_cancel_of_a_finished_flow_is_a_recorded_noop(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     await serve(nc, f"{svc}.do")
     await flows.create(flow(svc, ["a"]), "f")
     await flows.wait("f")
     await flows.patch("f", {"spec": {"cancel": True}})
-    done = await flows.wait("f", lambda b: any(
-        c["type"] == "Cancelled" for c in b["status"].get("conditions", [])))
+    done = await flows.wait(
+        "f", lambda b: any(c["type"] == "Cancelled" for c in b["status"].get("conditions", []))
+    )
     cond = next(c for c in done["status"]["conditions"] if c["type"] == "Cancelled")
     assert (cond["status"], cond["reason"]) == ("False", "AlreadyFinished")
     assert done["status"]["phase"] == "SUCCEEDED"
 
 
-async def test_retry_right_after_failure_and_two_quick_retries(operator, flows: Flows, nc,
-                                                               svc: str) -> None:
+async def test_retry_right_after_failure_and_two_quick_retries(
+    operator, flows: Flows, nc, svc: str
+) -> None:
     service = await failed_flow(flows, nc, svc, exactly_once=True)
     service.failing = {"b"}
     await flows.patch("f", {"spec": {"retry": {"id": "q1"}}})
     await flows.patch("f", {"spec": {"retry": {"id": "q2"}}})
-    done = await flows.wait("f", lambda b: (b["status"].get("retry") or {}).get("id") == "q2"
-                            and b["status"]["phase"] != "RUNNING")
+    done = await flows.wait(
+        "f",
+        lambda b: (
+            (b["status"].get("retry") or {}).get("id") == "q2" and b["status"]["phase"] != "RUNNING"
+        ),
+    )
     # q1 may have run (then q2 was refused or ran after it) or been superseded by q2:
     # either way b ran at most twice and each attempt had its own number.
     b = task_status(done, "s1", "b")
@@ -222,6 +257,11 @@ async def test_cancel_during_a_retry(operator, flows: Flows, nc, svc: str) -> No
     assert done["status"]["retry"]["id"] == "r1"
     # A retry after the cancel needs cancel unset in the same patch.
     await flows.patch("f", {"spec": {"cancel": False, "retry": {"id": "r2"}}})
-    final = await flows.wait("f", lambda b: (b["status"].get("retry") or {}).get("id") == "r2"
-                             and b["status"]["phase"] != "RUNNING", timeout=30)
+    final = await flows.wait(
+        "f",
+        lambda b: (
+            (b["status"].get("retry") or {}).get("id") == "r2" and b["status"]["phase"] != "RUNNING"
+        ),
+        timeout=30,
+    )
     assert final["status"]["phase"] == "SUCCEEDED"

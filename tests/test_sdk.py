@@ -43,15 +43,19 @@ async def services(stack, api_token: str) -> AsyncIterator[Callable[..., Service
 
 @pytest.fixture
 async def tf(stack, namespace: str) -> AsyncIterator[TaskflowClient]:  # type: ignore[no-untyped-def]
-    client = TaskflowClient(kubeconfig=str(stack.kubeconfig), namespace=namespace,
-                            nats_url=stack.nats.url)
+    client = TaskflowClient(
+        kubeconfig=str(stack.kubeconfig), namespace=namespace, nats_url=stack.nats.url
+    )
     yield client
     await client.close()
 
 
 def action(service_id: str, action_name: str, name: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "taskDetails": {"serviceId": service_id, "actionName": action_name},
-            **extra}
+    return {
+        "name": name,
+        "taskDetails": {"serviceId": service_id, "actionName": action_name},
+        **extra,
+    }
 
 
 def flow(*stages: tuple[str, list[dict[str, Any]]], **options: Any) -> dict[str, Any]:
@@ -78,24 +82,35 @@ async def test_an_sdk_service_and_a_plain_nats_py_service_side_by_side(
     @sdk.action("second")
     async def second(params: dict[str, Any], ctx: TaskContext) -> Any:
         seen["second"] = ctx
-        return {"sum": ctx.previous_response("viaSdk")["doubled"]
-                + ctx.previous_response("viaPlain")["tripled"]}
+        return {
+            "sum": ctx.previous_response("viaSdk")["doubled"]
+            + ctx.previous_response("viaPlain")["tripled"]
+        }
 
     await sdk.start()
 
     async def plain(msg: Any) -> None:  # no SDK: any NATS client can serve a task
         params = json.loads(msg.data)
-        await msg.respond(json.dumps({"success": True, "data": {"tripled": params["x"] * 3}})
-                          .encode())
+        await msg.respond(
+            json.dumps({"success": True, "data": {"tripled": params["x"] * 3}}).encode()
+        )
 
     await nc.subscribe(f"{svc}-plain.triple", queue=f"{svc}-plain", cb=plain)
 
-    created = await flows.create(flow(
-        ("one", [action(f"{svc}-sdk", "first", "viaSdk", params={"x": 2}),
-                 action(f"{svc}-plain", "triple", "viaPlain", params={"x": 2})]),
-        ("two", [action(f"{svc}-sdk", "second", "combine")]),
-        timeout="20s", maxAge="1m",
-    ))
+    created = await flows.create(
+        flow(
+            (
+                "one",
+                [
+                    action(f"{svc}-sdk", "first", "viaSdk", params={"x": 2}),
+                    action(f"{svc}-plain", "triple", "viaPlain", params={"x": 2}),
+                ],
+            ),
+            ("two", [action(f"{svc}-sdk", "second", "combine")]),
+            timeout="20s",
+            maxAge="1m",
+        )
+    )
     done = await flows.wait(created["metadata"]["name"])
 
     assert done["status"]["phase"] == "SUCCEEDED"
@@ -143,9 +158,11 @@ async def test_the_service_is_discoverable_through_the_services_api(
 
     assert ping["name"] == svc and ping["version"] == "2.1.0"
     assert [(e["name"], e["subject"], e["queue_group"]) for e in info["endpoints"]] == [
-        ("AddApplianceToGroup", f"{svc}.AddApplianceToGroup", svc)]
-    reply = json.loads((await nc.request(f"{svc}.AddApplianceToGroup", b'{"a": 1}',
-                                         timeout=2)).data)
+        ("AddApplianceToGroup", f"{svc}.AddApplianceToGroup", svc)
+    ]
+    reply = json.loads(
+        (await nc.request(f"{svc}.AddApplianceToGroup", b'{"a": 1}', timeout=2)).data
+    )
     assert reply == {"success": True, "data": {"a": 1}}
 
 
@@ -154,6 +171,7 @@ async def test_instances_share_the_work_through_the_queue_group(
 ) -> None:
     instances = [services(svc), services(svc)]
     for instance in instances:
+
         @instance.action("work")
         async def work(params: Any, ctx: TaskContext) -> Any:
             await asyncio.sleep(0.05)
@@ -161,8 +179,9 @@ async def test_instances_share_the_work_through_the_queue_group(
 
         await instance.start()
 
-    created = await flows.create(flow(
-        ("all", [action(svc, "work", f"t{i}", params={"i": i}) for i in range(12)])))
+    created = await flows.create(
+        flow(("all", [action(svc, "work", f"t{i}", params={"i": i}) for i in range(12)]))
+    )
     done = await flows.wait(created["metadata"]["name"])
 
     assert done["status"]["phase"] == "SUCCEEDED"
@@ -184,11 +203,19 @@ async def test_failures_become_failure_replies_with_code_and_message(
         raise ValueError("bad value")
 
     await service.start()
-    created = await flows.create(flow(
-        ("s", [action(svc, "refuse", "refused", options={"maxRetries": 1}),
-               action(svc, "crash", "crashed")]),
-        continueOnTaskFailure=True, retryDelay=0,
-    ))
+    created = await flows.create(
+        flow(
+            (
+                "s",
+                [
+                    action(svc, "refuse", "refused", options={"maxRetries": 1}),
+                    action(svc, "crash", "crashed"),
+                ],
+            ),
+            continueOnTaskFailure=True,
+            retryDelay=0,
+        )
+    )
     done = await flows.wait(created["metadata"]["name"])
 
     assert done["status"]["phase"] == "COMPLETED_WITH_FAILURES"
@@ -222,10 +249,12 @@ async def test_a_request_past_its_max_age_is_dropped_unanswered(
     now = int(time.time() * 1000)
 
     with pytest.raises(TimeoutError):
-        await nc.request(f"{svc}.act", b'{"stale": true}', timeout=1,
-                         headers={EXPIRES_HEADER: str(now - 1)})
-    fresh = await nc.request(f"{svc}.act", b'{"stale": false}', timeout=2,
-                             headers={EXPIRES_HEADER: str(now + 60_000)})
+        await nc.request(
+            f"{svc}.act", b'{"stale": true}', timeout=1, headers={EXPIRES_HEADER: str(now - 1)}
+        )
+    fresh = await nc.request(
+        f"{svc}.act", b'{"stale": false}', timeout=2, headers={EXPIRES_HEADER: str(now + 60_000)}
+    )
 
     assert json.loads(fresh.data) == {"success": True, "data": "done"}
     assert calls == [{"stale": False}]
@@ -245,11 +274,24 @@ async def test_a_task_that_waited_past_its_max_age_is_never_run(
         return "ok"
 
     await service.start()
-    created = await flows.create(flow(("s", [
-        action(svc, "act", "slow", params={"sleep": 2}, options={"timeout": "10s"}),
-        action(svc, "act", "late", params={"sleep": 0},
-               options={"maxAge": "1s", "timeout": "4s"}),
-    ]), continueOnTaskFailure=True))
+    created = await flows.create(
+        flow(
+            (
+                "s",
+                [
+                    action(svc, "act", "slow", params={"sleep": 2}, options={"timeout": "10s"}),
+                    action(
+                        svc,
+                        "act",
+                        "late",
+                        params={"sleep": 0},
+                        options={"maxAge": "1s", "timeout": "4s"},
+                    ),
+                ],
+            ),
+            continueOnTaskFailure=True,
+        )
+    )
     done = await flows.wait(created["metadata"]["name"])
 
     assert ran == ["slow"]
@@ -344,8 +386,9 @@ async def test_a_redelivered_attempt_gets_the_same_reply_without_running_twice(
 # -- child flows -------------------------------------------------------------------------------
 
 
-def leaf_service(services: Callable[..., Service], service_id: str
-                 ) -> tuple[Service, dict[str, asyncio.Event], dict[str, TaskContext]]:
+def leaf_service(
+    services: Callable[..., Service], service_id: str
+) -> tuple[Service, dict[str, asyncio.Event], dict[str, TaskContext]]:
     """``<id>.work`` holds each child's task until the test releases it by label."""
     leaf = services(service_id)
     gates: dict[str, asyncio.Event] = {}
@@ -361,26 +404,52 @@ def leaf_service(services: Callable[..., Service], service_id: str
 
 
 def child_spec(leaf_id: str, label: str) -> dict[str, Any]:
-    return {"stages": [{"name": "c", "tasks": [
-        {"name": "work", "params": {"label": label},
-         "taskDetails": {"serviceId": leaf_id, "actionName": "work"}}]}]}
+    return {
+        "stages": [
+            {
+                "name": "c",
+                "tasks": [
+                    {
+                        "name": "work",
+                        "params": {"label": label},
+                        "taskDetails": {"serviceId": leaf_id, "actionName": "work"},
+                    }
+                ],
+            }
+        ]
+    }
 
 
-async def wait_task(flows: Flows, name: str, stage: str, task: str,
-                    until: Callable[[dict[str, Any]], bool], timeout: float = 20
-                    ) -> dict[str, Any]:
+async def wait_task(
+    flows: Flows,
+    name: str,
+    stage: str,
+    task: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout: float = 20,
+) -> dict[str, Any]:
     body = await flows.wait(
-        name, until=lambda b: bool(b.get("status", {}).get("stages"))
-        and until(task_status(b, stage, task)), timeout=timeout)
+        name,
+        until=lambda b: (
+            bool(b.get("status", {}).get("stages")) and until(task_status(b, stage, task))
+        ),
+        timeout=timeout,
+    )
     return task_status(body, stage, task)
 
 
 async def test_a_service_starts_two_children_and_its_task_ends_after_both(
-    operator, flows: Flows, tf: TaskflowClient, svc: str, services: Callable[..., Service],
-    stack, namespace: str,
+    operator,
+    flows: Flows,
+    tf: TaskflowClient,
+    svc: str,
+    services: Callable[..., Service],
+    stack,
+    namespace: str,
 ) -> None:
-    kube_client = TaskflowClient(kubeconfig=str(stack.kubeconfig), namespace=namespace,
-                                 nats_url=stack.nats.url)
+    kube_client = TaskflowClient(
+        kubeconfig=str(stack.kubeconfig), namespace=namespace, nats_url=stack.nats.url
+    )
     parent_svc = services(svc, client=kube_client)
     leaf, gates, contexts = leaf_service(services, f"{svc}-leaf")
     parent_ctx: dict[str, TaskContext] = {}
@@ -398,8 +467,13 @@ async def test_a_service_starts_two_children_and_its_task_ends_after_both(
     created = await flows.create(flow(("spawn", [action(svc, "fanout", "fanout")])))
     name, uid = created["metadata"]["name"], created["metadata"]["uid"]
 
-    running = await wait_task(flows, name, "spawn", "fanout",
-                              lambda t: len(t.get("nestedActiveRunningTaskFlowIds", [])) == 2)
+    running = await wait_task(
+        flows,
+        name,
+        "spawn",
+        "fanout",
+        lambda t: len(t.get("nestedActiveRunningTaskFlowIds", [])) == 2,
+    )
     assert running["status"] == "RUNNING" and running["waitingReason"] == "Children"
     refs = running["nestedTaskflows"]
     assert len(refs) == 2 and all(r.startswith(f"{namespace}/") for r in refs)
@@ -407,8 +481,13 @@ async def test_a_service_starts_two_children_and_its_task_ends_after_both(
     assert task_status(await flows.get(name), "spawn", "fanout")["status"] == "RUNNING"
 
     gates["a"].set()
-    await wait_task(flows, name, "spawn", "fanout",
-                    lambda t: len(t.get("nestedActiveRunningTaskFlowIds", [])) == 1)
+    await wait_task(
+        flows,
+        name,
+        "spawn",
+        "fanout",
+        lambda t: len(t.get("nestedActiveRunningTaskFlowIds", [])) == 1,
+    )
     await asyncio.sleep(0.5)
     assert task_status(await flows.get(name), "spawn", "fanout")["status"] == "RUNNING"
     assert (await flows.get(name))["status"]["phase"] == "RUNNING"
@@ -430,9 +509,16 @@ async def test_a_service_starts_two_children_and_its_task_ends_after_both(
     assert meta["annotations"][links.PARENT_ATTEMPT] == "0"
     assert meta["annotations"][links.DEPTH] == "1"
     assert json.loads(meta["annotations"][links.PARENT_CONTEXT]) == parent_ctx["ctx"].raw
-    assert meta["ownerReferences"] == [{
-        "apiVersion": "taskflow.dev/v1alpha1", "kind": "Taskflow", "name": name, "uid": uid,
-        "controller": True, "blockOwnerDeletion": True}]
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "taskflow.dev/v1alpha1",
+            "kind": "Taskflow",
+            "name": name,
+            "uid": uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     # The child's service sees the parent task's context in meta, as in the seed.
     assert contexts["a"].parent_context == parent_ctx["ctx"].raw
     assert contexts["a"].meta == {"taskflowExecutionContext": parent_ctx["ctx"].raw}
@@ -462,8 +548,13 @@ async def test_children_can_be_started_through_the_operators_nats_api(
     created = await flows.create(flow(("spawn", [action(svc, "fanout", "fanout")])))
     name = created["metadata"]["name"]
 
-    running = await wait_task(flows, name, "spawn", "fanout",
-                              lambda t: len(t.get("nestedActiveRunningTaskFlowIds", [])) == 2)
+    running = await wait_task(
+        flows,
+        name,
+        "spawn",
+        "fanout",
+        lambda t: len(t.get("nestedActiveRunningTaskFlowIds", [])) == 2,
+    )
     assert running["status"] == "RUNNING"
     gates["a"].set()
     gates["b"].set()
@@ -473,7 +564,8 @@ async def test_children_can_be_started_through_the_operators_nats_api(
     children = [f for f in await flows.list() if f["metadata"]["name"] != name]
     assert len(children) == 2
     assert {c["metadata"]["labels"][links.PARENT_UID] for c in children} == {
-        created["metadata"]["uid"]}
+        created["metadata"]["uid"]
+    }
 
 
 async def test_a_refused_child_fails_the_task_with_the_servers_message(
@@ -513,9 +605,12 @@ async def test_a_handler_failing_after_starting_children_cancels_them(
 
     error = task_status(done, "spawn", "fanout")["error"]
     assert (error["code"], error["message"]) == (
-        "CHILD_LIMIT", "a task may start at most 1 child flows")
-    [child] = [f for f in await flows.list() if f["metadata"]["name"] != created["metadata"][
-        "name"]]
+        "CHILD_LIMIT",
+        "a task may start at most 1 child flows",
+    )
+    [child] = [
+        f for f in await flows.list() if f["metadata"]["name"] != created["metadata"]["name"]
+    ]
     assert child["spec"]["cancel"] is True
     await flows.wait(child["metadata"]["name"])
 
@@ -523,8 +618,9 @@ async def test_a_handler_failing_after_starting_children_cancels_them(
 async def test_children_that_start_running_before_the_reply_are_still_waited_for(
     operator, flows: Flows, svc: str, services: Callable[..., Service], stack, namespace: str
 ) -> None:
-    kube_client = TaskflowClient(kubeconfig=str(stack.kubeconfig), namespace=namespace,
-                                 nats_url=stack.nats.url)
+    kube_client = TaskflowClient(
+        kubeconfig=str(stack.kubeconfig), namespace=namespace, nats_url=stack.nats.url
+    )
     parent_svc = services(svc, client=kube_client)
     leaf, gates, contexts = leaf_service(services, f"{svc}-leaf")
 
@@ -543,9 +639,13 @@ async def test_children_that_start_running_before_the_reply_are_still_waited_for
     try:
         created = await flows.create(flow(("spawn", [action(svc, "fanout", "fanout")])))
         name = created["metadata"]["name"]
-        await wait_task(flows, name, "spawn", "fanout",
-                        lambda t: t.get("waitingReason") == "Children"
-                        or t["status"] != "RUNNING")
+        await wait_task(
+            flows,
+            name,
+            "spawn",
+            "fanout",
+            lambda t: t.get("waitingReason") == "Children" or t["status"] != "RUNNING",
+        )
         await asyncio.sleep(0.5)
         assert task_status(await flows.get(name), "spawn", "fanout")["status"] == "RUNNING"
     finally:
@@ -556,10 +656,20 @@ async def test_children_that_start_running_before_the_reply_are_still_waited_for
 
 async def test_the_docs_example_runs(operator, stack, namespace: str, svc: str) -> None:
     code = extract_example(ROOT / "docs/sdk.md")
-    env = {**os.environ, "KUBECONFIG": str(stack.kubeconfig), "NATS_URL": stack.nats.url,
-           "TASKFLOW_NAMESPACE": namespace, "SERVICE_ID": svc}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(stack.kubeconfig),
+        "NATS_URL": stack.nats.url,
+        "TASKFLOW_NAMESPACE": namespace,
+        "SERVICE_ID": svc,
+    }
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", code], env=env, capture_output=True, text=True,
-        timeout=120)
+        subprocess.run,
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "taskflow SUCCEEDED" in result.stdout, result.stdout

@@ -30,28 +30,35 @@ from taskflow.devstack.servers import DevStack
 pytestmark = pytest.mark.integration
 
 
-def put_policy(api: client.ApiClient, namespace: str, spec: dict[str, Any],
-               name: str = "default") -> None:
+def put_policy(
+    api: client.ApiClient, namespace: str, spec: dict[str, Any], name: str = "default"
+) -> None:
     custom = client.CustomObjectsApi(api)
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TaskflowPolicy",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TaskflowPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
     try:
-        current = custom.get_namespaced_custom_object(GROUP, VERSION, namespace,
-                                                      "taskflowpolicies", name)
+        current = custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "taskflowpolicies", name
+        )
     except ApiException as exc:
         if exc.status != 404:
             raise
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "taskflowpolicies",
-                                               body)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "taskflowpolicies", body)
         return
     body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-    custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, "taskflowpolicies",
-                                            name, body)
+    custom.replace_namespaced_custom_object(
+        GROUP, VERSION, namespace, "taskflowpolicies", name, body
+    )
 
 
 def get_policy(api: client.ApiClient, namespace: str) -> dict[str, Any]:
     result: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, "taskflowpolicies", "default")
+        GROUP, VERSION, namespace, "taskflowpolicies", "default"
+    )
     return result
 
 
@@ -61,12 +68,19 @@ def get_policy(api: client.ApiClient, namespace: str) -> dict[str, Any]:
 async def test_admission_refuses_a_flow_calling_what_its_namespace_may_not(
     operator: OperatorProcess, kube: client.ApiClient, flows: Flows, svc: str
 ) -> None:
-    await asyncio.to_thread(put_policy, kube, flows.namespace, {
-        "services": [{"serviceId": svc, "actions": ["read"]}]})
+    await asyncio.to_thread(
+        put_policy, kube, flows.namespace, {"services": [{"serviceId": svc, "actions": ["read"]}]}
+    )
     spec = flow(svc, ["a", "b"], action="read")
     spec["stages"][0]["tasks"][1]["taskDetails"]["actionName"] = "wipe"
-    spec["stages"].append({"name": "s2", "tasks": [
-        {"name": "c", "taskDetails": {"serviceId": "billing", "actionName": "charge"}}]})
+    spec["stages"].append(
+        {
+            "name": "s2",
+            "tasks": [
+                {"name": "c", "taskDetails": {"serviceId": "billing", "actionName": "charge"}}
+            ],
+        }
+    )
 
     async def refused() -> str:
         with pytest.raises(ApiException) as caught:
@@ -102,12 +116,18 @@ async def test_a_task_the_policy_no_longer_allows_is_refused_before_it_is_sent(
     later = await serve(nc, f"{svc}.do")
     await asyncio.to_thread(put_policy, kube, flows.namespace, {"services": [{"serviceId": svc}]})
     spec = flow(svc, ["b"], options={"maxRetries": 3, "retryDelay": 0})
-    spec["stages"].insert(0, {"name": "s0", "tasks": [
-        {"name": "a", "taskDetails": {"serviceId": svc, "actionName": "hold"}}]})
+    spec["stages"].insert(
+        0,
+        {
+            "name": "s0",
+            "tasks": [{"name": "a", "taskDetails": {"serviceId": svc, "actionName": "hold"}}],
+        },
+    )
     await flows.create(spec, "f")
     await eventually(lambda: held, timeout=15)
-    await asyncio.to_thread(put_policy, kube, flows.namespace, {
-        "services": [{"serviceId": svc, "actions": ["hold"]}]})
+    await asyncio.to_thread(
+        put_policy, kube, flows.namespace, {"services": [{"serviceId": svc, "actions": ["hold"]}]}
+    )
     await asyncio.sleep(1.0)  # the watch brings the new policy to the operator
     await nc.publish(held[0].reply, json.dumps({"success": True}).encode())
     done = await flows.wait("f")
@@ -122,8 +142,12 @@ async def test_a_task_the_policy_no_longer_allows_is_refused_before_it_is_sent(
     await asyncio.to_thread(put_policy, kube, flows.namespace, {"services": [{"serviceId": svc}]})
     await asyncio.sleep(1.0)
     await flows.patch("f", {"spec": {"retry": {"id": "r1", "failedOnly": True}}})
-    done = await flows.wait("f", until=lambda b: (b.get("status") or {}).get("retry")
-                            and b["status"]["phase"] in ("SUCCEEDED", "FAILED"))
+    done = await flows.wait(
+        "f",
+        until=lambda b: (
+            (b.get("status") or {}).get("retry") and b["status"]["phase"] in ("SUCCEEDED", "FAILED")
+        ),
+    )
     assert done["status"]["phase"] == "SUCCEEDED" and len(later.requests) == 1
 
 
@@ -138,8 +162,9 @@ CREDENTIALS_NS = "taskflow-system"
 
 
 class Tenancy:
-    def __init__(self, stack: DevStack, auth: TenantAuth, api: client.ApiClient,
-                 operator: OperatorProcess) -> None:
+    def __init__(
+        self, stack: DevStack, auth: TenantAuth, api: client.ApiClient, operator: OperatorProcess
+    ) -> None:
         self.stack, self.auth, self.api, self.operator = stack, auth, api, operator
 
     async def connect(self, user: str) -> nats.NATS:
@@ -150,9 +175,13 @@ class Tenancy:
 
 
 def secret(api: client.ApiClient, name: str, data: dict[str, str], namespaces: str) -> None:
-    client.CoreV1Api(api).create_namespaced_secret(CREDENTIALS_NS, {
-        "metadata": {"name": name, "annotations": {SECRET_NAMESPACES: namespaces}},
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
+    client.CoreV1Api(api).create_namespaced_secret(
+        CREDENTIALS_NS,
+        {
+            "metadata": {"name": name, "annotations": {SECRET_NAMESPACES: namespaces}},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,32 +194,70 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
             core.create_namespace(client.V1Namespace(metadata={"name": ns}))
         for team in TEAMS:
             name = f"{team}-operator"
-            secret(api, f"nats-{team}", {"user": name, "password": auth.passwords[name]},
-                   namespaces=team)
+            secret(
+                api,
+                f"nats-{team}",
+                {"user": name, "password": auth.passwords[name]},
+                namespaces=team,
+            )
             put_policy(api, team, {"natsCredentials": {"secretName": f"nats-{team}"}})
         # team-c names team-a's Secret, which does not list it; "wrong" a bad password.
         put_policy(api, "team-c", {"natsCredentials": {"secretName": "nats-team-a"}})
-        secret(api, "nats-wrong", {"user": "team-a-operator", "password": "not-it"},
-               namespaces="wrong")
+        secret(
+            api, "nats-wrong", {"user": "team-a-operator", "password": "not-it"}, namespaces="wrong"
+        )
         put_policy(api, "wrong", {"natsCredentials": {"secretName": "nats-wrong"}})
         # The NATS API: team-a's NATS users may create and read flows in team-a, by RBAC on
         # the group the operator maps their account to.
         rbac = client.RbacAuthorizationV1Api(api)
-        rbac.create_namespaced_role("team-a", {"metadata": {"name": "nats-callers"}, "rules": [
-            {"apiGroups": [GROUP], "resources": ["taskflows"], "verbs": ["create", "get"]}]})
-        rbac.create_namespaced_role_binding("team-a", {
-            "metadata": {"name": "nats-callers"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                        "name": "nats-callers"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
-                          "name": "nats:team-a"}]})
+        rbac.create_namespaced_role(
+            "team-a",
+            {
+                "metadata": {"name": "nats-callers"},
+                "rules": [
+                    {"apiGroups": [GROUP], "resources": ["taskflows"], "verbs": ["create", "get"]}
+                ],
+            },
+        )
+        rbac.create_namespaced_role_binding(
+            "team-a",
+            {
+                "metadata": {"name": "nats-callers"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": "nats-callers",
+                },
+                "subjects": [
+                    {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "Group",
+                        "name": "nats:team-a",
+                    }
+                ],
+            },
+        )
         workdir = tmp_path_factory.mktemp("tenants-operator")
         password = Path(workdir / "nats-password")
         password.write_text(auth.passwords[OPERATOR_USER])
-        operator = OperatorProcess(stack, workdir, extra=[
-            "--nats-user", OPERATOR_USER, "--nats-password-file", str(password),
-            "--subject-template", TEMPLATE, "--credentials-namespace", CREDENTIALS_NS,
-            "--require-policy", "--nats-api", "on", "--nats-api-users"])
+        operator = OperatorProcess(
+            stack,
+            workdir,
+            extra=[
+                "--nats-user",
+                OPERATOR_USER,
+                "--nats-password-file",
+                str(password),
+                "--subject-template",
+                TEMPLATE,
+                "--credentials-namespace",
+                CREDENTIALS_NS,
+                "--require-policy",
+                "--nats-api",
+                "on",
+                "--nats-api-users",
+            ],
+        )
         operator.start()
         try:
             yield Tenancy(stack, auth, api, operator)
@@ -204,8 +271,7 @@ def connected(api: client.ApiClient, namespace: str) -> dict[str, Any] | None:
     return next((c for c in conditions if c["type"] == "Connected"), None)
 
 
-async def wait_connected(tenancy: Tenancy, namespace: str, status: str = "True"
-                         ) -> dict[str, Any]:
+async def wait_connected(tenancy: Tenancy, namespace: str, status: str = "True") -> dict[str, Any]:
     found: dict[str, Any] | None = None
     for _ in range(300):
         found = await asyncio.to_thread(connected, tenancy.api, namespace)
@@ -236,7 +302,7 @@ async def test_each_namespace_dispatches_in_its_own_account(tenancy: Tenancy) ->
         await b.drain()
     # The events are in the team's account, not in the operator's.
     uid = done_a["metadata"]["uid"]
-    team_js = (await tenancy.connect("team-a-operator"))
+    team_js = await tenancy.connect("team-a-operator")
     own = await tenancy.connect(OPERATOR_USER)
     try:
         last = await team_js.jetstream().get_last_msg("TASKFLOW_EVENTS", f"taskflow.events.{uid}")
@@ -264,7 +330,8 @@ async def test_exports_and_imports_decide_who_may_call_what(tenancy: Tenancy) ->
         assert task_status(done, "s1", "t")["response"] == "from b"
         assert [m.subject for m in shared.requests] == ["team-a.shared.do"]
         await tenancy.flows("team-b").create(
-            flow("private", ["t"], options={"timeout": "3s"}), "uses-private")
+            flow("private", ["t"], options={"timeout": "3s"}), "uses-private"
+        )
         done = await tenancy.flows("team-b").wait("uses-private", timeout=30)
         t = task_status(done, "s1", "t")
         assert t["status"] == "TIMED_OUT" and "no service was listening" in t["error"]["message"]
@@ -314,11 +381,13 @@ async def test_the_nats_api_acts_as_the_nats_user_the_server_stamps(tenancy: Ten
     a = await tenancy.connect("team-a-app")
     b = await tenancy.connect("team-b-app")
 
-    async def produce(nc: nats.NATS, namespace: str, name: str,
-                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def produce(
+        nc: nats.NATS, namespace: str, name: str, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         request = {"namespace": namespace, "name": name, "schema": flow("svc", ["t"])}
-        answer = await nc.request("taskflow.api.produce", json.dumps(request).encode(),
-                                  timeout=15, headers=headers)
+        answer = await nc.request(
+            "taskflow.api.produce", json.dumps(request).encode(), timeout=15, headers=headers
+        )
         result: dict[str, Any] = json.loads(answer.data)
         return result
 
@@ -329,10 +398,16 @@ async def test_the_nats_api_acts_as_the_nats_user_the_server_stamps(tenancy: Ten
         assert body["metadata"]["uid"] == made["data"]["taskflowId"]
         refused = await produce(a, "team-b", "elsewhere")
         assert refused["error"]["code"] == "Forbidden"
-        assert "nats:team-a:team-a-app may not create taskflows in namespace team-b" in (
-            refused["error"]["message"])
-        forged = await produce(a, "team-b", "forged", headers={
-            "Nats-Request-Info": json.dumps({"acc": "team-b", "user": "team-b-app"})})
+        assert (
+            "nats:team-a:team-a-app may not create taskflows in namespace team-b"
+            in (refused["error"]["message"])
+        )
+        forged = await produce(
+            a,
+            "team-b",
+            "forged",
+            headers={"Nats-Request-Info": json.dumps({"acc": "team-b", "user": "team-b-app"})},
+        )
         assert forged["error"]["code"] == "Forbidden"
         assert "nats:team-a:team-a-app" in forged["error"]["message"]
         unbound = await produce(b, "team-b", "unbound")

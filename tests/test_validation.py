@@ -79,10 +79,13 @@ def flow(name: str, options: dict[str, object] | None = None, **task_options: ob
         "context": {"anything": ["goes", 1]},
         "stages": [
             {"name": "s1", "tasks": [task]},
-            {"name": "s2", "tasks": [
-                {"name": "t1", "taskDetails": {"serviceId": "a", "actionName": "b"}},
-                {"name": "t2", "taskDetails": {"serviceId": "a", "actionName": "b"}},
-            ]},
+            {
+                "name": "s2",
+                "tasks": [
+                    {"name": "t1", "taskDetails": {"serviceId": "a", "actionName": "b"}},
+                    {"name": "t2", "taskDetails": {"serviceId": "a", "actionName": "b"}},
+                ],
+            },
         ],
     }
     if options is not None:
@@ -102,8 +105,10 @@ def flow(name: str, options: dict[str, object] | None = None, **task_options: ob
         ({"timeout": 1500, "retryDelay": 0, "maxAge": 604_800_000, "maxRetries": 0}, {}),
         ({"timeout": "1m30s", "retryDelay": "250ms", "maxAge": "168h", "maxRetries": 100}, {}),
         ({"timeout": "90s"}, {"timeout": "2h", "retryDelay": 500, "maxAge": "1h1m1s1ms"}),
-        ({"continueOnTaskFailure": True, "exactlyOnceTaskExecution": True},
-         {"continueOnTaskFailure": False, "maxRetries": 3}),
+        (
+            {"continueOnTaskFailure": True, "exactlyOnceTaskExecution": True},
+            {"continueOnTaskFailure": False, "maxRetries": 3},
+        ),
     ],
     ids=["int-ms", "strings", "task-override", "booleans"],
 )
@@ -111,7 +116,14 @@ def test_valid_flow_accepts_ms_and_duration_strings(
     options: dict[str, object], task_options: dict[str, object], kubectl: Kubectl, namespace: str
 ) -> None:
     result = kubectl(
-        "apply", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-",
+        "apply",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-o",
+        "json",
+        "-f",
+        "-",
         input=flow("durations", options, **task_options),
     )
     applied = json.loads(result.stdout)
@@ -155,7 +167,14 @@ def test_json_patch_of_a_task_param_is_refused(
 ) -> None:
     patch = [{"op": "replace", "path": "/spec/stages/0/tasks/0/params/n", "value": 2}]
     result = kubectl(
-        "patch", "taskflow", existing, "-n", namespace, "--type=json", "-p", json.dumps(patch),
+        "patch",
+        "taskflow",
+        existing,
+        "-n",
+        namespace,
+        "--type=json",
+        "-p",
+        json.dumps(patch),
         check=False,
     )
     assert result.returncode != 0
@@ -164,8 +183,15 @@ def test_json_patch_of_a_task_param_is_refused(
 
 def test_update_of_options_is_refused(existing: str, kubectl: Kubectl, namespace: str) -> None:
     result = kubectl(
-        "patch", "taskflow", existing, "-n", namespace, "--type=merge",
-        "-p", '{"spec": {"options": {"timeout": "31s"}}}', check=False,
+        "patch",
+        "taskflow",
+        existing,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"options": {"timeout": "31s"}}}',
+        check=False,
     )
     assert result.returncode != 0
     assert "spec.options: Invalid value" in result.stderr
@@ -175,13 +201,37 @@ def test_update_of_options_is_refused(existing: str, kubectl: Kubectl, namespace
 def test_cancel_and_retry_patches_are_accepted(
     existing: str, kubectl: Kubectl, namespace: str
 ) -> None:
-    kubectl("patch", "taskflow", existing, "-n", namespace, "--type=merge",
-            "-p", '{"spec": {"cancel": true}}')
+    kubectl(
+        "patch",
+        "taskflow",
+        existing,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"cancel": true}}',
+    )
     retry = {"id": "r1", "stages": [{"name": "s2", "tasks": ["t2"]}], "failedOnly": False}
-    kubectl("patch", "taskflow", existing, "-n", namespace, "--type=merge",
-            "-p", json.dumps({"spec": {"cancel": False, "retry": retry}}))
-    kubectl("patch", "tf", existing, "-n", namespace, "--type=merge",
-            "-p", '{"spec": {"retry": {"id": "r2", "stages": null, "failedOnly": true}}}')
+    kubectl(
+        "patch",
+        "taskflow",
+        existing,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"cancel": False, "retry": retry}}),
+    )
+    kubectl(
+        "patch",
+        "tf",
+        existing,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"retry": {"id": "r2", "stages": null, "failedOnly": true}}}',
+    )
     got = json.loads(kubectl("get", "tf", existing, "-n", namespace, "-o", "json").stdout)
     assert got["spec"]["cancel"] is False
     assert got["spec"]["retry"] == {"id": "r2", "failedOnly": True}
@@ -193,8 +243,15 @@ def test_retry_patch_naming_an_unknown_stage_is_refused(
     existing: str, kubectl: Kubectl, namespace: str
 ) -> None:
     result = kubectl(
-        "patch", "taskflow", existing, "-n", namespace, "--type=merge",
-        "-p", '{"spec": {"retry": {"id": "r1", "stages": [{"name": "nope"}]}}}', check=False,
+        "patch",
+        "taskflow",
+        existing,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"retry": {"id": "r1", "stages": [{"name": "nope"}]}}}',
+        check=False,
     )
     assert result.returncode != 0
     assert "retry.stages names a stage that is not in spec.stages" in result.stderr

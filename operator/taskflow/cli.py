@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskflow-operator")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the operator")
-    run.add_argument("--kubeconfig", default=env("KUBECONFIG"),
-                     help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    run.add_argument(
+        "--kubeconfig",
+        default=env("KUBECONFIG"),
+        help="kubeconfig file (default: in-cluster, then ~/.kube/config)",
+    )
     run.add_argument("--nats-url", default=env("NATS_URL", "nats://127.0.0.1:4222"))
     run.add_argument("--nats-user", default=env("NATS_USER"))
     run.add_argument("--nats-password-file", default=env("NATS_PASSWORD_FILE"))
@@ -36,56 +39,98 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nats-tls-ca", default=env("NATS_TLS_CA"))
     run.add_argument("--nats-tls-cert", default=env("NATS_TLS_CERT"))
     run.add_argument("--nats-tls-key", default=env("NATS_TLS_KEY"))
-    run.add_argument("-n", "--namespace", action="append",
-                     default=[n for n in env("TASKFLOW_NAMESPACES", "").split(",") if n],
-                     help="namespace to watch (repeat; default: all namespaces)")
-    run.add_argument("--nats-api", choices=["off", "on"],
-                     default=env("TASKFLOW_NATS_API", "off"),
-                     help="the NATS API (taskflow.api.*); when on, each call is authorized "
-                          "by the caller's Kubernetes bearer token (docs/nats-api.md)")
-    run.add_argument("--nats-api-users", action="store_true",
-                     default=env("TASKFLOW_NATS_API_USERS", "") == "true",
-                     help="a NATS API call without a token is made by the NATS user the server "
-                          "stamps on a call through an account import (Kubernetes user "
-                          "nats:<account>:<user>, group nats:<account>); only where nobody but "
-                          "the operator may publish on taskflow.api.> in its own account")
-    run.add_argument("--api-namespaces", default=env("TASKFLOW_API_NAMESPACES"),
-                     help="comma-separated namespaces the NATS API (taskflow.api.*) may act in "
-                          "(default: the watched namespaces; 'none' turns the API off)")
-    run.add_argument("--subject-template", default=env("TASKFLOW_SUBJECT_TEMPLATE",
-                                                       "{serviceId}.{actionName}"),
-                     help="a task's request subject: {serviceId}, {actionName}, {namespace}")
-    run.add_argument("--credentials-namespace", default=env("TASKFLOW_CREDENTIALS_NAMESPACE"),
-                     help="where the NATS credentials Secrets that TaskflowPolicies name live "
-                          "(the operator's namespace; unset: policies cannot name any)")
-    run.add_argument("--require-policy", action="store_true",
-                     default=env("TASKFLOW_REQUIRE_POLICY", "") == "true",
-                     help="a namespace without a TaskflowPolicy 'default' runs no task")
-    run.add_argument("--metrics-address", default=env("TASKFLOW_METRICS_ADDRESS",
-                                                      "127.0.0.1:9464"),
-                     help="host:port of the Prometheus endpoint ('' disables it)")
-    run.add_argument("--health-address", default=env("TASKFLOW_HEALTH_ADDRESS", ""),
-                     help="host:port of the liveness endpoint /healthz ('' disables it)")
-    run.add_argument("--flush-interval", type=float,
-                     default=float(env("TASKFLOW_FLUSH_INTERVAL", "1.0")),
-                     help="seconds between status writes of task results within a stage")
+    run.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[n for n in env("TASKFLOW_NAMESPACES", "").split(",") if n],
+        help="namespace to watch (repeat; default: all namespaces)",
+    )
+    run.add_argument(
+        "--nats-api",
+        choices=["off", "on"],
+        default=env("TASKFLOW_NATS_API", "off"),
+        help="the NATS API (taskflow.api.*); when on, each call is authorized "
+        "by the caller's Kubernetes bearer token (docs/nats-api.md)",
+    )
+    run.add_argument(
+        "--nats-api-users",
+        action="store_true",
+        default=env("TASKFLOW_NATS_API_USERS", "") == "true",
+        help="a NATS API call without a token is made by the NATS user the server "
+        "stamps on a call through an account import (Kubernetes user "
+        "nats:<account>:<user>, group nats:<account>); only where nobody but "
+        "the operator may publish on taskflow.api.> in its own account",
+    )
+    run.add_argument(
+        "--api-namespaces",
+        default=env("TASKFLOW_API_NAMESPACES"),
+        help="comma-separated namespaces the NATS API (taskflow.api.*) may act in "
+        "(default: the watched namespaces; 'none' turns the API off)",
+    )
+    run.add_argument(
+        "--subject-template",
+        default=env("TASKFLOW_SUBJECT_TEMPLATE", "{serviceId}.{actionName}"),
+        help="a task's request subject: {serviceId}, {actionName}, {namespace}",
+    )
+    run.add_argument(
+        "--credentials-namespace",
+        default=env("TASKFLOW_CREDENTIALS_NAMESPACE"),
+        help="where the NATS credentials Secrets that TaskflowPolicies name live "
+        "(the operator's namespace; unset: policies cannot name any)",
+    )
+    run.add_argument(
+        "--require-policy",
+        action="store_true",
+        default=env("TASKFLOW_REQUIRE_POLICY", "") == "true",
+        help="a namespace without a TaskflowPolicy 'default' runs no task",
+    )
+    run.add_argument(
+        "--metrics-address",
+        default=env("TASKFLOW_METRICS_ADDRESS", "127.0.0.1:9464"),
+        help="host:port of the Prometheus endpoint ('' disables it)",
+    )
+    run.add_argument(
+        "--health-address",
+        default=env("TASKFLOW_HEALTH_ADDRESS", ""),
+        help="host:port of the liveness endpoint /healthz ('' disables it)",
+    )
+    run.add_argument(
+        "--flush-interval",
+        type=float,
+        default=float(env("TASKFLOW_FLUSH_INTERVAL", "1.0")),
+        help="seconds between status writes of task results within a stage",
+    )
     run.add_argument("--max-depth", type=int, default=int(env("TASKFLOW_MAX_DEPTH", "10")))
-    run.add_argument("--peering", default=env("TASKFLOW_PEERING", ""),
-                     help="kopf peering name for active/standby replicas ('' = standalone)")
-    run.add_argument("--key-file", default=env("TASKFLOW_KEY_FILE"),
-                     help="file with the key (>= 16 bytes) that signs reply subjects, journal "
-                          "entries and event ids (a Secret; default: one kept in the NATS "
-                          "bucket taskflow-keys)")
-    run.add_argument("--reply-pending-bytes", type=int,
-                     default=int(env("TASKFLOW_REPLY_PENDING_BYTES", str(64 * 1024 * 1024))),
-                     help="bytes of received replies the operator buffers; past it NATS drops "
-                          "them and the flows read them from the reply stream")
-    run.add_argument("--stream-max-bytes", type=int,
-                     default=int(env("TASKFLOW_STREAM_MAX_BYTES", str(512 * 1024**2))),
-                     help="size limit of each of the reply and event streams (oldest go first)")
+    run.add_argument(
+        "--peering",
+        default=env("TASKFLOW_PEERING", ""),
+        help="kopf peering name for active/standby replicas ('' = standalone)",
+    )
+    run.add_argument(
+        "--key-file",
+        default=env("TASKFLOW_KEY_FILE"),
+        help="file with the key (>= 16 bytes) that signs reply subjects, journal "
+        "entries and event ids (a Secret; default: one kept in the NATS "
+        "bucket taskflow-keys)",
+    )
+    run.add_argument(
+        "--reply-pending-bytes",
+        type=int,
+        default=int(env("TASKFLOW_REPLY_PENDING_BYTES", str(64 * 1024 * 1024))),
+        help="bytes of received replies the operator buffers; past it NATS drops "
+        "them and the flows read them from the reply stream",
+    )
+    run.add_argument(
+        "--stream-max-bytes",
+        type=int,
+        default=int(env("TASKFLOW_STREAM_MAX_BYTES", str(512 * 1024**2))),
+        help="size limit of each of the reply and event streams (oldest go first)",
+    )
     run.add_argument("--log-level", default=env("TASKFLOW_LOG_LEVEL", "INFO"))
-    run.add_argument("--log-format", choices=["text", "json"],
-                     default=env("TASKFLOW_LOG_FORMAT", "text"))
+    run.add_argument(
+        "--log-format", choices=["text", "json"], default=env("TASKFLOW_LOG_FORMAT", "text")
+    )
     return parser
 
 
@@ -106,44 +151,61 @@ def run(args: argparse.Namespace) -> int:
         print(f"--subject-template: {problem}", file=sys.stderr)
         return 2
     nats_settings = NatsSettings(
-        url=args.nats_url, user=args.nats_user, password=_read(args.nats_password_file),
-        token=_read(args.nats_token_file), creds_file=args.nats_creds_file,
-        nkey_seed_file=args.nats_nkey_file, tls_ca=args.nats_tls_ca,
-        tls_cert=args.nats_tls_cert, tls_key=args.nats_tls_key,
-        reply_pending_bytes=args.reply_pending_bytes, stream_max_bytes=args.stream_max_bytes,
+        url=args.nats_url,
+        user=args.nats_user,
+        password=_read(args.nats_password_file),
+        token=_read(args.nats_token_file),
+        creds_file=args.nats_creds_file,
+        nkey_seed_file=args.nats_nkey_file,
+        tls_ca=args.nats_tls_ca,
+        tls_cert=args.nats_tls_cert,
+        tls_key=args.nats_tls_key,
+        reply_pending_bytes=args.reply_pending_bytes,
+        stream_max_bytes=args.stream_max_bytes,
     )
     runner = RunnerSettings(
         subjects=Subjects(template=args.subject_template),
         flush_interval_s=args.flush_interval,
         max_depth=args.max_depth,
     )
-    api_namespaces = ([n.strip() for n in args.api_namespaces.split(",") if n.strip()]
-                      if args.api_namespaces else list(args.namespace))
-    operator = Operator(kubeconfig=args.kubeconfig, nats=nats_settings, runner=runner,
-                        standalone=not args.peering, peering=args.peering or None,
-                        api_namespaces=[n for n in api_namespaces if n != "none"] or None,
-                        serve_nats_api=args.nats_api == "on" and api_namespaces != ["none"],
-                        nats_api_users=args.nats_api_users,
-                        key_file=args.key_file, namespaces=list(args.namespace) or None,
-                        credentials_namespace=args.credentials_namespace,
-                        require_policy=args.require_policy)
+    api_namespaces = (
+        [n.strip() for n in args.api_namespaces.split(",") if n.strip()]
+        if args.api_namespaces
+        else list(args.namespace)
+    )
+    operator = Operator(
+        kubeconfig=args.kubeconfig,
+        nats=nats_settings,
+        runner=runner,
+        standalone=not args.peering,
+        peering=args.peering or None,
+        api_namespaces=[n for n in api_namespaces if n != "none"] or None,
+        serve_nats_api=args.nats_api == "on" and api_namespaces != ["none"],
+        nats_api_users=args.nats_api_users,
+        key_file=args.key_file,
+        namespaces=list(args.namespace) or None,
+        credentials_namespace=args.credentials_namespace,
+        require_policy=args.require_policy,
+    )
     registry = kopf.OperatorRegistry()
     operator.register(registry)
     if args.metrics_address:
         host, _, port = args.metrics_address.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0")
     liveness = f"http://{args.health_address}/healthz" if args.health_address else None
-    asyncio.run(kopf.operator(
-        registry=registry,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        standalone=not args.peering,
-        peering_name=args.peering or None,
-        # kopf pauses every operator of the same priority as a higher-or-equal peer, so each
-        # replica takes its own: the highest serves, the others stand by.
-        priority=secrets.randbelow(1_000_000) + 1 if args.peering else 0,
-        liveness_endpoint=liveness,
-    ))
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            standalone=not args.peering,
+            peering_name=args.peering or None,
+            # kopf pauses every operator of the same priority as a higher-or-equal peer, so each
+            # replica takes its own: the highest serves, the others stand by.
+            priority=secrets.randbelow(1_000_000) + 1 if args.peering else 0,
+            liveness_endpoint=liveness,
+        )
+    )
     return 0
 
 

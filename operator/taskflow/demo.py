@@ -36,8 +36,11 @@ async def serve(url: str) -> None:
         params = json.loads(msg.data or b"{}")
         groups[params.get("groupId", "")] = {**params, "appliances": []}
         log.info("createGroup %s", params.get("groupId"))
-        await msg.respond(json.dumps({"success": True, "data": {"groupId": params.get(
-            "groupId"), "created": True}}).encode())
+        await msg.respond(
+            json.dumps(
+                {"success": True, "data": {"groupId": params.get("groupId"), "created": True}}
+            ).encode()
+        )
 
     async def add_appliance(msg: Msg) -> None:
         params = json.loads(msg.data or b"{}")
@@ -47,20 +50,25 @@ async def serve(url: str) -> None:
         await asyncio.sleep(0.05)
         if appliance == FLAKY_APPLIANCE and attempt == 0:
             log.info("AddApplianceToGroup %s: failing attempt 0 on purpose", appliance)
-            reply = {"success": False, "error": {"code": "UNREACHABLE",
-                                                 "message": f"appliance {appliance} unreachable"}}
+            reply = {
+                "success": False,
+                "error": {"code": "UNREACHABLE", "message": f"appliance {appliance} unreachable"},
+            }
         else:
             group = groups.setdefault(params.get("groupId", ""), {"appliances": []})
             appliances = group.setdefault("appliances", [])
             if isinstance(appliances, list):
                 appliances.append(appliance)
-            reply = {"success": True, "data": {"applianceId": appliance,
-                                               "groupId": params.get("groupId")}}
+            reply = {
+                "success": True,
+                "data": {"applianceId": appliance, "groupId": params.get("groupId")},
+            }
         await msg.respond(json.dumps(reply).encode())
 
     await nc.subscribe("group-core.createGroup", queue="group-core", cb=create_group)
-    await nc.subscribe("appliance-core.AddApplianceToGroup", queue="appliance-core",
-                       cb=add_appliance)
+    await nc.subscribe(
+        "appliance-core.AddApplianceToGroup", queue="appliance-core", cb=add_appliance
+    )
     await nc.subscribe("hello.greet", queue="hello", cb=_greet)
     log.info("demo services listening on %s", url)
     stop = asyncio.Event()

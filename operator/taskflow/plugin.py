@@ -61,15 +61,26 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("-n", "--namespace", default=default(None),
-                        help="namespace (default: the kubeconfig context's)")
-    parser.add_argument("--kubeconfig", default=default(None),
-                        help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)")
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        default=default(None),
+        help="namespace (default: the kubeconfig context's)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=default(None),
+        help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)",
+    )
     parser.add_argument("--context", default=default(None), help="kubeconfig context")
-    parser.add_argument("--nats-url", default=default(None),
-                        help=f"NATS server (default: $NATS_URL, else {DEFAULT_NATS_URL})")
-    parser.add_argument("-o", "--output", choices=["text", "json"], default=default("text"),
-                        help="output format")
+    parser.add_argument(
+        "--nats-url",
+        default=default(None),
+        help=f"NATS server (default: $NATS_URL, else {DEFAULT_NATS_URL})",
+    )
+    parser.add_argument(
+        "-o", "--output", choices=["text", "json"], default=default("text"), help="output format"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,20 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("tree", "show the flow and its nested flows with status, attempt, duration, error")
     events = command("events", "tail the flow's events from NATS until it ends")
-    events.add_argument("--replay", action="store_true",
-                        help="print the flow's whole history first")
+    events.add_argument(
+        "--replay", action="store_true", help="print the flow's whole history first"
+    )
     retry = command("retry", "retry a finished flow (all of it, failed tasks, stages, tasks)")
-    retry.add_argument("--failed", action="store_true",
-                       help="only FAILED, TIMED_OUT and CANCELLED tasks of the selection")
-    retry.add_argument("--stage", action="append", default=[], metavar="STAGE",
-                       help="retry this stage (repeat)")
-    retry.add_argument("--task", action="append", default=[], metavar="STAGE/TASK",
-                       help="retry this task (repeat)")
-    retry.add_argument("--no-wait", action="store_true",
-                       help="do not wait for the operator to accept the retry")
+    retry.add_argument(
+        "--failed",
+        action="store_true",
+        help="only FAILED, TIMED_OUT and CANCELLED tasks of the selection",
+    )
+    retry.add_argument(
+        "--stage", action="append", default=[], metavar="STAGE", help="retry this stage (repeat)"
+    )
+    retry.add_argument(
+        "--task", action="append", default=[], metavar="STAGE/TASK", help="retry this task (repeat)"
+    )
+    retry.add_argument(
+        "--no-wait", action="store_true", help="do not wait for the operator to accept the retry"
+    )
     cancel = command("cancel", "cancel a running flow")
-    cancel.add_argument("--no-wait", action="store_true",
-                        help="do not wait for the operator to act")
+    cancel.add_argument(
+        "--no-wait", action="store_true", help="do not wait for the operator to act"
+    )
     return parser
 
 
@@ -139,8 +158,13 @@ def _describe(exc: Exception) -> str:
 async def run(args: argparse.Namespace) -> int:
     nats_url = args.nats_url or os.environ.get("NATS_URL") or DEFAULT_NATS_URL
     nc = await connect_nats(nats_url) if args.command == "events" else None
-    client = TaskflowClient(kubeconfig=args.kubeconfig, context=args.context,
-                            namespace=args.namespace, nats_url=nats_url, nc=nc)
+    client = TaskflowClient(
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        namespace=args.namespace,
+        nats_url=nats_url,
+        nc=nc,
+    )
     try:
         if args.command == "tree":
             return await tree(client, args)
@@ -160,13 +184,20 @@ async def connect_nats(url: str) -> Any:
     import nats
 
     try:
+
         async def quiet(_: Exception) -> None:
             pass
 
         # One attempt (nats-py counts reconnects from the first failure), then a clear error.
-        return await nats.connect(url, connect_timeout=3, allow_reconnect=False,
-                                  max_reconnect_attempts=1, reconnect_time_wait=0.2,
-                                  error_cb=quiet, name="kubectl-taskflow")
+        return await nats.connect(
+            url,
+            connect_timeout=3,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.2,
+            error_cb=quiet,
+            name="kubectl-taskflow",
+        )
     except Exception as exc:
         raise PluginError(f"cannot connect to NATS at {url}: {_describe(exc)}") from exc
 
@@ -217,8 +248,11 @@ def _error_text(error: Any) -> str:
 
 def render_tree(node: dict[str, Any]) -> list[Line]:
     """The flow as lines of styled segments, children indented under their task."""
-    head: Line = [(f"{node['namespace']}/{node['name']}", "bold"), ("  ", None),
-                  _status(node["status"])]
+    head: Line = [
+        (f"{node['namespace']}/{node['name']}", "bold"),
+        ("  ", None),
+        _status(node["status"]),
+    ]
     if node.get("progress"):
         head.append((f"  {node['progress']}", None))
     if node.get("durationMs") is not None:
@@ -238,8 +272,12 @@ def _flow_body(node: dict[str, Any], prefix: str) -> list[Line]:
         if kind == "orphan":
             lines.extend(_child(item, prefix + branch, prefix + indent))
             continue
-        stage_line: Line = [(prefix + branch, "dim"), (f"stage {item['name']}", "bold"),
-                            ("  ", None), _status(item["status"])]
+        stage_line: Line = [
+            (prefix + branch, "dim"),
+            (f"stage {item['name']}", "bold"),
+            ("  ", None),
+            _status(item["status"]),
+        ]
         if item.get("durationMs") is not None:
             stage_line.append((f"  {duration(item['durationMs'])}", "dim"))
         lines.append(stage_line)
@@ -276,9 +314,13 @@ def _task_line(task: dict[str, Any], lead: str) -> Line:
 
 
 def _child(child: dict[str, Any], lead: str, indent: str) -> list[Line]:
-    line: Line = [(lead, "dim"), ("flow ", "dim"),
-                  (f"{child['namespace']}/{child['name']}", "bold"), ("  ", None),
-                  _status(child["status"])]
+    line: Line = [
+        (lead, "dim"),
+        ("flow ", "dim"),
+        (f"{child['namespace']}/{child['name']}", "bold"),
+        ("  ", None),
+        _status(child["status"]),
+    ]
     if child.get("progress"):
         line.append((f"  {child['progress']}", None))
     if child.get("parentAttempt") is not None:
@@ -309,11 +351,18 @@ async def events(client: TaskflowClient, args: argparse.Namespace) -> int:
     body = await client.fetch(args.name)
     uid = body["metadata"]["uid"]
     status = body.get("status") or {}
-    if not args.replay and status.get("phase") in {"SUCCEEDED", "FAILED", "CANCELLED",
-                                                    "COMPLETED_WITH_FAILURES"}:
+    if not args.replay and status.get("phase") in {
+        "SUCCEEDED",
+        "FAILED",
+        "CANCELLED",
+        "COMPLETED_WITH_FAILURES",
+    }:
         meta = body["metadata"]
-        print(f"taskflow {meta['namespace']}/{meta['name']} already ended {status['phase']}; "
-              "use --replay to see its events", file=sys.stderr)
+        print(
+            f"taskflow {meta['namespace']}/{meta['name']} already ended {status['phase']}; "
+            "use --replay to see its events",
+            file=sys.stderr,
+        )
         return 0
     async for event in client.subscribe_events(uid, replay=args.replay):
         if args.output == "json":
@@ -330,8 +379,11 @@ def event_line(event: dict[str, Any]) -> Line:
     data = event.get("data") or {}
     kind = str(event.get("eventType", "?"))
     stamp = event.get("time")
-    when = (time.strftime("%H:%M:%S", time.localtime(stamp / 1000)) + f".{stamp % 1000:03d}"
-            if isinstance(stamp, int) else "")
+    when = (
+        time.strftime("%H:%M:%S", time.localtime(stamp / 1000)) + f".{stamp % 1000:03d}"
+        if isinstance(stamp, int)
+        else ""
+    )
     if kind == "TASK":
         what = f"{data.get('stageName', '?')}/{data.get('taskName', '?')}"
         status = str(data.get("taskStatus"))
@@ -341,8 +393,13 @@ def event_line(event: dict[str, Any]) -> Line:
     else:
         what = str((data.get("taskflowObject") or {}).get("name", data.get("taskflowId")))
         status = str(data.get("taskflowStatus"))
-    line: Line = [(f"{when}  ", "dim"), (f"#{event.get('seq', '?'):<4} ", "dim"),
-                  (f"{kind:<9}", "bold"), (f"{what:<40} ", None), _status(status)]
+    line: Line = [
+        (f"{when}  ", "dim"),
+        (f"#{event.get('seq', '?'):<4} ", "dim"),
+        (f"{kind:<9}", "bold"),
+        (f"{what:<40} ", None),
+        _status(status),
+    ]
     if kind == "TASK":
         line.append((f"  attempt {data.get('attempt', 0)}", None))
         error = _error_text(data.get("taskError"))
@@ -359,15 +416,22 @@ async def retry(client: TaskflowClient, args: argparse.Namespace) -> int:
         stage, _, name = task.partition("/")
         if not stage or not name:
             raise PluginError(f"--task takes STAGE/TASK, not {task!r}")
-    result = await client.retry(args.name, stages=args.stage or None, tasks=args.task or None,
-                                failed_only=args.failed, wait=None if args.no_wait else 15.0)
+    result = await client.retry(
+        args.name,
+        stages=args.stage or None,
+        tasks=args.task or None,
+        failed_only=args.failed,
+        wait=None if args.no_wait else 15.0,
+    )
     data = _data(result)
     if args.output == "json":
         print(json.dumps(result, indent=2))
         return 0
     if not data.get("acknowledged"):
-        print(f"retry {data['retryId']} of {args.name} requested "
-              "(not yet acknowledged by the operator)")
+        print(
+            f"retry {data['retryId']} of {args.name} requested "
+            "(not yet acknowledged by the operator)"
+        )
     else:
         print(f"retry {data['retryId']} of {args.name} accepted: {data.get('message', '')}")
     return 0

@@ -127,8 +127,13 @@ class TaskContext:
     service: Service | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, subject: str, headers: Mapping[str, str] | None, params: Any,
-              service: Service | None = None) -> TaskContext:
+    def parse(
+        cls,
+        subject: str,
+        headers: Mapping[str, str] | None,
+        params: Any,
+        service: Service | None = None,
+    ) -> TaskContext:
         headers = dict(headers or {})
         raw: dict[str, Any] = {}
         with contextlib.suppress(ValueError, TypeError):
@@ -179,8 +184,9 @@ class TaskContext:
         """Seconds until this attempt times out (None when the request carried no deadline)."""
         return None if self.deadline is None else max(0.0, (self.deadline - now_ms()) / 1000)
 
-    async def start_child(self, spec: Mapping[str, Any] | BaseModel, *,
-                          name: str | None = None) -> str:
+    async def start_child(
+        self, spec: Mapping[str, Any] | BaseModel, *, name: str | None = None
+    ) -> str:
         """Start a child Taskflow linked to the task being served; returns "namespace/name".
 
         The child gets the parent-uid label, the parent-task/attempt/context/depth annotations
@@ -193,8 +199,7 @@ class TaskContext:
             raise TaskFailure("this context belongs to no service", code="CHILD_REFUSED")
         limit = self.service.max_children_per_task
         if len(self.children) >= limit:
-            raise TaskFailure(f"a task may start at most {limit} child flows",
-                              code="CHILD_LIMIT")
+            raise TaskFailure(f"a task may start at most {limit} child flows", code="CHILD_LIMIT")
         ref = await self.service.start_child(self, spec, name=name, index=len(self.children))
         self.children.append(ref)
         return ref
@@ -283,8 +288,9 @@ class Service:
 
     # -- declaring actions -------------------------------------------------------------------
 
-    def action(self, name: str, *, subject: str | None = None
-               ) -> Callable[[ActionHandler], ActionHandler]:
+    def action(
+        self, name: str, *, subject: str | None = None
+    ) -> Callable[[ActionHandler], ActionHandler]:
         """Register ``async def handler(params, ctx) -> data`` for an action."""
         if name in self.actions:
             raise ValueError(f"action {name!r} is already registered")
@@ -307,21 +313,27 @@ class Service:
         if self.nc is None:
             import nats
 
-            self.nc = await nats.connect(self.nats_url, name=f"taskflow-sdk-{self.service_id}",
-                                         max_reconnect_attempts=-1)
+            self.nc = await nats.connect(
+                self.nats_url, name=f"taskflow-sdk-{self.service_id}", max_reconnect_attempts=-1
+            )
             self._own_nc = True
         if self.client is not None and not self.client.has_nats:
             self.client.use_nats(self.nc)  # finds a parent flow from its events, cheaply
         self._micro = await add_service(
-            self.nc, name=self.service_id, version=self.version,
-            description=self.description, queue_group=self.queue_group,
+            self.nc,
+            name=self.service_id,
+            version=self.version,
+            description=self.description,
+            queue_group=self.queue_group,
             # A repeated attempt is answered from the reply cache without running again, so
             # the operator may re-ask an attempt whose reply NATS lost.
             metadata={"taskflow.dev/sdk": "python", "taskflow.dev/idempotent": "true"},
         )
         for action in self.actions.values():
             await self._micro.add_endpoint(
-                name=action.name, subject=action.subject, handler=self._endpoint(action),
+                name=action.name,
+                subject=action.subject,
+                handler=self._endpoint(action),
                 queue_group=self.queue_group,
             )
         # Every instance hears every cancel notice: only the one serving the attempt acts.
@@ -329,8 +341,11 @@ class Service:
             self.subjects.cancel(self.service_id), cb=self._on_cancel
         )
         await self.nc.flush()
-        log.info("service %s serving %s", self.service_id,
-                 ", ".join(a.subject for a in self.actions.values()))
+        log.info(
+            "service %s serving %s",
+            self.service_id,
+            ", ".join(a.subject for a in self.actions.values()),
+        )
         return self
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -421,16 +436,18 @@ class Service:
         expires = _epoch_ms(headers.get(EXPIRES_HEADER))
         return expires is not None and now_ms() >= expires
 
-    async def _serve(self, action: _Action, request: Any, headers: dict[str, str],
-                     key: str | None) -> None:
+    async def _serve(
+        self, action: _Action, request: Any, headers: dict[str, str], key: str | None
+    ) -> None:
         if self._limit is not None:
             async with self._limit:
                 await self._serve_now(action, request, headers, key)
         else:
             await self._serve_now(action, request, headers, key)
 
-    async def _serve_now(self, action: _Action, request: Any, headers: dict[str, str],
-                         key: str | None) -> None:
+    async def _serve_now(
+        self, action: _Action, request: Any, headers: dict[str, str], key: str | None
+    ) -> None:
         if self._expired(headers):  # it waited for a free slot past its maxAge
             self.counters.dropped_expired += 1
             log.info("%s: dropped %s, its maxAge passed", action.subject, key or "a request")
@@ -460,8 +477,9 @@ class Service:
                 self._replies.popitem(last=False)
         await self._respond(request, payload)
 
-    async def _call(self, action: _Action, params: Any, ctx: TaskContext, key: str | None
-                    ) -> dict[str, Any] | None:
+    async def _call(
+        self, action: _Action, params: Any, ctx: TaskContext, key: str | None
+    ) -> dict[str, Any] | None:
         try:
             result = await action.handler(params, ctx)
         except asyncio.CancelledError:
@@ -517,27 +535,34 @@ class Service:
 
     # -- child flows -------------------------------------------------------------------------
 
-    async def start_child(self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel, *,
-                          name: str | None, index: int) -> str:
+    async def start_child(
+        self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel, *, name: str | None, index: int
+    ) -> str:
         if ctx.taskflow_id is None or not ctx.raw:
-            raise TaskFailure("a child flow can only be started while serving a task",
-                              code="CHILD_REFUSED")
+            raise TaskFailure(
+                "a child flow can only be started while serving a task", code="CHILD_REFUSED"
+            )
         if self.client is not None:
             result = await self._start_child_kube(ctx, spec, name, index)
         else:
             result = await self._start_child_nats(ctx, spec, name, index)
         if not result.get("success"):
             message = (result.get("error") or {}).get("message") or "refused"
-            raise TaskFailure(f"could not start a child taskflow: {message}",
-                              code="CHILD_REFUSED", data=result.get("error"))
+            raise TaskFailure(
+                f"could not start a child taskflow: {message}",
+                code="CHILD_REFUSED",
+                data=result.get("error"),
+            )
         ref = (result.get("data") or {}).get("ref")
         if not isinstance(ref, str):
-            raise TaskFailure("could not start a child taskflow: no reference came back",
-                              code="CHILD_REFUSED")
+            raise TaskFailure(
+                "could not start a child taskflow: no reference came back", code="CHILD_REFUSED"
+            )
         return ref
 
-    async def _start_child_kube(self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel,
-                                name: str | None, index: int) -> dict[str, Any]:
+    async def _start_child_kube(
+        self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel, name: str | None, index: int
+    ) -> dict[str, Any]:
         from taskflow.client import TaskflowError
 
         assert self.client is not None
@@ -551,8 +576,9 @@ class Service:
             result["data"]["ref"] = f"{link.namespace}/{child}"
         return result
 
-    async def _start_child_nats(self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel,
-                                name: str | None, index: int) -> dict[str, Any]:
+    async def _start_child_nats(
+        self, ctx: TaskContext, spec: Mapping[str, Any] | BaseModel, name: str | None, index: int
+    ) -> dict[str, Any]:
         if isinstance(spec, BaseModel):
             spec = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
         request = {
@@ -566,14 +592,21 @@ class Service:
         }
         subject = f"{self.subjects.api_prefix}.produce"
         try:
-            reply = await self.nc.request(subject, json.dumps(request).encode(),
-                                          timeout=self.request_timeout,
-                                          headers=self._api_headers())
+            reply = await self.nc.request(
+                subject,
+                json.dumps(request).encode(),
+                timeout=self.request_timeout,
+                headers=self._api_headers(),
+            )
             result: dict[str, Any] = json.loads(reply.data)
         except Exception as exc:
-            return {"success": False, "error": {
-                "message": f"no answer from the operator's NATS API on {subject}: {exc}",
-                "code": "Unavailable"}}
+            return {
+                "success": False,
+                "error": {
+                    "message": f"no answer from the operator's NATS API on {subject}: {exc}",
+                    "code": "Unavailable",
+                },
+            }
         return result
 
     def _api_headers(self) -> dict[str, str]:
@@ -595,7 +628,8 @@ class Service:
                     await self.nc.request(
                         f"{self.subjects.api_prefix}.cancel",
                         json.dumps({"taskflowId": ref, "wait": False}).encode(),
-                        timeout=self.request_timeout, headers=self._api_headers(),
+                        timeout=self.request_timeout,
+                        headers=self._api_headers(),
                     )
             except Exception as exc:
                 log.warning("could not cancel child %s: %s", ref, exc)

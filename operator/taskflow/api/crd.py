@@ -63,9 +63,17 @@ def openapi_schema(model: type[Any]) -> dict[str, Any]:
     return dict(_structural(raw, raw.get("$defs", {})))
 
 
-def _definition(*, kind: str, plural: str, short: list[str], description: str,
-                spec: type[Any], status: type[Any], columns: list[dict[str, str]],
-                rules: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def _definition(
+    *,
+    kind: str,
+    plural: str,
+    short: list[str],
+    description: str,
+    spec: type[Any],
+    status: type[Any],
+    columns: list[dict[str, str]],
+    rules: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
     root: dict[str, Any] = {
         "type": "object",
         "description": description,
@@ -115,9 +123,12 @@ def _definition(*, kind: str, plural: str, short: list[str], description: str,
 def crd() -> dict[str, Any]:
     """The Taskflow CRD as a dict, ready to dump or apply."""
     return _definition(
-        kind="Taskflow", plural="taskflows", short=["tf"],
+        kind="Taskflow",
+        plural="taskflows",
+        short=["tf"],
         description="A multi-stage plan of NATS requests.",
-        spec=TaskflowSpec, status=TaskflowStatus,
+        spec=TaskflowSpec,
+        status=TaskflowStatus,
         columns=[
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage"},
@@ -129,17 +140,30 @@ def crd() -> dict[str, Any]:
 def policy_crd() -> dict[str, Any]:
     """The TaskflowPolicy CRD: one per namespace, named ``default``."""
     return _definition(
-        kind=policy.KIND, plural=policy.PLURAL, short=["tfpolicy"],
+        kind=policy.KIND,
+        plural=policy.PLURAL,
+        short=["tfpolicy"],
         description="What the Taskflows of a namespace may call, and as which NATS user.",
-        spec=policy.TaskflowPolicySpec, status=policy.TaskflowPolicyStatus,
+        spec=policy.TaskflowPolicySpec,
+        status=policy.TaskflowPolicyStatus,
         columns=[
-            {"name": "Credentials", "type": "string",
-             "jsonPath": ".spec.natsCredentials.secretName"},
-            {"name": "Connected", "type": "string",
-             "jsonPath": ".status.conditions[?(@.type==\"Connected\")].status"},
+            {
+                "name": "Credentials",
+                "type": "string",
+                "jsonPath": ".spec.natsCredentials.secretName",
+            },
+            {
+                "name": "Connected",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Connected")].status',
+            },
         ],
-        rules=[{"rule": f"self.metadata.name == '{policy.NAME}'",
-                "message": f"a namespace has one TaskflowPolicy, named {policy.NAME!r}"}],
+        rules=[
+            {
+                "rule": f"self.metadata.name == '{policy.NAME}'",
+                "message": f"a namespace has one TaskflowPolicy, named {policy.NAME!r}",
+            }
+        ],
     )
 
 

@@ -42,11 +42,15 @@ class _Model(BaseModel):
 
 class ServiceGrant(_Model):
     service_id: str = Field(
-        alias="serviceId", min_length=1, max_length=128, pattern=_GRANT_PATTERN,
+        alias="serviceId",
+        min_length=1,
+        max_length=128,
+        pattern=_GRANT_PATTERN,
         description="A serviceId flows here may call, or '*' for any.",
     )
     actions: list[Grant] | None = Field(
-        default=None, max_length=MAX_ACTIONS,
+        default=None,
+        max_length=MAX_ACTIONS,
         description="Its actions flows here may call ('*': any); absent: every action.",
     )
 
@@ -58,37 +62,44 @@ class ServiceGrant(_Model):
 
 class NatsCredentials(_Model):
     secret_name: str = Field(
-        alias="secretName", min_length=1, max_length=253, pattern=_SECRET_PATTERN,
+        alias="secretName",
+        min_length=1,
+        max_length=253,
+        pattern=_SECRET_PATTERN,
         description="A Secret in the operator's namespace, annotated "
-                    f"{SECRET_NAMESPACES} with this namespace, holding 'creds' (a .creds "
-                    "file), 'nkey' (a seed), 'token', or 'user' and 'password'.",
+        f"{SECRET_NAMESPACES} with this namespace, holding 'creds' (a .creds "
+        "file), 'nkey' (a seed), 'token', or 'user' and 'password'.",
     )
 
 
 class TaskflowPolicySpec(_Model):
     services: list[ServiceGrant] | None = Field(
-        default=None, max_length=MAX_SERVICES,
+        default=None,
+        max_length=MAX_SERVICES,
         description="What this namespace's flows may call; absent: any service, [] none.",
     )
     nats_credentials: NatsCredentials | None = Field(
-        default=None, alias="natsCredentials",
+        default=None,
+        alias="natsCredentials",
         description="The NATS identity the operator uses for this namespace's flows; absent: "
-                    "the operator's own.",
+        "the operator's own.",
     )
 
     def refusal(self, service_id: str, action_name: str) -> str | None:
         """Why a task calling ``service_id``/``action_name`` may not run here, or None."""
-        if self.services is None or any(g.grants(service_id, action_name)
-                                        for g in self.services):
+        if self.services is None or any(g.grants(service_id, action_name) for g in self.services):
             return None
-        return (f"TaskflowPolicy {NAME!r} of this namespace does not allow "
-                f"{service_id}.{action_name}")
+        return (
+            f"TaskflowPolicy {NAME!r} of this namespace does not allow {service_id}.{action_name}"
+        )
 
 
 def no_policy_refusal(service_id: str, action_name: str) -> str:
     """The refusal when the operator requires a policy and the namespace has none."""
-    return (f"{service_id}.{action_name} refused: this namespace has no TaskflowPolicy "
-            f"{NAME!r} and the operator requires one")
+    return (
+        f"{service_id}.{action_name} refused: this namespace has no TaskflowPolicy "
+        f"{NAME!r} and the operator requires one"
+    )
 
 
 class TaskflowPolicyStatus(_Model):

@@ -33,8 +33,9 @@ def _ms_between(start: str | None, end: str | None) -> int | None:
         return None
 
 
-def flow_node(body: Mapping[str, Any], children: Mapping[tuple[str, str], list[Envelope]]
-              ) -> dict[str, Any]:
+def flow_node(
+    body: Mapping[str, Any], children: Mapping[tuple[str, str], list[Envelope]]
+) -> dict[str, Any]:
     """One flow of the tree: its status with every stage and task, children under their task."""
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
@@ -42,7 +43,8 @@ def flow_node(body: Mapping[str, Any], children: Mapping[tuple[str, str], list[E
     phase = status.get("phase") or "PENDING"
     spec_tasks = {
         (s.get("name"), t.get("name")): t
-        for s in spec.get("stages") or [] for t in s.get("tasks") or []
+        for s in spec.get("stages") or []
+        for t in s.get("tasks") or []
     }
     stage_states = {s.get("name"): s for s in status.get("stages") or []}
     stages = []
@@ -54,36 +56,42 @@ def flow_node(body: Mapping[str, Any], children: Mapping[tuple[str, str], list[E
             state = task_states.get(task_spec.get("name")) or {}
             key = (stage_spec.get("name"), task_spec.get("name"))
             source = spec_tasks.get(key) or {}
-            tasks.append({
-                "id": state.get("id"),
-                "name": task_spec.get("name"),
-                "type": source.get("type", "ACTION"),
-                "taskDetails": source.get("taskDetails"),
-                "params": source.get("params"),
-                "options": source.get("options"),
-                "status": state.get("status", "WAITING"),
-                "attempt": state.get("attempt", 0),
-                "response": state.get("response"),
-                "responseRef": state.get("responseRef"),
-                "error": state.get("error"),
-                "startTime": state.get("startTime"),
-                "endTime": state.get("endTime"),
-                "durationMs": _ms_between(state.get("startTime"), state.get("endTime")),
-                "waitingReason": state.get("waitingReason"),
-                "attempts": state.get("attempts", []),
-                "nestedTaskflows": state.get("nestedTaskflows", []),
-                "nestedActiveRunningTaskFlowIds": state.get("nestedActiveRunningTaskFlowIds", []),
-                "children": children.get(key, []),
-            })
-        stages.append({
-            "id": stage.get("id"),
-            "name": stage_spec.get("name"),
-            "status": stage.get("status", "WAITING"),
-            "startTime": stage.get("startTime"),
-            "endTime": stage.get("endTime"),
-            "durationMs": _ms_between(stage.get("startTime"), stage.get("endTime")),
-            "tasks": tasks,
-        })
+            tasks.append(
+                {
+                    "id": state.get("id"),
+                    "name": task_spec.get("name"),
+                    "type": source.get("type", "ACTION"),
+                    "taskDetails": source.get("taskDetails"),
+                    "params": source.get("params"),
+                    "options": source.get("options"),
+                    "status": state.get("status", "WAITING"),
+                    "attempt": state.get("attempt", 0),
+                    "response": state.get("response"),
+                    "responseRef": state.get("responseRef"),
+                    "error": state.get("error"),
+                    "startTime": state.get("startTime"),
+                    "endTime": state.get("endTime"),
+                    "durationMs": _ms_between(state.get("startTime"), state.get("endTime")),
+                    "waitingReason": state.get("waitingReason"),
+                    "attempts": state.get("attempts", []),
+                    "nestedTaskflows": state.get("nestedTaskflows", []),
+                    "nestedActiveRunningTaskFlowIds": state.get(
+                        "nestedActiveRunningTaskFlowIds", []
+                    ),
+                    "children": children.get(key, []),
+                }
+            )
+        stages.append(
+            {
+                "id": stage.get("id"),
+                "name": stage_spec.get("name"),
+                "status": stage.get("status", "WAITING"),
+                "startTime": stage.get("startTime"),
+                "endTime": stage.get("endTime"),
+                "durationMs": _ms_between(stage.get("startTime"), stage.get("endTime")),
+                "tasks": tasks,
+            }
+        )
     return {
         "taskflowId": meta.get("uid"),
         "name": meta.get("name"),
@@ -162,9 +170,12 @@ async def details_tree(
             node["parentAttempt"] = (node.get("parent") or {}).get("attempt")
             grouped.setdefault(key, []).append(node)
         node = flow_node(body, grouped)
-        orphans = [c for k, v in grouped.items()
-                   if not any((s["name"], t["name"]) == k for s in node["stages"]
-                              for t in s["tasks"]) for c in v]
+        orphans = [
+            c
+            for k, v in grouped.items()
+            if not any((s["name"], t["name"]) == k for s in node["stages"] for t in s["tasks"])
+            for c in v
+        ]
         if orphans:
             node["children"] = orphans
         return node
@@ -176,15 +187,20 @@ async def fill_responses(node: dict[str, Any], *, nats: Callable[[], Awaitable[A
     """Large responses live in the NATS object store; fetch them when NATS is reachable
     (``nats`` connects on first use). A response that cannot be fetched keeps its reference,
     for the caller to fetch later."""
-    refs = [t for s in node["stages"] for t in s["tasks"]
-            if t.get("responseRef") and t.get("response") is None]
+    refs = [
+        t
+        for s in node["stages"]
+        for t in s["tasks"]
+        if t.get("responseRef") and t.get("response") is None
+    ]
     if refs:
         try:
             nc = await nats()
             js = nc.jetstream()
             for task in refs:
-                bucket, _, key = str(task["responseRef"]).removeprefix(
-                    "nats-object://").partition("/")
+                bucket, _, key = (
+                    str(task["responseRef"]).removeprefix("nats-object://").partition("/")
+                )
                 store = await js.object_store(bucket)
                 result = await store.get(key)
                 task["response"] = json.loads(result.data or b"null")

@@ -50,8 +50,12 @@ class TaskflowError(Exception):
             body = json.loads(exc.body) if exc.body else None
         if isinstance(body, dict) and body.get("message"):
             causes = (body.get("details") or {}).get("causes")
-            return cls(str(body["message"]), str(body.get("reason") or exc.reason or "Error"),
-                       status=exc.status, causes=causes)
+            return cls(
+                str(body["message"]),
+                str(body.get("reason") or exc.reason or "Error"),
+                status=exc.status,
+                causes=causes,
+            )
         message = f"{what}: {exc.reason}" if what else str(exc.reason or exc)
         return cls(message, str(exc.reason or "Error"), status=exc.status)
 

@@ -115,8 +115,12 @@ class TaskflowClient:
                 # Fail fast when NATS is not there at all (nats-py uses one setting for the
                 # first connect and for reconnects), then reconnect for ever once connected.
                 self._nc = await nats.connect(
-                    self.nats_url, name="taskflow-client", connect_timeout=5,
-                    max_reconnect_attempts=2, reconnect_time_wait=0.5, error_cb=on_error,
+                    self.nats_url,
+                    name="taskflow-client",
+                    connect_timeout=5,
+                    max_reconnect_attempts=2,
+                    reconnect_time_wait=0.5,
+                    error_cb=on_error,
                 )
                 self._nc.options["max_reconnect_attempts"] = -1
                 self._nc.options["reconnect_time_wait"] = 2
@@ -176,8 +180,7 @@ class TaskflowClient:
             return self._where[ident]
         found = await self._from_events(ident) or await self._by_listing(ident)
         if found is None:
-            where = (", ".join(self.search_namespaces) if self.search_namespaces
-                     else "any namespace")
+            where = ", ".join(self.search_namespaces) if self.search_namespaces else "any namespace"
             raise TaskflowError(f"no taskflow with uid {ident} in {where}", "NotFound")
         self.check_namespace(found[0])
         self._where[ident] = found
@@ -264,8 +267,11 @@ class TaskflowClient:
             spec = dict(schema)
             if "spec" in spec and "stages" not in spec:  # a whole manifest
                 manifest_meta = spec.get("metadata") or {}
-                metadata = {k: v for k, v in manifest_meta.items()
-                            if k in ("name", "generateName", "labels", "annotations")}
+                metadata = {
+                    k: v
+                    for k, v in manifest_meta.items()
+                    if k in ("name", "generateName", "labels", "annotations")
+                }
                 namespace = namespace or manifest_meta.get("namespace")
                 spec = spec["spec"]
         else:
@@ -290,10 +296,14 @@ class TaskflowClient:
             metadata["labels"] = {**(metadata.get("labels") or {}), **labels}
         for kind in ("labels", "annotations"):  # the operator's own: only parent.apply sets them
             if isinstance(metadata.get(kind), Mapping):
-                metadata[kind] = {k: v for k, v in metadata[kind].items()
-                                  if not str(k).startswith(OWN_METADATA)}
+                metadata[kind] = {
+                    k: v for k, v in metadata[kind].items() if not str(k).startswith(OWN_METADATA)
+                }
         body: dict[str, Any] = {
-            "apiVersion": API_VERSION, "kind": "Taskflow", "metadata": metadata, "spec": spec,
+            "apiVersion": API_VERSION,
+            "kind": "Taskflow",
+            "metadata": metadata,
+            "spec": spec,
         }
         if parent is not None:
             parent.apply(body)
@@ -326,7 +336,8 @@ class TaskflowClient:
         if not isinstance(flow, Mapping) or not flow.get("id"):
             raise TaskflowError(
                 "no taskflowExecutionContext: a child flow can only be started while serving "
-                "a task", "BadRequest",
+                "a task",
+                "BadRequest",
             )
         uid = str(flow["id"])
         info = flow.get("taskInfo") or {}
@@ -339,13 +350,27 @@ class TaskflowClient:
         meta = body["metadata"]
         if not stage:
             stage_id = flow.get("stageId")
-            stage = next((s.get("name", "") for s in (body.get("status") or {}).get("stages", [])
-                          if s.get("id") == stage_id), "")
+            stage = next(
+                (
+                    s.get("name", "")
+                    for s in (body.get("status") or {}).get("stages", [])
+                    if s.get("id") == stage_id
+                ),
+                "",
+            )
         if not stage or not task:
             raise TaskflowError("the execution context names no stage or task", "BadRequest")
         depth = int((meta.get("annotations") or {}).get(DEPTH, "0") or 0) + 1
-        return ParentLink(uid=uid, name=meta["name"], namespace=meta["namespace"], stage=stage,
-                          task=task, attempt=attempt, context=dict(context), depth=depth)
+        return ParentLink(
+            uid=uid,
+            name=meta["name"],
+            namespace=meta["namespace"],
+            stage=stage,
+            task=task,
+            attempt=attempt,
+            context=dict(context),
+            depth=depth,
+        )
 
     # -- details -----------------------------------------------------------------------------
 
@@ -376,7 +401,8 @@ class TaskflowClient:
         if status.get("phase") in FINAL_PHASES and settled:
             raise TaskflowError(
                 f"taskflow {namespace}/{name} already ended {status['phase']}: nothing to cancel",
-                "AlreadyFinished", taskflowId=meta["uid"],
+                "AlreadyFinished",
+                taskflowId=meta["uid"],
             )
         before = status.get("cancelledAt")
         await self.kube.patch(namespace, name, {"spec": {"cancel": True}})
@@ -388,12 +414,17 @@ class TaskflowClient:
             fresh = await self.kube.get(namespace, name)
             st = fresh.get("status") or {}
             if st.get("cancelledAt") not in (None, before) and st.get(
-                    "observedGeneration") == fresh["metadata"].get("generation"):
+                "observedGeneration"
+            ) == fresh["metadata"].get("generation"):
                 cond: dict[str, Any] = next(
-                    (c for c in st.get("conditions") or [] if c.get("type") == "Cancelled"), {})
+                    (c for c in st.get("conditions") or [] if c.get("type") == "Cancelled"), {}
+                )
                 if cond.get("status") == "False":
-                    raise TaskflowError(cond.get("message") or "cancel refused",
-                                        cond.get("reason") or "Refused", taskflowId=meta["uid"])
+                    raise TaskflowError(
+                        cond.get("message") or "cancel refused",
+                        cond.get("reason") or "Refused",
+                        taskflowId=meta["uid"],
+                    )
                 return ok({**data, "acknowledged": True, "phase": st.get("phase")})
             await asyncio.sleep(0.2)
         return ok({**data, "acknowledged": False})
@@ -432,11 +463,11 @@ class TaskflowClient:
     ) -> Envelope:
         body = await self.fetch(taskflow_id)
         meta = body["metadata"]
-        request = retry_request(body, stages, tasks, failed_only=failed_only,
-                                retry_id=retry_id)
+        request = retry_request(body, stages, tasks, failed_only=failed_only, retry_id=retry_id)
         rid = request["id"]
-        await self.kube.patch(meta["namespace"], meta["name"],
-                              {"spec": {"cancel": False, "retry": request}})
+        await self.kube.patch(
+            meta["namespace"], meta["name"], {"spec": {"cancel": False, "retry": request}}
+        )
         data: dict[str, Any] = {"taskflowId": meta["uid"], "retryId": rid}
         if not wait:
             return ok({**data, "acknowledged": False})
@@ -446,10 +477,20 @@ class TaskflowClient:
             ack = (fresh.get("status") or {}).get("retry") or {}
             if ack.get("id") == rid:
                 if not ack.get("accepted"):
-                    raise TaskflowError(ack.get("message") or "retry refused", "RetryRefused",
-                                        retryId=rid, taskflowId=meta["uid"])
-                return ok({**data, "acknowledged": True, "accepted": True,
-                           "message": ack.get("message", "")})
+                    raise TaskflowError(
+                        ack.get("message") or "retry refused",
+                        "RetryRefused",
+                        retryId=rid,
+                        taskflowId=meta["uid"],
+                    )
+                return ok(
+                    {
+                        **data,
+                        "acknowledged": True,
+                        "accepted": True,
+                        "message": ack.get("message", ""),
+                    }
+                )
             await asyncio.sleep(0.2)
         return ok({**data, "acknowledged": False})
 
@@ -469,13 +510,15 @@ class TaskflowClient:
         js = nc.jetstream()
         try:
             sub = await js.subscribe(
-                self.subjects.events(uid), ordered_consumer=True,
+                self.subjects.events(uid),
+                ordered_consumer=True,
                 deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
             )
         except Exception as exc:
             raise TaskflowError(
                 f"cannot subscribe to {self.subjects.events(uid)}: {exc} (is the operator "
-                "running? it creates the TASKFLOW_EVENTS stream)", "Unavailable",
+                "running? it creates the TASKFLOW_EVENTS stream)",
+                "Unavailable",
             ) from exc
         try:
             async for msg in sub.messages:
@@ -495,4 +538,3 @@ class TaskflowClient:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-

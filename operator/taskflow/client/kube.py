@@ -82,8 +82,14 @@ class Kube:
     async def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         try:
             result: dict[str, Any] = await self._call(
-                self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                name, patch, _content_type="application/merge-patch+json",
+                self.custom.patch_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                patch,
+                _content_type="application/merge-patch+json",
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -92,7 +98,10 @@ class Kube:
         return result
 
     async def list(
-        self, namespace: str | None, *, label_selector: str | None = None,
+        self,
+        namespace: str | None,
+        *,
+        label_selector: str | None = None,
         metadata_only: bool = False,
     ) -> list[dict[str, Any]]:
         """Every flow of a namespace (all namespaces when None), page by page."""
@@ -106,13 +115,22 @@ class Kube:
                 extra["_continue"] = token
             if namespace is None:
                 page: dict[str, Any] = await self._call(
-                    self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, limit=500,
+                    self.custom.list_cluster_custom_object,
+                    GROUP,
+                    VERSION,
+                    PLURAL,
+                    limit=500,
                     **extra,
                 )
             else:
                 page = await self._call(
-                    self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                    limit=500, **extra,
+                    self.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    limit=500,
+                    **extra,
                 )
             items.extend(page.get("items") or [])
             token = (page.get("metadata") or {}).get("continue")

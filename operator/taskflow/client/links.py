@@ -54,14 +54,16 @@ class ParentLink:
         annotations[PARENT_ATTEMPT] = str(self.attempt)
         annotations[DEPTH] = str(self.depth)
         annotations[PARENT_CONTEXT] = json.dumps(self.context, separators=(",", ":"))
-        meta["ownerReferences"] = [{
-            "apiVersion": API_VERSION,
-            "kind": "Taskflow",
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }]
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": "Taskflow",
+                "name": self.name,
+                "uid": self.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         return body
 
     def child_name(self, index: int) -> str:
@@ -76,8 +78,9 @@ class ParentLink:
     def started(self, meta: Mapping[str, Any]) -> bool:
         """Whether a flow with this metadata is the child this link's attempt started (a
         redelivered request finds it already there)."""
-        return ((meta.get("labels") or {}).get(PARENT_UID) == self.uid
-                and (meta.get("annotations") or {}).get(PARENT_ATTEMPT) == str(self.attempt))
+        return (meta.get("labels") or {}).get(PARENT_UID) == self.uid and (
+            meta.get("annotations") or {}
+        ).get(PARENT_ATTEMPT) == str(self.attempt)
 
 
 def parent_of(meta: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -90,7 +93,8 @@ def parent_of(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     stage, _, task = (annotations.get(PARENT_TASK) or "").partition(".")
     attempt = annotations.get(PARENT_ATTEMPT)
     owner: dict[str, Any] = next(
-        (o for o in meta.get("ownerReferences") or [] if o.get("uid") == uid), {})
+        (o for o in meta.get("ownerReferences") or [] if o.get("uid") == uid), {}
+    )
     return {
         "taskflowId": uid,
         "name": owner.get("name") or labels.get(PARENT_NAME),

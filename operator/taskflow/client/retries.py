@@ -76,8 +76,9 @@ def retry_stages(
             ref = item.get("stageId") or item.get("stage") or item.get("name")
             if not ref:
                 raise TaskflowError(f"a retry entry names no stage: {dict(item)!r}", "BadRequest")
-            refs = _names(item.get("taskIds") or item.get("tasks") or item.get("taskId")
-                          or item.get("task"))
+            refs = _names(
+                item.get("taskIds") or item.get("tasks") or item.get("taskId") or item.get("task")
+            )
             add(str(ref), refs or None)
         else:
             raise TaskflowError(f"cannot read a retry entry: {item!r}", "BadRequest")

@@ -33,8 +33,9 @@ class Client:
 
     def __init__(self, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="taskflow-client",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="taskflow-client", daemon=True
+        )
         self._thread.start()
         self.aio = TaskflowClient(**kwargs)
 
@@ -44,8 +45,12 @@ class Client:
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
 
-    def produce(self, schema: Mapping[str, Any] | BaseModel, namespace: str | None = None,
-                name: str | None = None) -> Envelope:
+    def produce(
+        self,
+        schema: Mapping[str, Any] | BaseModel,
+        namespace: str | None = None,
+        name: str | None = None,
+    ) -> Envelope:
         return self._run(self.aio.produce(schema, namespace=namespace, name=name))
 
     def get_details(self, taskflow_id: str) -> Envelope:
@@ -54,9 +59,15 @@ class Client:
     def cancel(self, taskflow_id: str, *, wait: float | None = 10.0) -> Envelope:
         return self._run(self.aio.cancel(taskflow_id, wait=wait))
 
-    def retry(self, taskflow_id: str, stages: Sequence[Any] | None = None,
-              tasks: Sequence[Any] | None = None, failed_only: bool = False, *,
-              wait: float | None = 10.0) -> Envelope:
+    def retry(
+        self,
+        taskflow_id: str,
+        stages: Sequence[Any] | None = None,
+        tasks: Sequence[Any] | None = None,
+        failed_only: bool = False,
+        *,
+        wait: float | None = 10.0,
+    ) -> Envelope:
         return self._run(self.aio.retry(taskflow_id, stages, tasks, failed_only, wait=wait))
 
     def subscribe_events(self, taskflow_id: str, replay: bool = True) -> Iterator[dict[str, Any]]:

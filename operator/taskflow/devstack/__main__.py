@@ -38,9 +38,12 @@ def main() -> int:
     parser.add_argument("--dir", default=".dev", help="where state, logs and kubeconfig go")
     parser.add_argument("--no-operator", action="store_true")
     parser.add_argument("--no-demo", action="store_true")
-    parser.add_argument("--auth", action="store_true",
-                        help="NATS with users and least-privilege permissions "
-                             "(docs/security.md); prints the credentials")
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="NATS with users and least-privilege permissions "
+        "(docs/security.md); prints the credentials",
+    )
     args = parser.parse_args()
 
     root = Path(args.dir).resolve()
@@ -50,8 +53,11 @@ def main() -> int:
         with contextlib.suppress(ValueError):
             pid = int(lock.read_text())
             if _alive(pid):
-                print(f"make dev is already running (pid {pid}); use `source {root}/env`, "
-                      "or stop it with Ctrl-C in its terminal", file=sys.stderr)
+                print(
+                    f"make dev is already running (pid {pid}); use `source {root}/env`, "
+                    "or stop it with Ctrl-C in its terminal",
+                    file=sys.stderr,
+                )
                 return 1
     lock.write_text(str(os.getpid()))
     for stale in ("kube", "nats", "operator.log", "demo.log"):
@@ -92,21 +98,43 @@ def main() -> int:
         python = sys.executable
         if not args.no_demo:
             demo_url = auth.url(stack.nats.url, "svc-demo") if auth else stack.nats.url
-            children.append(Server("demo", [python, "-m", "taskflow.demo",
-                                            "--nats-url", demo_url], root / "demo.log"))
+            children.append(
+                Server(
+                    "demo",
+                    [python, "-m", "taskflow.demo", "--nats-url", demo_url],
+                    root / "demo.log",
+                )
+            )
         if not args.no_operator:
-            children.append(Server("operator", [
-                python, "-m", "taskflow.cli", "run", "--kubeconfig", str(kubeconfig),
-                "--nats-url", stack.nats.url, "--metrics-address", f"127.0.0.1:{free_port()}",
-                "--nats-api", "on", *operator_auth,
-            ], root / "operator.log"))
+            children.append(
+                Server(
+                    "operator",
+                    [
+                        python,
+                        "-m",
+                        "taskflow.cli",
+                        "run",
+                        "--kubeconfig",
+                        str(kubeconfig),
+                        "--nats-url",
+                        stack.nats.url,
+                        "--metrics-address",
+                        f"127.0.0.1:{free_port()}",
+                        "--nats-api",
+                        "on",
+                        *operator_auth,
+                    ],
+                    root / "operator.log",
+                )
+            )
         for child in children:
             child.start()
         if auth:
             print(f"\nNATS users (their permissions: {root}/nats/nats.conf):")
             for user, password in auth.passwords.items():
                 print(f"  {user:20} {password}")
-        print(f"""
+        print(
+            f"""
 The taskflow dev stack is up.
   kube-apiserver  {stack.control_plane.url}
   nats-server     {stack.nats.url}
@@ -117,12 +145,16 @@ In another terminal:
   kubectl apply -f examples/configure-group.yaml
   kubectl get taskflows -w
 
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+            flush=True,
+        )
         while not stop:
             for child in children:
                 if child.process and child.process.poll() is not None:
-                    print(f"{child.name} exited ({child.process.returncode}); see "
-                          f"{child.log}", file=sys.stderr)
+                    print(
+                        f"{child.name} exited ({child.process.returncode}); see {child.log}",
+                        file=sys.stderr,
+                    )
                     stop = True
             time.sleep(0.3)
     finally:

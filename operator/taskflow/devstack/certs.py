@@ -55,9 +55,15 @@ def _cert(
     if ca:
         builder = builder.add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -86,7 +92,10 @@ def write_pki(directory: Path) -> dict[str, Path]:
     ca = _cert(subject=ca_name, key=ca_key, issuer=ca_name, signer=ca_key, ca=True)
     serving_key = _key()
     serving = _cert(
-        subject=_name("kube-apiserver"), key=serving_key, issuer=ca_name, signer=ca_key,
+        subject=_name("kube-apiserver"),
+        key=serving_key,
+        issuer=ca_name,
+        signer=ca_key,
         server=True,
     )
     admin_key = _key()

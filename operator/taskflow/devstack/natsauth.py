@@ -20,14 +20,19 @@ VIEWER_USER = "taskflow-viewer"
 
 def operator_permissions(*, request_subjects: str = "*.*") -> dict[str, object]:
     return {
-        "publish": {"allow": [
-            request_subjects,  # the service subjects ({serviceId}.{actionName})
-            "taskflow.events.>", "taskflow.cancel.>",
-            "$SRV.INFO",  # which services answer a repeated attempt from a cache
-            "$JS.API.>",  # its streams, buckets and object store: created, read, purged
-            "$KV.taskflow-journal.>", "$KV.taskflow-keys.>", "$O.taskflow-responses.>",
-            "_INBOX.>",
-        ]},
+        "publish": {
+            "allow": [
+                request_subjects,  # the service subjects ({serviceId}.{actionName})
+                "taskflow.events.>",
+                "taskflow.cancel.>",
+                "$SRV.INFO",  # which services answer a repeated attempt from a cache
+                "$JS.API.>",  # its streams, buckets and object store: created, read, purged
+                "$KV.taskflow-journal.>",
+                "$KV.taskflow-keys.>",
+                "$O.taskflow-responses.>",
+                "_INBOX.>",
+            ]
+        },
         "subscribe": {"allow": ["taskflow.reply.>", "taskflow.api.>", "_INBOX.>"]},
         # Answers to NATS API calls that came through an account import (_R_.* subjects).
         "allow_responses": True,
@@ -47,11 +52,17 @@ def service_permissions(*service_ids: str) -> dict[str, object]:
 def viewer_permissions() -> dict[str, object]:
     """Replays a flow's events (an ordered consumer on TASKFLOW_EVENTS), nothing more."""
     return {
-        "publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.NAMES",
-                              "$JS.API.STREAM.INFO.TASKFLOW_EVENTS",
-                              "$JS.API.CONSUMER.CREATE.TASKFLOW_EVENTS",
-                              "$JS.API.CONSUMER.CREATE.TASKFLOW_EVENTS.>",
-                              "$JS.API.CONSUMER.DELETE.TASKFLOW_EVENTS.>", "$JS.FC.>"]},
+        "publish": {
+            "allow": [
+                "$JS.API.INFO",
+                "$JS.API.STREAM.NAMES",
+                "$JS.API.STREAM.INFO.TASKFLOW_EVENTS",
+                "$JS.API.CONSUMER.CREATE.TASKFLOW_EVENTS",
+                "$JS.API.CONSUMER.CREATE.TASKFLOW_EVENTS.>",
+                "$JS.API.CONSUMER.DELETE.TASKFLOW_EVENTS.>",
+                "$JS.FC.>",
+            ]
+        },
         "subscribe": {"allow": ["taskflow.events.>", "_INBOX.>"]},
     }
 
@@ -65,8 +76,9 @@ class NatsAuth:
     passwords: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, *, services: tuple[str, ...] = (),
-             users: dict[str, tuple[str, ...]] | None = None) -> NatsAuth:
+    def make(
+        cls, *, services: tuple[str, ...] = (), users: dict[str, tuple[str, ...]] | None = None
+    ) -> NatsAuth:
         """``services``: one user ``svc-<id>`` each; ``users``: more, by name."""
         by_user = {f"svc-{s}": (s,) for s in services} | (users or {})
         names = (OPERATOR_USER, VIEWER_USER, *by_user)
@@ -80,14 +92,25 @@ class NatsAuth:
     def config(self) -> str:
         """The ``accounts`` block of nats-server.conf (JSON is valid NATS configuration)."""
         users: list[dict[str, object]] = [
-            {"user": OPERATOR_USER, "password": self.passwords[OPERATOR_USER],
-             "permissions": operator_permissions()},
-            {"user": VIEWER_USER, "password": self.passwords[VIEWER_USER],
-             "permissions": viewer_permissions()},
+            {
+                "user": OPERATOR_USER,
+                "password": self.passwords[OPERATOR_USER],
+                "permissions": operator_permissions(),
+            },
+            {
+                "user": VIEWER_USER,
+                "password": self.passwords[VIEWER_USER],
+                "permissions": viewer_permissions(),
+            },
         ]
-        users += [{"user": user, "password": self.passwords[user],
-                   "permissions": service_permissions(*ids)}
-                  for user, ids in self.services.items()]
+        users += [
+            {
+                "user": user,
+                "password": self.passwords[user],
+                "permissions": service_permissions(*ids),
+            }
+            for user, ids in self.services.items()
+        ]
         accounts = {"TASKFLOW": {"jetstream": "enabled", "users": users}}
         return f"accounts: {json.dumps(accounts, indent=2)}\n"
 
@@ -96,9 +119,17 @@ def tenant_operator_permissions(*, request_subjects: str = ">") -> dict[str, obj
     """The operator's user in a team's account: requests, events, cancel notices and its two
     streams there (the journal, keys and object store stay in the operator's own account)."""
     return {
-        "publish": {"allow": [request_subjects, "taskflow.events.>", "taskflow.cancel.>",
-                              "$SRV.INFO", "$JS.API.>", "_INBOX.>"],
-                    "deny": ["taskflow.reply.>"]},
+        "publish": {
+            "allow": [
+                request_subjects,
+                "taskflow.events.>",
+                "taskflow.cancel.>",
+                "$SRV.INFO",
+                "$JS.API.>",
+                "_INBOX.>",
+            ],
+            "deny": ["taskflow.reply.>"],
+        },
         "subscribe": {"allow": ["taskflow.reply.>", "_INBOX.>"]},
     }
 
@@ -127,12 +158,16 @@ class TenantAuth:
     template: str = "{serviceId}.{actionName}"
 
     @classmethod
-    def make(cls, teams: dict[str, Team], *, template: str = "{serviceId}.{actionName}"
-             ) -> TenantAuth:
-        names = [OPERATOR_USER, *(f"{t}-{role}" for t in teams
-                                  for role in ("operator", "svc", "app"))]
-        return cls(teams=teams, passwords={u: secrets.token_hex(16) for u in names},
-                   template=template)
+    def make(
+        cls, teams: dict[str, Team], *, template: str = "{serviceId}.{actionName}"
+    ) -> TenantAuth:
+        names = [
+            OPERATOR_USER,
+            *(f"{t}-{role}" for t in teams for role in ("operator", "svc", "app")),
+        ]
+        return cls(
+            teams=teams, passwords={u: secrets.token_hex(16) for u in names}, template=template
+        )
 
     def url(self, base: str, user: str) -> str:
         scheme, _, rest = base.partition("://")
@@ -142,36 +177,62 @@ class TenantAuth:
         return self.template.format(serviceId=service_id, actionName=action, namespace="*")
 
     def config(self) -> str:
-        accounts: dict[str, object] = {"TASKFLOW": {
-            "jetstream": "enabled",
-            "users": [{"user": OPERATOR_USER, "password": self.passwords[OPERATOR_USER],
-                       "permissions": operator_permissions(request_subjects="*.*.*")}],
-            "exports": [{"service": "taskflow.api.>"}]}}
+        accounts: dict[str, object] = {
+            "TASKFLOW": {
+                "jetstream": "enabled",
+                "users": [
+                    {
+                        "user": OPERATOR_USER,
+                        "password": self.passwords[OPERATOR_USER],
+                        "permissions": operator_permissions(request_subjects="*.*.*"),
+                    }
+                ],
+                "exports": [{"service": "taskflow.api.>"}],
+            }
+        }
         for team, spec in self.teams.items():
             own = [self.subject(s) for s in spec.services]
             service = {
                 "publish": {"deny": [">"]},
-                "subscribe": {"allow": [*own, *(f"taskflow.cancel.{s}" for s in spec.services),
-                                        "_INBOX.>"]},
+                "subscribe": {
+                    "allow": [*own, *(f"taskflow.cancel.{s}" for s in spec.services), "_INBOX.>"]
+                },
                 "allow_responses": {"max": 1, "expires": "10m"},
             }
-            account: dict[str, object] = {"jetstream": "enabled", "users": [
-                {"user": f"{team}-operator", "password": self.passwords[f"{team}-operator"],
-                 "permissions": tenant_operator_permissions()},
-                {"user": f"{team}-svc", "password": self.passwords[f"{team}-svc"],
-                 "permissions": service},
-                {"user": f"{team}-app", "password": self.passwords[f"{team}-app"],
-                 "permissions": {"publish": {"allow": ["taskflow.api.>"]},
-                                 "subscribe": {"allow": ["_INBOX.>"]}}},
-            ]}
+            account: dict[str, object] = {
+                "jetstream": "enabled",
+                "users": [
+                    {
+                        "user": f"{team}-operator",
+                        "password": self.passwords[f"{team}-operator"],
+                        "permissions": tenant_operator_permissions(),
+                    },
+                    {
+                        "user": f"{team}-svc",
+                        "password": self.passwords[f"{team}-svc"],
+                        "permissions": service,
+                    },
+                    {
+                        "user": f"{team}-app",
+                        "password": self.passwords[f"{team}-app"],
+                        "permissions": {
+                            "publish": {"allow": ["taskflow.api.>"]},
+                            "subscribe": {"allow": ["_INBOX.>"]},
+                        },
+                    },
+                ],
+            }
             if spec.exports:
                 account["exports"] = [{"service": self.subject(s)} for s in spec.exports]
             imports: list[dict[str, object]] = [
                 {"service": {"account": other, "subject": self.subject(s)}}
-                for other, theirs in self.teams.items() if other != team
-                for s in theirs.exports]
-            imports.append({"service": {"account": "TASKFLOW", "subject": "taskflow.api.>"},
-                            "share": True})
+                for other, theirs in self.teams.items()
+                if other != team
+                for s in theirs.exports
+            ]
+            imports.append(
+                {"service": {"account": "TASKFLOW", "subject": "taskflow.api.>"}, "share": True}
+            )
             account["imports"] = imports
             accounts[team] = account
         return f"accounts: {json.dumps(accounts, indent=2)}\n"

@@ -158,19 +158,23 @@ class NatsServer:
             f"  store_dir: {self.workdir / 'jetstream'}\n"
             "  max_memory_store: 256MB\n"
             "  max_file_store: 16GB\n"
-            "}\n"
-            + self.extra_config
+            "}\n" + self.extra_config
         )
-        self.server = Server("nats-server", [str(self.binary), "-c", str(config)],
-                             self.workdir / "nats.log")
+        self.server = Server(
+            "nats-server", [str(self.binary), "-c", str(config)], self.workdir / "nats.log"
+        )
         self.server.start()
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 30) -> None:
         health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
         assert self.server is not None and self.server.process is not None
-        _wait(lambda: urllib.request.urlopen(health, timeout=1).status == 200,
-              "nats-server", timeout, self.server.process)
+        _wait(
+            lambda: urllib.request.urlopen(health, timeout=1).status == 200,
+            "nats-server",
+            timeout,
+            self.server.process,
+        )
 
     def restart(self, *, sig: int = signal.SIGKILL) -> None:
         """Kill (by default) and start again on the same port with the same JetStream store."""
@@ -208,41 +212,72 @@ class ControlPlane:
         self.etcd_port = etcd_port = self.etcd_port or free_port()
         self.etcd_peer_port = peer_port = self.etcd_peer_port or free_port()
         self.port = self.port or free_port()
-        etcd = Server("etcd", [
-            str(self.etcd_binary),
-            "--data-dir", str(self.workdir / "etcd"),
-            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
-            "--unsafe-no-fsync",
-            "--quota-backend-bytes", str(4 * 1024**3),
-        ], self.workdir / "etcd.log")
+        etcd = Server(
+            "etcd",
+            [
+                str(self.etcd_binary),
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes",
+                str(4 * 1024**3),
+            ],
+            self.workdir / "etcd.log",
+        )
         self.servers.append(etcd)
         etcd.start()
         self.wait_ready("etcd")
-        apiserver = Server("kube-apiserver", [
-            str(self.apiserver_binary),
-            "--bind-address", "127.0.0.1",
-            "--advertise-address", "127.0.0.1",
-            "--secure-port", str(self.port),
-            "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-            "--cert-dir", str(self.workdir / "certs"),
-            "--tls-cert-file", str(pki["apiserver.crt"]),
-            "--tls-private-key-file", str(pki["apiserver.key"]),
-            "--client-ca-file", str(pki["ca.crt"]),
-            "--authorization-mode", "RBAC",
-            "--service-cluster-ip-range", "10.0.0.0/24",
-            "--allow-privileged",
-            "--disable-admission-plugins", "ServiceAccount",
-            "--service-account-issuer", f"https://127.0.0.1:{self.port}/",
-            "--service-account-key-file", str(pki["sa.pub"]),
-            "--service-account-signing-key-file", str(pki["sa.key"]),
-            "--max-requests-inflight", "1000",
-            "--max-mutating-requests-inflight", "500",
-            "--enable-priority-and-fairness=false",
-        ], self.workdir / "kube-apiserver.log")
+        apiserver = Server(
+            "kube-apiserver",
+            [
+                str(self.apiserver_binary),
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(self.port),
+                "--etcd-servers",
+                f"http://127.0.0.1:{etcd_port}",
+                "--cert-dir",
+                str(self.workdir / "certs"),
+                "--tls-cert-file",
+                str(pki["apiserver.crt"]),
+                "--tls-private-key-file",
+                str(pki["apiserver.key"]),
+                "--client-ca-file",
+                str(pki["ca.crt"]),
+                "--authorization-mode",
+                "RBAC",
+                "--service-cluster-ip-range",
+                "10.0.0.0/24",
+                "--allow-privileged",
+                "--disable-admission-plugins",
+                "ServiceAccount",
+                "--service-account-issuer",
+                f"https://127.0.0.1:{self.port}/",
+                "--service-account-key-file",
+                str(pki["sa.pub"]),
+                "--service-account-signing-key-file",
+                str(pki["sa.key"]),
+                "--max-requests-inflight",
+                "1000",
+                "--max-mutating-requests-inflight",
+                "500",
+                "--enable-priority-and-fairness=false",
+            ],
+            self.workdir / "kube-apiserver.log",
+        )
         self.servers.append(apiserver)
         apiserver.start()
         self.wait_ready("kube-apiserver")
@@ -250,18 +285,30 @@ class ControlPlane:
         self.kubeconfig.write_text(yaml.safe_dump(self.kubeconfig_dict(pki)))
         self.kubeconfig.chmod(0o600)
         if self.controller_manager_binary:
-            kcm = Server("kube-controller-manager", [
-                str(self.controller_manager_binary),
-                "--kubeconfig", str(self.kubeconfig),
-                "--authentication-kubeconfig", str(self.kubeconfig),
-                "--authorization-kubeconfig", str(self.kubeconfig),
-                "--controllers", "garbage-collector-controller,namespace-controller",
-                "--leader-elect=false",
-                "--bind-address", "127.0.0.1",
-                "--secure-port", str(free_port()),
-                "--cert-dir", str(self.workdir / "kcm-certs"),
-                "--concurrent-gc-syncs", "5",
-            ], self.workdir / "kube-controller-manager.log")
+            kcm = Server(
+                "kube-controller-manager",
+                [
+                    str(self.controller_manager_binary),
+                    "--kubeconfig",
+                    str(self.kubeconfig),
+                    "--authentication-kubeconfig",
+                    str(self.kubeconfig),
+                    "--authorization-kubeconfig",
+                    str(self.kubeconfig),
+                    "--controllers",
+                    "garbage-collector-controller,namespace-controller",
+                    "--leader-elect=false",
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--secure-port",
+                    str(free_port()),
+                    "--cert-dir",
+                    str(self.workdir / "kcm-certs"),
+                    "--concurrent-gc-syncs",
+                    "5",
+                ],
+                self.workdir / "kube-controller-manager.log",
+            )
             self.servers.append(kcm)
             kcm.start()
 
@@ -274,16 +321,30 @@ class ControlPlane:
         process = self.server(name).process
         assert process is not None
         if name == "etcd":
-            _wait(lambda: urllib.request.urlopen(
-                f"http://127.0.0.1:{self.etcd_port}/health", timeout=1).status == 200,
-                "etcd", 30, process)
+            _wait(
+                lambda: (
+                    urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.etcd_port}/health", timeout=1
+                    ).status
+                    == 200
+                ),
+                "etcd",
+                30,
+                process,
+            )
             return
         pki = self.workdir / "pki"
         context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-        _wait(lambda: urllib.request.urlopen(
-            f"{self.url}/readyz", timeout=2, context=context).status == 200,
-            name, 90, process)
+        _wait(
+            lambda: (
+                urllib.request.urlopen(f"{self.url}/readyz", timeout=2, context=context).status
+                == 200
+            ),
+            name,
+            90,
+            process,
+        )
 
     def restart(self, name: str, *, sig: int = signal.SIGKILL) -> None:
         """Kill (by default) one server and start it again on the same ports with the same
@@ -299,13 +360,27 @@ class ControlPlane:
         return {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "taskflow-dev", "cluster": {
-                "server": self.url, "certificate-authority-data": b64(pki["ca.crt"])}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate-data": b64(pki["admin.crt"]),
-                "client-key-data": b64(pki["admin.key"])}}],
-            "contexts": [{"name": "taskflow-dev",
-                          "context": {"cluster": "taskflow-dev", "user": "admin"}}],
+            "clusters": [
+                {
+                    "name": "taskflow-dev",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": b64(pki["ca.crt"]),
+                    },
+                }
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {
+                        "client-certificate-data": b64(pki["admin.crt"]),
+                        "client-key-data": b64(pki["admin.key"]),
+                    },
+                }
+            ],
+            "contexts": [
+                {"name": "taskflow-dev", "context": {"cluster": "taskflow-dev", "user": "admin"}}
+            ],
             "current-context": "taskflow-dev",
         }
 
@@ -317,25 +392,36 @@ class ControlPlane:
 class DevStack:
     """The whole local stack: control plane, NATS, and the Taskflow CRD applied and Established."""
 
-    def __init__(self, workdir: Path | None = None, *, keep: bool = False,
-                 nats_auth: NatsAuth | TenantAuth | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        keep: bool = False,
+        nats_auth: NatsAuth | TenantAuth | None = None,
+    ) -> None:
         self._tmp = None if workdir else tempfile.mkdtemp(prefix="taskflow-stack-")
         self.workdir = workdir or Path(self._tmp)  # type: ignore[arg-type]
         self.keep = keep
         bins = find_binaries()
         try:
             kcm: Path | None = find_binaries(("kube-controller-manager",))[
-                "kube-controller-manager"]
+                "kube-controller-manager"
+            ]
         except FileNotFoundError:
             kcm = None  # optional: only garbage collection of deleted parents needs it
         self.control_plane = ControlPlane(
-            self.workdir / "kube", bins["etcd"], bins["kube-apiserver"],
+            self.workdir / "kube",
+            bins["etcd"],
+            bins["kube-apiserver"],
             controller_manager_binary=kcm,
         )
         # With users and permissions (the auth mode), every client connects as one of them.
         self.nats_auth = nats_auth
-        self.nats = NatsServer(self.workdir / "nats", bins["nats-server"],
-                               extra_config=nats_auth.config() if nats_auth else "")
+        self.nats = NatsServer(
+            self.workdir / "nats",
+            bins["nats-server"],
+            extra_config=nats_auth.config() if nats_auth else "",
+        )
 
     @property
     def kubeconfig(self) -> Path:
@@ -384,8 +470,10 @@ def install_crd(kubeconfig: Path, timeout: float = 30) -> None:
         ext = client.ApiextensionsV1Api(api_client)
         for body in (crd(), policy_crd()):
             ext.patch_custom_resource_definition(
-                name=body["metadata"]["name"], body=body,
-                field_manager="taskflow-devstack", force=True,
+                name=body["metadata"]["name"],
+                body=body,
+                field_manager="taskflow-devstack",
+                force=True,
                 _content_type="application/apply-patch+yaml",
             )
         deadline = time.monotonic() + timeout
@@ -414,11 +502,18 @@ def install_admission_policy(kubeconfig: Path) -> None:
         api = client.AdmissionregistrationV1Api(api_client)
         for vap, binding in (policy(), tenant_policy()):
             api.patch_validating_admission_policy(
-                name=vap["metadata"]["name"], body=vap, field_manager="taskflow-devstack",
-                force=True, _content_type="application/apply-patch+yaml")
+                name=vap["metadata"]["name"],
+                body=vap,
+                field_manager="taskflow-devstack",
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
             api.patch_validating_admission_policy_binding(
-                name=binding["metadata"]["name"], body=binding,
-                field_manager="taskflow-devstack", force=True,
-                _content_type="application/apply-patch+yaml")
+                name=binding["metadata"]["name"],
+                body=binding,
+                field_manager="taskflow-devstack",
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
     finally:
         api_client.close()

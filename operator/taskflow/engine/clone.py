@@ -30,6 +30,8 @@ def clone(value: _M) -> _M:
     if isinstance(value, list):
         return [clone(v) if isinstance(v, _CONTAINERS) else v for v in value]  # type: ignore[return-value]
     if isinstance(value, dict):
-        return {k: clone(v) if isinstance(v, _CONTAINERS) else v  # type: ignore[return-value]
-                for k, v in value.items()}
+        return {
+            k: clone(v) if isinstance(v, _CONTAINERS) else v  # type: ignore[return-value]
+            for k, v in value.items()
+        }
     return value

@@ -79,6 +79,7 @@ Refusal = Callable[[str, str], str | None]
 # The error reason of a task its namespace's policy does not allow (kept for importers).
 POLICY_DENIED = ErrorReason.POLICY_DENIED
 
+
 def task_id(uid: str, stage: str, task: str | None = None) -> str:
     """Stable ids for stages and tasks, derived from the flow's uid and the names."""
     return str(uuid.uuid5(uuid.UUID(uid), stage if task is None else f"{stage}/{task}"))
@@ -87,8 +88,14 @@ def task_id(uid: str, stage: str, task: str | None = None) -> str:
 class _Step:
     """One decision. Mutates its own deep copy of status and collects effects."""
 
-    def __init__(self, spec: TaskflowSpec, status: TaskflowStatus, now: int, uid: str,
-                 refuse: Refusal | None = None) -> None:
+    def __init__(
+        self,
+        spec: TaskflowSpec,
+        status: TaskflowStatus,
+        now: int,
+        uid: str,
+        refuse: Refusal | None = None,
+    ) -> None:
         self.spec = spec
         self.refuse = refuse
         self.status = status
@@ -276,8 +283,9 @@ class _Step:
             return
         current = task.attempt == item.attempt and (
             task.status == Status.RUNNING
-            or (task.status == Status.WAITING
-                and task.waiting_reason == WaitingReason.NO_RESPONDERS)
+            or (
+                task.status == Status.WAITING and task.waiting_reason == WaitingReason.NO_RESPONDERS
+            )
         )
         if isinstance(item, NoResponders):
             if current and task.status == Status.RUNNING:

@@ -31,33 +31,55 @@ def quarantine(
     names no attempt, left out)."""
     kept: list[Input] = []
     for item in inputs:
-        problem = _problem(spec=spec, status=status, item=item, now=now, uid=uid,
-                           generation=generation, event_subject=event_subject)
+        problem = _problem(
+            spec=spec,
+            status=status,
+            item=item,
+            now=now,
+            uid=uid,
+            generation=generation,
+            event_subject=event_subject,
+        )
         if problem is None:
             kept.append(item)
         elif isinstance(item, Reply | ChildFinished) and item.attempt is not None:
-            error = TaskError(message=f"the reply could not be recorded: {problem}"[:1024],
-                              reason=ErrorReason.BAD_REPLY)
-            kept.append(Reply(stage=item.stage, task=item.task, attempt=item.attempt, ok=False,
-                              error=error))
+            error = TaskError(
+                message=f"the reply could not be recorded: {problem}"[:1024],
+                reason=ErrorReason.BAD_REPLY,
+            )
+            kept.append(
+                Reply(stage=item.stage, task=item.task, attempt=item.attempt, ok=False, error=error)
+            )
     return kept
 
 
 def _problem(
-    *, spec: TaskflowSpec, status: TaskflowStatus, item: Input, now: int, uid: str,
-    generation: int, event_subject: str,
+    *,
+    spec: TaskflowSpec,
+    status: TaskflowStatus,
+    item: Input,
+    now: int,
+    uid: str,
+    generation: int,
+    event_subject: str,
 ) -> str | None:
     try:
-        decision = decide(spec=spec, status=status, now=now, inputs=[item], uid=uid,
-                          generation=generation, event_subject=event_subject)
+        decision = decide(
+            spec=spec,
+            status=status,
+            now=now,
+            inputs=[item],
+            uid=uid,
+            generation=generation,
+            event_subject=event_subject,
+        )
         # Both ways status leaves the operator: the journal's JSON and the API's body.
         decision.status.model_dump_json(by_alias=True, exclude_none=True)
         json.dumps(decision.status.model_dump(by_alias=True, exclude_none=True, mode="json"))
         # Both write NaN and Infinity as null without a word (events and headers, written
         # with json.dumps, would carry them as invalid JSON): refused here, with anything
         # else that is not plain JSON.
-        json.dumps(decision.status.model_dump(by_alias=True, exclude_none=True),
-                   allow_nan=False)
+        json.dumps(decision.status.model_dump(by_alias=True, exclude_none=True), allow_nan=False)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"[:300]
     return None

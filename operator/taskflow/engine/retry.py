@@ -67,22 +67,19 @@ def handle_retry(step: RetryingStep) -> None:
     if request is None or (status.retry is not None and status.retry.id == request.id):
         return
     step.changed = step.durable = True
-    refusal = retry_refusal(request=request, status=status, cancel=bool(step.spec.cancel),
-                            opts=step.opts)
+    refusal = retry_refusal(
+        request=request, status=status, cancel=bool(step.spec.cancel), opts=step.opts
+    )
     selection: Selection = set()
     if refusal is None:
         selection = retry_selection(request=request, status=status, opts=step.opts)
         if not selection:
             refusal = "nothing to retry: the selection holds no task that may run again"
     if refusal is not None:
-        status.retry = RetryAck(
-            id=request.id, accepted=False, message=refusal, time=iso(step.now)
-        )
+        status.retry = RetryAck(id=request.id, accepted=False, message=refusal, time=iso(step.now))
         step.condition("RetryAccepted", "False", "Refused", f"retry {request.id}: {refusal}")
         step.effects.append(
-            Record(
-                reason="RetryRefused", message=f"retry {request.id}: {refusal}", type="Warning"
-            )
+            Record(reason="RetryRefused", message=f"retry {request.id}: {refusal}", type="Warning")
         )
         return
     message = f"retry {request.id}: {len(selection)} task(s) to run again"
@@ -133,9 +130,7 @@ def retry_refusal(
     return None
 
 
-def retry_selection(
-    *, request: RetryRequest, status: TaskflowStatus, opts: OptionsOf
-) -> Selection:
+def retry_selection(*, request: RetryRequest, status: TaskflowStatus, opts: OptionsOf) -> Selection:
     """The tasks an accepted ``request`` runs again; empty when none may. Only for a request
     ``retry_refusal`` accepted (every stage it names exists)."""
     chosen: Selection = set()
@@ -160,9 +155,7 @@ def retry_selection(
         return result
     # Later stages depended on the re-run work, so they run again too: what did not
     # succeed always; what succeeded only when a plain whole-or-stage retry allows it.
-    first = min(
-        i for i, s in enumerate(status.stages) if any(k[0] == s.name for k in result)
-    )
+    first = min(i for i, s in enumerate(status.stages) if any(k[0] == s.name for k in result))
     for stage in status.stages[first + 1 :]:
         for task in stage.tasks:
             key = (stage.name, task.name)

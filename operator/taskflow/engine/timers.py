@@ -78,14 +78,22 @@ def expire_timers(step: TimedStep) -> None:
             for child in task.nested_active_running_taskflow_ids:
                 step.effects.append(CancelChild(child=child))
             task.nested_active_running_taskflow_ids = []
-            step.end_attempt(stage, task, Status.FAILED, TaskError(
-                message=f"expired: maxAge of {opts.max_age_ms} ms passed while waiting "
-                        "for its child flows", reason=ErrorReason.EXPIRED))
+            step.end_attempt(
+                stage,
+                task,
+                Status.FAILED,
+                TaskError(
+                    message=f"expired: maxAge of {opts.max_age_ms} ms passed while waiting "
+                    "for its child flows",
+                    reason=ErrorReason.EXPIRED,
+                ),
+            )
         elif (
             task.deadline
             and parse_iso(task.deadline) <= step.now
-            and (task.status == Status.RUNNING
-                 or task.waiting_reason == WaitingReason.NO_RESPONDERS)
+            and (
+                task.status == Status.RUNNING or task.waiting_reason == WaitingReason.NO_RESPONDERS
+            )
         ):
             nobody = task.waiting_reason == WaitingReason.NO_RESPONDERS
             message = (
@@ -94,7 +102,9 @@ def expire_timers(step: TimedStep) -> None:
                 else f"no reply within the timeout of {opts.timeout_ms} ms"
             )
             step.end_attempt(
-                stage, task, Status.TIMED_OUT,
+                stage,
+                task,
+                Status.TIMED_OUT,
                 TaskError(message=message, reason=ErrorReason.TIMEOUT),
             )
 

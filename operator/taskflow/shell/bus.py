@@ -116,8 +116,13 @@ _HEADROOM = 64 * 1024
 
 
 class Bus:
-    def __init__(self, nc: Client, js: JetStreamContext, subjects: Subjects,
-                 settings: NatsSettings | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        subjects: Subjects,
+        settings: NatsSettings | None = None,
+    ) -> None:
         self.nc = nc
         self.js = js
         self.subjects = subjects
@@ -131,8 +136,14 @@ class Bus:
         self._discovery: asyncio.Lock | None = None
 
     @classmethod
-    async def connect(cls, settings: NatsSettings, subjects: Subjects, *,
-                      own_state: bool = True, retry: bool = True) -> Bus:
+    async def connect(
+        cls,
+        settings: NatsSettings,
+        subjects: Subjects,
+        *,
+        own_state: bool = True,
+        retry: bool = True,
+    ) -> Bus:
         """Connected, with its streams made. ``own_state``: also the operator's journal and
         object store (a tenant's connection has the reply and event streams only: the state
         stays in the operator's own account). ``retry``: reconnect for ever, also when the
@@ -176,8 +187,12 @@ class Bus:
     def was_dropped(self, subject: str) -> None:
         self.dropped += 1
         if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8...: a storm logs a few lines
-            log.warning("nats client dropped %d messages as a slow consumer (last on %s); "
-                        "their flows read them from the reply stream", self.dropped, subject)
+            log.warning(
+                "nats client dropped %d messages as a slow consumer (last on %s); "
+                "their flows read them from the reply stream",
+                self.dropped,
+                subject,
+            )
         if self.on_dropped is not None:
             self.on_dropped(subject)
 
@@ -216,7 +231,9 @@ class Bus:
             self._objects = await self.js.create_object_store(
                 RESPONSE_BUCKET,
                 config=ObjectStoreConfig(
-                    bucket=RESPONSE_BUCKET, storage=StorageType.FILE, ttl=float(retention_s),
+                    bucket=RESPONSE_BUCKET,
+                    storage=StorageType.FILE,
+                    ttl=float(retention_s),
                     max_bytes=limits.objects_max_bytes,
                 ),
             )
@@ -226,8 +243,11 @@ class Bus:
         except Exception:
             self._journal = await self.js.create_key_value(
                 KeyValueConfig(
-                    bucket=JOURNAL_BUCKET, history=1, storage=StorageType.FILE,
-                    ttl=float(retention_s), max_bytes=limits.journal_max_bytes,
+                    bucket=JOURNAL_BUCKET,
+                    history=1,
+                    storage=StorageType.FILE,
+                    ttl=float(retention_s),
+                    max_bytes=limits.journal_max_bytes,
                     max_value_size=limits.max_reply_bytes * 2,
                 )
             )
@@ -323,8 +343,12 @@ class Bus:
 
         async def one(seq: int, payload: bytes) -> int | None:
             try:
-                await self.js.publish(subject, payload, timeout=5,
-                                      headers={"Nats-Msg-Id": self.subjects.event_id(uid, seq)})
+                await self.js.publish(
+                    subject,
+                    payload,
+                    timeout=5,
+                    headers={"Nats-Msg-Id": self.subjects.event_id(uid, seq)},
+                )
             except Exception as exc:
                 log.debug("event %s:%d not acknowledged: %s", uid, seq, exc)
                 return None
@@ -405,8 +429,10 @@ def idempotent_endpoints(info: bytes) -> set[str]:
         return set()
     service = _flag(doc.get("metadata"))
     return {
-        e["subject"] for e in doc["endpoints"]
-        if isinstance(e, dict) and isinstance(e.get("subject"), str)
+        e["subject"]
+        for e in doc["endpoints"]
+        if isinstance(e, dict)
+        and isinstance(e.get("subject"), str)
         and (service or _flag(e.get("metadata")))
     }
 

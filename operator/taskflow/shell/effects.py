@@ -74,6 +74,7 @@ class Effects:
     outbox: list[tuple[int, bytes]]
 
     if TYPE_CHECKING:  # provided by runner.FlowRunner and its other parts
+
         @property
         def status(self) -> TaskflowStatus: ...
         def spec(self) -> TaskflowSpec: ...
@@ -103,8 +104,9 @@ class Effects:
             self.count(effect)  # (published from the outbox, after the other effects)
         elif isinstance(effect, Record):
             self.registry.spawn(
-                self.kube.event(self.body, reason=effect.reason, message=effect.message,
-                                type_=effect.type)
+                self.kube.event(
+                    self.body, reason=effect.reason, message=effect.message, type_=effect.type
+                )
             )
         elif isinstance(effect, CancelNotice):
             await self.cancel_notice(effect)
@@ -129,7 +131,11 @@ class Effects:
         state = next(t for t in self.status.stages[index].tasks if t.name == task_name)
         task = next(t for t in spec.stages[index].tasks if t.name == task_name)
         return execution_context(
-            uid=self.uid, status=self.status, stage_index=index, task=task, state=state,
+            uid=self.uid,
+            status=self.status,
+            stage_index=index,
+            task=task,
+            state=state,
             options=effective_options(spec.options, task.options),
             parent_context=self.parent_context(),
         )
@@ -137,16 +143,15 @@ class Effects:
     async def dispatch(self, spec: TaskflowSpec, effect: Dispatch) -> None:
         stage_index = next(i for i, s in enumerate(spec.stages) if s.name == effect.stage)
         task = next(t for t in spec.stages[stage_index].tasks if t.name == effect.task)
-        state = next(
-            t for t in self.status.stages[stage_index].tasks if t.name == effect.task
-        )
+        state = next(t for t in self.status.stages[stage_index].tasks if t.name == effect.task)
         assert task.task_details is not None
         subjects = self.settings.subjects
         context = self.context_for(spec, effect.stage, effect.task)
         headers = {
             CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
-            IDEMPOTENCY_HEADER: idempotency_key(self.uid, effect.stage, effect.task,
-                                                effect.attempt),
+            IDEMPOTENCY_HEADER: idempotency_key(
+                self.uid, effect.stage, effect.task, effect.attempt
+            ),
         }
         if state.deadline:
             headers[DEADLINE_HEADER] = str(parse_iso(state.deadline))
@@ -156,8 +161,9 @@ class Effects:
         metrics.DISPATCHES.inc()
         try:
             await self.link.dispatch(
-                subject=subjects.request(task.task_details.service_id,
-                                         task.task_details.action_name, self.namespace),
+                subject=subjects.request(
+                    task.task_details.service_id, task.task_details.action_name, self.namespace
+                ),
                 reply=subjects.reply(self.uid, effect.stage, effect.task, effect.attempt),
                 body=json.dumps(task.params or {}).encode(),
                 headers=headers,
@@ -167,8 +173,7 @@ class Effects:
             # again every few seconds until it is, or until the attempt times out).
             if not getattr(self, "_link_down", False):  # once per writer: it repeats
                 self._link_down = True
-                self.log.warning("not dispatched (sent again until the attempt times out): "
-                                 "%s", exc)
+                self.log.warning("not dispatched (sent again until the attempt times out): %s", exc)
             self.push(NoResponders(stage=effect.stage, task=effect.task, attempt=effect.attempt))
 
     def count(self, effect: Emit) -> None:
@@ -186,18 +191,25 @@ class Effects:
             return
         events, self.outbox = self.outbox, []
         stored = await self.link.publish_events(
-            self.settings.subjects.events(self.uid), self.uid, events)
+            self.settings.subjects.events(self.uid), self.uid, events
+        )
         missed = [e for e in events if e[0] not in stored]
         if missed:
             metrics.EFFECT_FAILURES.labels(effect="Emit").inc(len(missed))
-            self.log.warning("%d events not acknowledged by the event stream; trying again",
-                             len(missed))
+            self.log.warning(
+                "%d events not acknowledged by the event stream; trying again", len(missed)
+            )
             self.outbox[:0] = missed
 
     async def cancel_notice(self, effect: CancelNotice) -> None:
         spec = self.spec()
-        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
-                    if t.name == effect.task)
+        task = next(
+            t
+            for s in spec.stages
+            if s.name == effect.stage
+            for t in s.tasks
+            if t.name == effect.task
+        )
         if task.type != TaskType.ACTION or task.task_details is None:
             return
         key = idempotency_key(self.uid, effect.stage, effect.task, effect.attempt)
@@ -220,16 +232,28 @@ class Effects:
     # -- nested flows ------------------------------------------------------------------------
 
     async def create_child(self, spec: TaskflowSpec, effect: CreateChild) -> None:
-        task = next(t for s in spec.stages if s.name == effect.stage for t in s.tasks
-                    if t.name == effect.task)
+        task = next(
+            t
+            for s in spec.stages
+            if s.name == effect.stage
+            for t in s.tasks
+            if t.name == effect.task
+        )
         annotations = self.body["metadata"].get("annotations") or {}
         depth = int(annotations.get(DEPTH, "0")) + 1
         name = child_name(self.name, effect.stage, effect.task, effect.attempt)
         if depth > self.settings.max_depth:
-            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
-                            ok=False, error=child_error(
-                                f"nesting depth {depth} exceeds the limit of "
-                                f"{self.settings.max_depth}")))
+            self.push(
+                Reply(
+                    stage=effect.stage,
+                    task=effect.task,
+                    attempt=effect.attempt,
+                    ok=False,
+                    error=child_error(
+                        f"nesting depth {depth} exceeds the limit of {self.settings.max_depth}"
+                    ),
+                )
+            )
             return
         context = self.context_for(spec, effect.stage, effect.task)
         body = {
@@ -248,14 +272,16 @@ class Effects:
                     DEPTH: str(depth),
                     PARENT_CONTEXT: json.dumps(context, separators=(",", ":")),
                 },
-                "ownerReferences": [{
-                    "apiVersion": "taskflow.dev/v1alpha1",
-                    "kind": "Taskflow",
-                    "name": self.name,
-                    "uid": self.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "taskflow.dev/v1alpha1",
+                        "kind": "Taskflow",
+                        "name": self.name,
+                        "uid": self.uid,
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
             },
             "spec": task.taskflow or {},
         }
@@ -264,13 +290,26 @@ class Effects:
         except Conflict:
             created = await self.kube.get(self.namespace, name)  # made before a restart
         except Exception as exc:
-            self.push(Reply(stage=effect.stage, task=effect.task, attempt=effect.attempt,
-                            ok=False, error=child_error(f"child taskflow refused: "
-                                                         f"{describe(exc, typed=False)}")))
+            self.push(
+                Reply(
+                    stage=effect.stage,
+                    task=effect.task,
+                    attempt=effect.attempt,
+                    ok=False,
+                    error=child_error(f"child taskflow refused: {describe(exc, typed=False)}"),
+                )
+            )
             return
         ref = f"{self.namespace}/{created['metadata']['name']}"
-        self.push(ChildFinished(stage=effect.stage, task=effect.task, child=ref,
-                                status=Status.RUNNING, attempt=effect.attempt))
+        self.push(
+            ChildFinished(
+                stage=effect.stage,
+                task=effect.task,
+                child=ref,
+                status=Status.RUNNING,
+                attempt=effect.attempt,
+            )
+        )
         item = child_input(created)
         if item is not None:
             self.push(item)

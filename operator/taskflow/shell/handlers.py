@@ -138,11 +138,17 @@ class Operator:
         subjects = dataclasses.replace(self.runner_settings.subjects, key=key)
         self.runner_settings = dataclasses.replace(self.runner_settings, subjects=subjects)
         self.bus.subjects = subjects
-        self.tenants = Tenants(kube=self.kube, main=self.bus, nats=self.nats, subjects=subjects,
-                               credentials_namespace=self.credentials_namespace,
-                               require_policy=self.require_policy)
-        self.registry = Registry(kube=self.kube, bus=self.bus, settings=self.runner_settings,
-                                 tenants=self.tenants)
+        self.tenants = Tenants(
+            kube=self.kube,
+            main=self.bus,
+            nats=self.nats,
+            subjects=subjects,
+            credentials_namespace=self.credentials_namespace,
+            require_policy=self.require_policy,
+        )
+        self.registry = Registry(
+            kube=self.kube, bus=self.bus, settings=self.runner_settings, tenants=self.tenants
+        )
         self.tenants.on_reply = self.registry.on_reply
         self.tenants.on_reconnected = self.registry.on_reconnected
         self.tenants.on_dropped = self.registry.on_dropped
@@ -159,9 +165,14 @@ class Operator:
             from taskflow.shell.natsapi import serve_api
 
             own = await self.bus.account() if self.nats_api_users else None
-            await serve_api(self.bus.nc, self.kube.api_client, namespaces=self.api_namespaces,
-                            prefix=self.runner_settings.subjects.api_prefix,
-                            nats_users=self.nats_api_users, own_account=own)
+            await serve_api(
+                self.bus.nc,
+                self.kube.api_client,
+                namespaces=self.api_namespaces,
+                prefix=self.runner_settings.subjects.api_prefix,
+                nats_users=self.nats_api_users,
+                own_account=own,
+            )
         log.info("connected to NATS; watching taskflows")
 
     async def cleanup(self, **_: Any) -> None:

@@ -45,7 +45,8 @@ class IdleState:
         Reading ``status`` or ``spec()`` brings them back exactly as they were."""
         if self._status is not None:
             self._frozen_status = zlib.compress(
-                pickle.dumps(self._status, pickle.HIGHEST_PROTOCOL), 1)
+                pickle.dumps(self._status, pickle.HIGHEST_PROTOCOL), 1
+            )
             self._status = None
         spec = self.body.get("spec")
         if spec is not None:

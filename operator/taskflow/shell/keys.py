@@ -25,8 +25,10 @@ MIN_KEY_BYTES = 16
 def key_from_file(path: str) -> bytes:
     key = Path(path).read_bytes().strip()
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"the key in {path} has {len(key)} bytes; at least "
-                         f"{MIN_KEY_BYTES} are needed (e.g. openssl rand -hex 32)")
+        raise ValueError(
+            f"the key in {path} has {len(key)} bytes; at least "
+            f"{MIN_KEY_BYTES} are needed (e.g. openssl rand -hex 32)"
+        )
     return key
 
 
@@ -35,8 +37,11 @@ async def key_from_nats(js: Any) -> bytes:
     try:
         bucket = await js.key_value(KEY_BUCKET)
     except Exception:
-        bucket = await js.create_key_value(KeyValueConfig(
-            bucket=KEY_BUCKET, history=1, storage=StorageType.FILE, max_value_size=1024))
+        bucket = await js.create_key_value(
+            KeyValueConfig(
+                bucket=KEY_BUCKET, history=1, storage=StorageType.FILE, max_value_size=1024
+            )
+        )
     try:
         entry = await bucket.get("operator")
         if entry.value:

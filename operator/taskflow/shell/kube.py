@@ -83,7 +83,8 @@ class Kube:
         cost more CPU than the HTTP exchange itself). Errors are the same ``ApiException``."""
         api = self.api_client
         _, url, headers, _, _ = api.param_serialize(
-            method, path,
+            method,
+            path,
             header_params={"Accept": "application/json", "Content-Type": "application/json"},
             auth_settings=["BearerToken"],
         )
@@ -110,11 +111,17 @@ class Kube:
         (the apiserver takes everything else from the stored object, and keeps managedFields
         when they are left out), so the request is about half the size of the object."""
         meta = body["metadata"]
-        lean_meta = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion")
-                     if meta.get(k) is not None}
-        lean = {"apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
-                "kind": body.get("kind", "Taskflow"), "metadata": lean_meta,
-                "status": body.get("status")}
+        lean_meta = {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "resourceVersion")
+            if meta.get(k) is not None
+        }
+        lean = {
+            "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": body.get("kind", "Taskflow"),
+            "metadata": lean_meta,
+            "status": body.get("status"),
+        }
         result: dict[str, Any] = await self._call(
             self._send, "PUT", self._path(meta["namespace"], meta["name"], "status"), lean
         )
@@ -127,30 +134,44 @@ class Kube:
     async def patch_spec(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self._call(
             self.custom.patch_namespaced_custom_object,
-            GROUP, VERSION, namespace, PLURAL, name, patch,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            patch,
         )
 
     async def list_children(self, namespace: str, parent_uid: str) -> list[dict[str, Any]]:
         result = await self._call(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
             label_selector=f"taskflow.dev/parent-uid={parent_uid}",
         )
         items: list[dict[str, Any]] = result.get("items", [])
         return items
 
-    async def event(
-        self, flow: dict[str, Any], *, reason: str, message: str, type_: str
-    ) -> None:
+    async def event(self, flow: dict[str, Any], *, reason: str, message: str, type_: str) -> None:
         """Post a Kubernetes Event on the flow; never let a failure here stop the flow."""
         meta = flow["metadata"]
         now = datetime.now(UTC).isoformat()
-        involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Taskflow",
-                    "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}
+        involved = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Taskflow",
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+        }
         if meta.get("resourceVersion"):
             involved["resourceVersion"] = meta["resourceVersion"]
         body = {
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}",
-                         "namespace": meta["namespace"]},
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:12]}",
+                "namespace": meta["namespace"],
+            },
             "involvedObject": involved,
             "reason": reason,
             "message": message[:1024],
@@ -163,32 +184,38 @@ class Kube:
             "reportingInstance": "taskflow-operator",
         }
         try:
-            await self._call(self._send, "POST", f"/api/v1/namespaces/{meta['namespace']}/events",
-                             body)
+            await self._call(
+                self._send, "POST", f"/api/v1/namespaces/{meta['namespace']}/events", body
+            )
         except Exception as exc:  # events are best effort by design
-            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"],
-                        meta["name"], exc)
+            log.warning(
+                "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc
+            )
 
     # -- tenant policies and their credentials ------------------------------------------------
 
     async def list_policies(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """Every TaskflowPolicy (of one namespace, or of all)."""
         where = f"namespaces/{namespace}/" if namespace else ""
-        result = await self._call(self._send, "GET",
-                                  f"/apis/{GROUP}/{VERSION}/{where}{POLICY_PLURAL}")
+        result = await self._call(
+            self._send, "GET", f"/apis/{GROUP}/{VERSION}/{where}{POLICY_PLURAL}"
+        )
         items: list[dict[str, Any]] = result.get("items", [])
         return items
 
     async def replace_policy_status(self, body: dict[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]
-        path = (f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/{POLICY_PLURAL}/"
-                f"{meta['name']}/status")
+        path = (
+            f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/{POLICY_PLURAL}/"
+            f"{meta['name']}/status"
+        )
         result: dict[str, Any] = await self._call(self._send, "PUT", path, body)
         return result
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(
-            self._send, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+            self._send, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
+        )
         return result
 
     def close(self) -> None:

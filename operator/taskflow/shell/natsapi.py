@@ -100,49 +100,70 @@ class Authorizer:
             key = caller.token
             user = await self._user(caller.token)
             if user is None:
-                raise TaskflowError("the bearer token was not accepted by Kubernetes",
-                                    "Unauthorized")
+                raise TaskflowError(
+                    "the bearer token was not accepted by Kubernetes", "Unauthorized"
+                )
         elif caller.account and caller.user:
             key = caller.username()
-            user = {"username": key, "uid": "", "extra": {},
-                    "groups": [f"nats:{caller.account}"]}
+            user = {"username": key, "uid": "", "extra": {}, "groups": [f"nats:{caller.account}"]}
         else:
-            raise TaskflowError("the NATS API needs a Kubernetes bearer token in the "
-                                f"{AUTHORIZATION} header (or, where the operator takes NATS "
-                                "users, a call through an account import)", "Unauthorized")
+            raise TaskflowError(
+                "the NATS API needs a Kubernetes bearer token in the "
+                f"{AUTHORIZATION} header (or, where the operator takes NATS "
+                "users, a call through an account import)",
+                "Unauthorized",
+            )
         if not await self._allowed(key, user, verb, namespace):
-            raise TaskflowError(f"{user.get('username')} may not {verb} taskflows in "
-                                f"namespace {namespace}", "Forbidden")
+            raise TaskflowError(
+                f"{user.get('username')} may not {verb} taskflows in namespace {namespace}",
+                "Forbidden",
+            )
 
     async def _user(self, token: str) -> dict[str, Any] | None:
         now = time.monotonic()
         cached = self._users.get(token)
         if cached is not None and now - cached[0] < self.TTL_S:
             return cached[1]
-        body: Any = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                     "spec": {"token": token}}
+        body: Any = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token},
+        }
         review = await asyncio.to_thread(self.authn.create_token_review, body)
         status = review.status
         user = None
         if status is not None and status.authenticated and status.user is not None:
-            user = {"username": status.user.username, "uid": status.user.uid,
-                    "groups": status.user.groups or [], "extra": status.user.extra or {}}
+            user = {
+                "username": status.user.username,
+                "uid": status.user.uid,
+                "groups": status.user.groups or [],
+                "extra": status.user.extra or {},
+            }
         self._remember(self._users, token, (now, user))
         return user
 
-    async def _allowed(self, who: str, user: dict[str, Any], verb: str, namespace: str
-                       ) -> bool:
+    async def _allowed(self, who: str, user: dict[str, Any], verb: str, namespace: str) -> bool:
         now = time.monotonic()
         key = (who, verb, namespace)
         cached = self._decisions.get(key)
         if cached is not None and now - cached[0] < self.TTL_S:
             return cached[1]
         body: Any = {
-            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-            "spec": {"user": user["username"], "groups": user["groups"],
-                     "extra": user["extra"], **({"uid": user["uid"]} if user["uid"] else {}),
-                     "resourceAttributes": {"group": GROUP, "resource": PLURAL, "verb": verb,
-                                            "namespace": namespace}}}
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user["username"],
+                "groups": user["groups"],
+                "extra": user["extra"],
+                **({"uid": user["uid"]} if user["uid"] else {}),
+                "resourceAttributes": {
+                    "group": GROUP,
+                    "resource": PLURAL,
+                    "verb": verb,
+                    "namespace": namespace,
+                },
+            },
+        }
         review = await asyncio.to_thread(self.authz.create_subject_access_review, body)
         allowed = bool(review.status is not None and review.status.allowed)
         self._remember(self._decisions, key, (now, allowed))
@@ -178,8 +199,9 @@ class NatsApi:
     def _id(self, request: dict[str, Any]) -> str:
         ident = request.get("taskflowId") or request.get("id")
         if not isinstance(ident, str) or not ident.strip():
-            raise TaskflowError('"taskflowId" (a uid or "namespace/name") is required',
-                                "BadRequest")
+            raise TaskflowError(
+                '"taskflowId" (a uid or "namespace/name") is required', "BadRequest"
+            )
         if "/" not in ident and isinstance(request.get("namespace"), str):
             ident = f"{request['namespace']}/{ident}"
         return ident
@@ -194,8 +216,9 @@ class NatsApi:
         try:
             return min(MAX_WAIT_S, max(0.0, float(wait)))
         except (TypeError, ValueError):
-            raise TaskflowError('"wait" is a boolean or a number of seconds', "BadRequest") \
-                from None
+            raise TaskflowError(
+                '"wait" is a boolean or a number of seconds', "BadRequest"
+            ) from None
 
     async def produce(self, request: dict[str, Any], caller: Caller) -> Envelope:
         schema = request.get("schema", request.get("spec", request.get("taskflow")))
@@ -210,8 +233,7 @@ class NatsApi:
                 raise TaskflowError('"parent" is an object', "BadRequest")
             context = parent.get("taskflowExecutionContext")
             if not isinstance(context, dict):
-                raise TaskflowError('"parent.taskflowExecutionContext" is required',
-                                    "BadRequest")
+                raise TaskflowError('"parent.taskflowExecutionContext" is required', "BadRequest")
             key = parent.get("idempotencyKey")
             link = await self.client.parent_link(context, key if isinstance(key, str) else None)
             await self.allow(caller, verb="create", namespace=link.namespace)
@@ -231,8 +253,9 @@ class NatsApi:
         return await self.client.get_details(await self._flow(request, caller, verb="get"))
 
     async def cancel(self, request: dict[str, Any], caller: Caller) -> Envelope:
-        return await self.client.cancel(await self._flow(request, caller, verb="patch"),
-                                        wait=self._wait(request))
+        return await self.client.cancel(
+            await self._flow(request, caller, verb="patch"), wait=self._wait(request)
+        )
 
     async def retry(self, request: dict[str, Any], caller: Caller) -> Envelope:
         stages = request.get("stages", request.get("stagesInfo"))
@@ -241,13 +264,20 @@ class NatsApi:
             if value is not None and not isinstance(value, list):
                 raise TaskflowError(f'"{what}" is a list', "BadRequest")
         return await self.client.retry(
-            await self._flow(request, caller, verb="patch"), stages, tasks,
-            bool(request.get("failedOnly", False)), wait=self._wait(request),
+            await self._flow(request, caller, verb="patch"),
+            stages,
+            tasks,
+            bool(request.get("failedOnly", False)),
+            wait=self._wait(request),
         )
 
     def handlers(self) -> dict[str, Handler]:
-        return {"produce": self.produce, "details": self.details, "cancel": self.cancel,
-                "retry": self.retry}
+        return {
+            "produce": self.produce,
+            "details": self.details,
+            "cancel": self.cancel,
+            "retry": self.retry,
+        }
 
 
 async def serve_api(
@@ -269,8 +299,11 @@ async def serve_api(
     user the server stamped on it (an account import), unless that is ``own_account``.
     """
     client = TaskflowClient(
-        api_client=kube_api_client, nc=nc, namespace=(namespaces or ["default"])[0],
-        search_namespaces=namespaces, subjects=Subjects(),
+        api_client=kube_api_client,
+        nc=nc,
+        namespace=(namespaces or ["default"])[0],
+        search_namespaces=namespaces,
+        subjects=Subjects(),
     )
     api = NatsApi(client, Authorizer(kube_api_client) if authorize else None)
     background: set[asyncio.Task[None]] = set()
@@ -285,8 +318,9 @@ async def serve_api(
                 result = await _handle(verb, handler, msg.data, caller)
             if msg.reply:
                 with contextlib.suppress(Exception):
-                    await msg.respond(json.dumps(result, separators=(",", ":"),
-                                                 default=str).encode())
+                    await msg.respond(
+                        json.dumps(result, separators=(",", ":"), default=str).encode()
+                    )
 
         async def on_message(msg: Msg) -> None:
             # One task per request, so a slow call (a retry waiting for its ack) never holds
@@ -319,8 +353,15 @@ def _stamped(headers: dict[str, str] | None, *, own_account: str | None) -> Call
     if not isinstance(info, dict):
         return Caller()
     account, user = info.get("acc"), info.get("user")
-    if not (isinstance(account, str) and isinstance(user, str) and 0 < len(account) <= 256
-            and 0 < len(user) <= 256) or account == own_account:
+    if (
+        not (
+            isinstance(account, str)
+            and isinstance(user, str)
+            and 0 < len(account) <= 256
+            and 0 < len(user) <= 256
+        )
+        or account == own_account
+    ):
         return Caller()
     return Caller(account=account, user=user)
 

@@ -61,6 +61,7 @@ class Recorder:
     save_after: float
 
     if TYPE_CHECKING:  # provided by runner.FlowRunner and its other parts
+
         @property
         def status(self) -> TaskflowStatus: ...
         @status.setter
@@ -79,8 +80,11 @@ class Recorder:
         status = decision.status
         events = self.events_of(decision)
         how = recording(
-            journal=self.registry.journal_on, durable=decision.durable, emits=bool(events),
-            dispatches=any(isinstance(e, Dispatch) for e in decision.effects))
+            journal=self.registry.journal_on,
+            durable=decision.durable,
+            emits=bool(events),
+            dispatches=any(isinstance(e, Dispatch) for e in decision.effects),
+        )
         if how.journaled:
             status.write_seq = self.status.write_seq + 1
             if await self.journal(status, [*self.outbox, *events]):
@@ -116,16 +120,26 @@ class Recorder:
         self.outbox.extend(events)
         return True
 
-
     def events_of(self, decision: Decision) -> list[tuple[int, bytes]]:
         """The decision's events as they will be published: (seq, payload)."""
         time_ms = now_ms()
         return [
-            (effect.seq, json.dumps(
-                event_payload(effect, name=self.name, namespace=self.namespace,
-                              status=decision.status, time_ms=time_ms),
-                separators=(",", ":"), default=str).encode())
-            for effect in decision.effects if isinstance(effect, Emit)
+            (
+                effect.seq,
+                json.dumps(
+                    event_payload(
+                        effect,
+                        name=self.name,
+                        namespace=self.namespace,
+                        status=decision.status,
+                        time_ms=time_ms,
+                    ),
+                    separators=(",", ":"),
+                    default=str,
+                ).encode(),
+            )
+            for effect in decision.effects
+            if isinstance(effect, Emit)
         ]
 
     def adopt(self, status: TaskflowStatus, changed: bool) -> None:
@@ -139,7 +153,8 @@ class Recorder:
     async def journal(self, status: TaskflowStatus, events: list[tuple[int, bytes]]) -> bool:
         try:
             self.journal_rev = await self.bus.journal(
-                self.uid, journal_entry.encode(status, events, key=self.settings.subjects.key))
+                self.uid, journal_entry.encode(status, events, key=self.settings.subjects.key)
+            )
         except Exception as exc:
             self.log.warning("journal write failed; writing to the API first: %s", exc)
             return False
@@ -154,8 +169,11 @@ class Recorder:
     def save_soon(self) -> None:
         """Write a journaled status to the API in the background (one write at a time, none
         before ``save_after`` when the last one failed)."""
-        if (self.unsaved and (self.saving is None or self.saving.done())
-                and time.monotonic() >= self.save_after):
+        if (
+            self.unsaved
+            and (self.saving is None or self.saving.done())
+            and time.monotonic() >= self.save_after
+        ):
             self.saving = asyncio.get_running_loop().create_task(self.save())
 
     async def save(self) -> None:

@@ -36,8 +36,7 @@ log = logging.getLogger("taskflow.runner")
 class Registry:
     """All active flow writers, keyed by uid; routes watch events and replies to them."""
 
-    def __init__(self, *, kube: Kube, bus: Bus, settings: RunnerSettings,
-                 tenants: Tenants) -> None:
+    def __init__(self, *, kube: Kube, bus: Bus, settings: RunnerSettings, tenants: Tenants) -> None:
         self.kube = kube
         self.bus = bus  # the operator's own connection: journal, object store
         self.tenants = tenants
@@ -56,9 +55,11 @@ class Registry:
         writer cannot tell the journal's copy from an older one. Write the API first again."""
         if self.journal_on:
             self.journal_on = False
-            log.error("the Taskflow CRD in the cluster is older than this operator (it drops "
-                      "status.writeSeq): apply crds/ from this release; until then dispatches "
-                      "wait for the API write")
+            log.error(
+                "the Taskflow CRD in the cluster is older than this operator (it drops "
+                "status.writeSeq): apply crds/ from this release; until then dispatches "
+                "wait for the API write"
+            )
 
     def link(self, namespace: str) -> Link:
         """Where a flow of ``namespace`` dispatches, listens and publishes."""
@@ -117,8 +118,12 @@ class Registry:
         problem = link_problem(body, uid=parent.uid, namespace=parent.namespace)
         if problem is not None:  # a label anyone creating a flow can write: not a link
             metrics.FORGED_LINKS.inc()
-            log.warning("ignored a flow that names %s/%s as its parent: %s", parent.namespace,
-                        parent.name, problem)
+            log.warning(
+                "ignored a flow that names %s/%s as its parent: %s",
+                parent.namespace,
+                parent.name,
+                problem,
+            )
             return
         item = child_input(body)
         if item is not None:
@@ -170,14 +175,26 @@ class Registry:
         """The engine input for a message on a reply subject. Never raises: whatever a service
         sends, the attempt gets an outcome (``BadReply`` when the message is unusable)."""
         uid, stage, task, attempt = parsed
-        item = read_reply(stage=stage, task=task, attempt=attempt, data=msg.data or b"",
-                          headers=msg.headers, limits=self.settings.reply_limits)
+        item = read_reply(
+            stage=stage,
+            task=task,
+            attempt=attempt,
+            data=msg.data or b"",
+            headers=msg.headers,
+            limits=self.settings.reply_limits,
+        )
         if not isinstance(item, Reply):
             return item
         if item.error is not None and item.error.reason == BAD_REPLY:
             metrics.BAD_REPLIES.labels(reason="malformed").inc()
-            log.warning("bad reply for %s/%s/%s attempt %d: %s", uid, stage, task, attempt,
-                        item.error.message)
+            log.warning(
+                "bad reply for %s/%s/%s attempt %d: %s",
+                uid,
+                stage,
+                task,
+                attempt,
+                item.error.message,
+            )
         # Measured as status keeps it: a body of "1E15"s is 4.5 times larger once parsed, one of
         # raw DEL characters 6 times (escaped as \u007f); nothing grows more, so only a body
         # that could pass the limit is serialised again.
@@ -190,18 +207,32 @@ class Registry:
             except Exception as exc:
                 # Kept in the reply stream: a later writer of this flow reads it again.
                 log.warning("could not store a large response of %s/%s: %s", uid, task, exc)
-                return Reply(stage=stage, task=task, attempt=attempt, ok=False, error=TaskError(
-                    message=f"the response of {len(msg.data)} bytes could not be stored",
-                    reason=BAD_REPLY))
+                return Reply(
+                    stage=stage,
+                    task=task,
+                    attempt=attempt,
+                    ok=False,
+                    error=TaskError(
+                        message=f"the response of {len(msg.data)} bytes could not be stored",
+                        reason=BAD_REPLY,
+                    ),
+                )
             item = dataclasses.replace(item, data=None, response_ref=ref)
         if item.children:
             problem, children = await self.verify_children(uid, attempt, item.children)
             if problem is not None:
                 metrics.BAD_REPLIES.labels(reason="child").inc()
-                log.warning("reply for %s/%s/%s attempt %d names a child that does not count: "
-                            "%s", uid, stage, task, attempt, problem)
-                return Reply(stage=stage, task=task, attempt=attempt, ok=False,
-                             error=child_error(problem))
+                log.warning(
+                    "reply for %s/%s/%s attempt %d names a child that does not count: %s",
+                    uid,
+                    stage,
+                    task,
+                    attempt,
+                    problem,
+                )
+                return Reply(
+                    stage=stage, task=task, attempt=attempt, ok=False, error=child_error(problem)
+                )
             self.spawn(self.report_children(uid, children))
         return item
 

@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskflow.runner")
 
 
-
 class FlowRunner(IdleState, Stalls, Recorder, Effects):
     """One flow's writer: resume, the loop of decide-record-perform, sleep, finish."""
 
@@ -112,8 +111,9 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         metrics.REPLY_QUEUE.inc()
         self.wake()
 
-    def reask(self, idempotent: frozenset[str], only: set[tuple[str, str, int]] | None = None
-              ) -> None:
+    def reask(
+        self, idempotent: frozenset[str], only: set[tuple[str, str, int]] | None = None
+    ) -> None:
         """Send again each in-flight attempt (``only`` those, if given) of a service that
         declares idempotent replies: its answer may have been lost, and such a service answers
         a repeated attempt without running it twice. Others time out as documented."""
@@ -125,11 +125,17 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
             for task_spec, task in zip(stage_spec.tasks, stage.tasks, strict=False):
                 key = (stage.name, task.name, task.attempt)
                 details = task_spec.task_details
-                if (task.status != Status.RUNNING or task.waiting_reason or details is None
-                        or (only is not None and key not in only)):
+                if (
+                    task.status != Status.RUNNING
+                    or task.waiting_reason
+                    or details is None
+                    or (only is not None and key not in only)
+                ):
                     continue
-                if subjects.request(details.service_id, details.action_name,
-                                    self.namespace) in idempotent:
+                if (
+                    subjects.request(details.service_id, details.action_name, self.namespace)
+                    in idempotent
+                ):
                     metrics.REASKED.inc()
                     self.registry.spawn(self.dispatch(spec, Dispatch(*key)))
 
@@ -149,8 +155,11 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         subjects = self.settings.subjects
         for stage, task, attempt in missed:
             msg = await self.link.stored_reply(subjects.reply(self.uid, stage, task, attempt))
-            item = None if msg is None else await self.registry.to_input(
-                msg, (self.uid, stage, task, attempt))
+            item = (
+                None
+                if msg is None
+                else await self.registry.to_input(msg, (self.uid, stage, task, attempt))
+            )
             if item is not None:
                 self.push(item)
 
@@ -232,16 +241,18 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         last = await self.link.last_event_seq(subjects.events(self.uid))
         if last is None:  # NATS cannot say: publish the whole outbox (repeats are dropped)
             self.outbox = sorted(self.outbox)
-            self.status.last_event_seq = max([self.status.last_event_seq,
-                                              *(seq for seq, _ in self.outbox)])
+            self.status.last_event_seq = max(
+                [self.status.last_event_seq, *(seq for seq, _ in self.outbox)]
+            )
         else:
             self.outbox = journal_entry.unpublished(self.outbox, stream_last=last)
             # Number on from what the stream has or is about to get: events recorded but lost
             # before the journal kept them (an operator without it) leave no hole in seq.
             self.status.last_event_seq = max([last, *(seq for seq, _ in self.outbox)])
         if self.outbox:
-            self.log.info("publishing %d events of the journal the event stream lacks",
-                          len(self.outbox))
+            self.log.info(
+                "publishing %d events of the journal the event stream lacks", len(self.outbox)
+            )
         lookups = []
         for stage in self.status.stages:
             for task in stage.tasks:
@@ -291,8 +302,11 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         self.outbox = list(entry.events)  # (resume() keeps those the stream lacks)
         copy = entry.status
         if journal_entry.resume_from(self.status, copy) is copy:
-            self.log.info("resuming from the journal (record %d; the API has %d)",
-                          copy.write_seq, self.status.write_seq)
+            self.log.info(
+                "resuming from the journal (record %d; the API has %d)",
+                copy.write_seq,
+                self.status.write_seq,
+            )
             self.status = copy
             self.dirty = self.unsaved = True
 
@@ -324,8 +338,12 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
             if self.outbox:  # events NATS did not take: try again soon
                 retry = now_ms() + 1000
                 wake_at = retry if wake_at is None else min(wake_at, retry)
-            elif (self.status.phase in TERMINAL_FLOW_PHASES and not self.dirty and not self.inbox
-                  and not self._woken):  # (woken: e.g. a retry patched in during this round)
+            elif (
+                self.status.phase in TERMINAL_FLOW_PHASES
+                and not self.dirty
+                and not self.inbox
+                and not self._woken
+            ):  # (woken: e.g. a retry patched in during this round)
                 linger = self.linger_until()
                 if linger is None:
                     await self.finish()

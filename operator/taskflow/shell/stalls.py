@@ -45,6 +45,7 @@ class Stalls:
     save_after: float
 
     if TYPE_CHECKING:  # provided by runner.FlowRunner and its other parts
+
         @property
         def status(self) -> TaskflowStatus: ...
         def spec(self) -> TaskflowSpec: ...
@@ -61,18 +62,24 @@ class Stalls:
         if inputs:
             try:
                 cleaned = quarantine(
-                    spec=self.spec(), status=self.status, inputs=inputs, now=now_ms(),
-                    uid=self.uid, generation=int(self.body["metadata"].get("generation") or 0),
+                    spec=self.spec(),
+                    status=self.status,
+                    inputs=inputs,
+                    now=now_ms(),
+                    uid=self.uid,
+                    generation=int(self.body["metadata"].get("generation") or 0),
                     event_subject=self.settings.subjects.events(self.uid),
                 )
             except Exception as inner:  # (the spec itself, say): reported below
                 cleaned, exc = inputs, inner
             # By identity: comparing a deep input by value could itself raise.
             replaced = len(cleaned) != len(inputs) or any(
-                a is not b for a, b in zip(inputs, cleaned, strict=False))
+                a is not b for a, b in zip(inputs, cleaned, strict=False)
+            )
             if replaced:
-                metrics.BAD_REPLIES.labels(reason="unrecordable").inc(len(inputs) - sum(
-                    1 for a, b in zip(inputs, cleaned, strict=False) if a is b))
+                metrics.BAD_REPLIES.labels(reason="unrecordable").inc(
+                    len(inputs) - sum(1 for a, b in zip(inputs, cleaned, strict=False) if a is b)
+                )
                 self.log.warning("a reply could not be recorded; its attempt fails: %s", exc)
                 try:
                     return await self.decide_and_write(cleaned)
@@ -91,8 +98,12 @@ class Stalls:
         self.failures += 1
         pause: float = min(0.5 * 2.0 ** (self.failures - 1), 30.0)
         message = clip(describe(exc), 300, "message")
-        self.log.error("flow writer failed (%d in a row), trying again in %.1f s: %s",
-                       self.failures, pause, message)
+        self.log.error(
+            "flow writer failed (%d in a row), trying again in %.1f s: %s",
+            self.failures,
+            pause,
+            message,
+        )
         metrics.WRITER_FAILURES.inc()
         if message != self.trouble:  # once per distinct error, not per try
             self.trouble = message
@@ -101,10 +112,15 @@ class Stalls:
             # to the condition, as namespace-private as the status itself.
             code = getattr(exc, "status", None)
             kind = f"{type(exc).__name__}{f' {code}' if code else ''}"
-            self.registry.spawn(self.kube.event(
-                self.body, reason="WriterFailing", type_="Warning",
-                message=f"the operator cannot record this flow and keeps trying ({kind}); "
-                        "see the Stalled condition"))
+            self.registry.spawn(
+                self.kube.event(
+                    self.body,
+                    reason="WriterFailing",
+                    type_="Warning",
+                    message=f"the operator cannot record this flow and keeps trying ({kind}); "
+                    "see the Stalled condition",
+                )
+            )
             self.registry.spawn(self.mark_stalled(text))
         return pause
 
@@ -120,10 +136,20 @@ class Stalls:
         try:
             fresh = await self.kube.get(self.namespace, self.name)
             status = fresh.setdefault("status", {})
-            conditions = [c for c in status.get("conditions") or []
-                          if isinstance(c, dict) and c.get("type") != "Stalled"]
-            conditions.append({"type": "Stalled", "status": "True", "reason": "WriterFailing",
-                               "message": message, "lastTransitionTime": iso_now()})
+            conditions = [
+                c
+                for c in status.get("conditions") or []
+                if isinstance(c, dict) and c.get("type") != "Stalled"
+            ]
+            conditions.append(
+                {
+                    "type": "Stalled",
+                    "status": "True",
+                    "reason": "WriterFailing",
+                    "message": message,
+                    "lastTransitionTime": iso_now(),
+                }
+            )
             status["conditions"] = conditions
             await self.kube.replace_status(fresh)
         except Exception as exc:  # (a conflict: the writer got through meanwhile)

@@ -47,12 +47,15 @@ RECHECK_S = 30.0
 class Link(Protocol):
     """What a flow's writer sends and reads over NATS: ``Bus`` or ``Unreachable``."""
 
-    async def dispatch(self, *, subject: str, reply: str, body: bytes,
-                       headers: dict[str, str]) -> None: ...
-    async def publish(self, subject: str, body: bytes,
-                      headers: dict[str, str] | None = None) -> None: ...
-    async def publish_events(self, subject: str, uid: str,
-                             events: list[tuple[int, bytes]]) -> set[int]: ...
+    async def dispatch(
+        self, *, subject: str, reply: str, body: bytes, headers: dict[str, str]
+    ) -> None: ...
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> None: ...
+    async def publish_events(
+        self, subject: str, uid: str, events: list[tuple[int, bytes]]
+    ) -> set[int]: ...
     async def stored_reply(self, subject: str) -> Msg | None: ...
     async def last_event_seq(self, subject: str) -> int | None: ...
     async def forget_replies(self, uid: str) -> None: ...
@@ -70,16 +73,19 @@ class Unreachable:
 
     why: str
 
-    async def dispatch(self, *, subject: str, reply: str, body: bytes,
-                       headers: dict[str, str]) -> None:
+    async def dispatch(
+        self, *, subject: str, reply: str, body: bytes, headers: dict[str, str]
+    ) -> None:
         raise LinkDown(self.why)
 
-    async def publish(self, subject: str, body: bytes,
-                      headers: dict[str, str] | None = None) -> None:
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         raise LinkDown(self.why)
 
-    async def publish_events(self, subject: str, uid: str,
-                             events: list[tuple[int, bytes]]) -> set[int]:
+    async def publish_events(
+        self, subject: str, uid: str, events: list[tuple[int, bytes]]
+    ) -> set[int]:
         return set()
 
     async def stored_reply(self, subject: str) -> Msg | None:
@@ -114,8 +120,16 @@ ReconnectHandler = Callable[[str | None], None]
 
 
 class Tenants:
-    def __init__(self, *, kube: Kube, main: Bus, nats: NatsSettings, subjects: Subjects,
-                 credentials_namespace: str | None, require_policy: bool) -> None:
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        main: Bus,
+        nats: NatsSettings,
+        subjects: Subjects,
+        credentials_namespace: str | None,
+        require_policy: bool,
+    ) -> None:
         self.kube = kube
         self.main = main
         self.nats = nats
@@ -177,15 +191,18 @@ class Tenants:
         if secret is None:
             return self.main
         if self.credentials_namespace is None:
-            return Unreachable("the operator has no --credentials-namespace to read "
-                               f"Secret {secret!r} from")
+            return Unreachable(
+                f"the operator has no --credentials-namespace to read Secret {secret!r} from"
+            )
         connection = self.connections.get(secret)
         if connection is None or connection.bus is None or connection.problem is not None:
             why = connection.problem[1] if connection and connection.problem else "connecting"
             return Unreachable(f"NATS credentials {secret!r}: {why}")
         if namespace not in connection.namespaces:
-            return Unreachable(f"Secret {secret!r} does not list namespace {namespace!r} in "
-                               f"its {SECRET_NAMESPACES} annotation")
+            return Unreachable(
+                f"Secret {secret!r} does not list namespace {namespace!r} in "
+                f"its {SECRET_NAMESPACES} annotation"
+            )
         return connection.bus
 
     def serves(self, namespace: str, via: str | None) -> bool:
@@ -232,12 +249,16 @@ class Tenants:
         try:
             secret = await self.kube.get_secret(self.credentials_namespace, connection.secret)
         except Gone:
-            connection.problem = ("SecretNotFound", f"no Secret {connection.secret!r} in "
-                                  f"namespace {self.credentials_namespace!r}")
+            connection.problem = (
+                "SecretNotFound",
+                f"no Secret {connection.secret!r} in namespace {self.credentials_namespace!r}",
+            )
             return
         except Exception as exc:
-            connection.problem = ("SecretUnreadable", f"Secret {connection.secret!r} could "
-                                  f"not be read: {type(exc).__name__}")
+            connection.problem = (
+                "SecretUnreadable",
+                f"Secret {connection.secret!r} could not be read: {type(exc).__name__}",
+            )
             return
         meta = secret.get("metadata") or {}
         listed = (meta.get("annotations") or {}).get(SECRET_NAMESPACES, "")
@@ -254,9 +275,12 @@ class Tenants:
             bus = await Bus.connect(settings, self.subjects, own_state=False, retry=False)
         except Exception as exc:
             # The server's words ("Authorization Violation", "timeout"), never the secret's.
-            connection.problem = ("ConnectFailed", f"could not connect to NATS with Secret "
-                                  f"{connection.secret!r}: {type(exc).__name__}: "
-                                  f"{str(exc)[:200]}")
+            connection.problem = (
+                "ConnectFailed",
+                f"could not connect to NATS with Secret "
+                f"{connection.secret!r}: {type(exc).__name__}: "
+                f"{str(exc)[:200]}",
+            )
             log.warning("%s", connection.problem[1])
             return
         via = connection.secret
@@ -265,6 +289,7 @@ class Tenants:
         bus.on_reconnected = (lambda: reconnected(via)) if reconnected is not None else None
         handler = self.on_reply
         if handler is not None:
+
             async def on_reply(msg: Msg) -> None:
                 await handler(msg, via)
 
@@ -275,8 +300,11 @@ class Tenants:
                 raise
         old, connection.bus, connection.version = connection.bus, bus, version
         connection.problem = None
-        log.info("connected to NATS with Secret %r (for %s)", connection.secret,
-                 ", ".join(sorted(connection.namespaces)) or "no namespace")
+        log.info(
+            "connected to NATS with Secret %r (for %s)",
+            connection.secret,
+            ", ".join(sorted(connection.namespaces)) or "no namespace",
+        )
         if old is not None:
             await old.close()
 
@@ -288,11 +316,21 @@ class Tenants:
         creds, nkey, token = value("creds"), value("nkey"), value("token")
         user, password = value("user"), value("password")
         if not (creds or nkey or token or (user and password)):
-            raise ValueError(f"Secret {secret!r} holds none of 'creds', 'nkey', 'token', or "
-                             "'user' and 'password'")
+            raise ValueError(
+                f"Secret {secret!r} holds none of 'creds', 'nkey', 'token', or "
+                "'user' and 'password'"
+            )
         return dataclasses.replace(
-            self.nats, user=user, password=password, token=token, creds=creds, nkey_seed=nkey,
-            creds_file=None, nkey_seed_file=None, name=f"taskflow-operator/{secret}")
+            self.nats,
+            user=user,
+            password=password,
+            token=token,
+            creds=creds,
+            nkey_seed=nkey,
+            creds_file=None,
+            nkey_seed_file=None,
+            name=f"taskflow-operator/{secret}",
+        )
 
     async def _report(self, connection: _Connection) -> None:
         """The Connected condition of every policy naming this Secret."""
@@ -304,38 +342,60 @@ class Tenants:
                 status = "False"
             elif namespace not in connection.namespaces:
                 reason, status = "NotAllowed", "False"
-                message = (f"Secret {connection.secret!r} does not list namespace "
-                           f"{namespace!r} in its {SECRET_NAMESPACES} annotation")
+                message = (
+                    f"Secret {connection.secret!r} does not list namespace "
+                    f"{namespace!r} in its {SECRET_NAMESPACES} annotation"
+                )
             else:
                 reason, status, message = "Connected", "True", "connected to NATS"
             await self._set_condition(body, status=status, reason=reason, message=message)
 
-    async def _set_condition(self, body: dict[str, Any], *, status: str, reason: str,
-                             message: str) -> None:
+    async def _set_condition(
+        self, body: dict[str, Any], *, status: str, reason: str, message: str
+    ) -> None:
         conditions = (body.get("status") or {}).get("conditions") or []
         old = next((c for c in conditions if c.get("type") == "Connected"), None)
         if old and (old.get("status"), old.get("reason"), old.get("message")) == (
-                status, reason, message):
+            status,
+            reason,
+            message,
+        ):
             return
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         since = now if old is None or old.get("status") != status else old["lastTransitionTime"]
-        condition = {"type": "Connected", "status": status, "reason": reason,
-                     "message": message[:1024], "lastTransitionTime": since,
-                     "observedGeneration": (body.get("metadata") or {}).get("generation")}
+        condition = {
+            "type": "Connected",
+            "status": status,
+            "reason": reason,
+            "message": message[:1024],
+            "lastTransitionTime": since,
+            "observedGeneration": (body.get("metadata") or {}).get("generation"),
+        }
         meta = body["metadata"]
-        lean = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion")},
-                "status": {"conditions": [*(c for c in conditions
-                                            if c.get("type") != "Connected"), condition]}}
+        lean = {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion")},
+            "status": {
+                "conditions": [*(c for c in conditions if c.get("type") != "Connected"), condition]
+            },
+        }
         try:
             updated = await self.kube.replace_policy_status(lean)
         except Exception as exc:  # a newer object is on its way; its watch event retries
-            log.debug("could not set the Connected condition of %s/%s: %s",
-                      meta["namespace"], meta["name"], exc)
+            log.debug(
+                "could not set the Connected condition of %s/%s: %s",
+                meta["namespace"],
+                meta["name"],
+                exc,
+            )
             return
         if self.bodies.get(meta["namespace"]) is body:
-            self.bodies[meta["namespace"]] = {**body, "metadata": updated["metadata"],
-                                              "status": updated.get("status")}
+            self.bodies[meta["namespace"]] = {
+                **body,
+                "metadata": updated["metadata"],
+                "status": updated.get("status"),
+            }
 
     async def close(self) -> None:
         self._closed = True

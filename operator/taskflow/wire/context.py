@@ -63,9 +63,7 @@ def previous_stage_responses(status: TaskflowStatus, stage_index: int) -> list[d
     if stage_index == 0:
         return []
     previous: StageStatus = status.stages[stage_index - 1]
-    return [
-        {"taskName": t.name, "response": _response_of(t)} for t in previous.tasks
-    ]
+    return [{"taskName": t.name, "response": _response_of(t)} for t in previous.tasks]
 
 
 def _response_of(task: TaskStatus) -> Any:

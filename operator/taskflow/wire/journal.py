@@ -30,8 +30,9 @@ class Entry:
     events: tuple[Event, ...] = ()
 
 
-def encode(status: TaskflowStatus, events: Sequence[Event] = (), *,
-           key: bytes | None = None) -> bytes:
+def encode(
+    status: TaskflowStatus, events: Sequence[Event] = (), *, key: bytes | None = None
+) -> bytes:
     """The entry's bytes; with a key, preceded by a line with their HMAC, so that an entry
     written by anyone else (any client with JetStream access) is refused."""
     body = status.model_dump_json(by_alias=True, exclude_none=True).encode()
@@ -68,8 +69,9 @@ def decode_entry(raw: bytes, *, key: bytes | None = None) -> Entry:
     try:
         status = TaskflowStatus.model_validate(doc)
     except ValidationError as exc:
-        raise ValueError(f"journal entry unreadable: {exc.error_count()} errors, first: "
-                         f"{exc.errors()[0]['msg']}") from None
+        raise ValueError(
+            f"journal entry unreadable: {exc.error_count()} errors, first: {exc.errors()[0]['msg']}"
+        ) from None
     try:
         # A status this operator cannot write again (nested too deep, say) would stall the
         # writer that resumes from it: refused here, so it resumes from the API's copy.

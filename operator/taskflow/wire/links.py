@@ -19,8 +19,17 @@ from taskflow.api.links import (
 from taskflow.api.status import Status
 from taskflow.engine.inputs import ChildFinished
 
-__all__ = ["DEPTH", "PARENT_ATTEMPT", "PARENT_CONTEXT", "PARENT_NAME", "PARENT_TASK",
-           "PARENT_UID", "child_input", "child_name", "link_problem"]
+__all__ = [
+    "DEPTH",
+    "PARENT_ATTEMPT",
+    "PARENT_CONTEXT",
+    "PARENT_NAME",
+    "PARENT_TASK",
+    "PARENT_UID",
+    "child_input",
+    "child_name",
+    "link_problem",
+]
 
 
 def link_problem(
@@ -75,9 +84,13 @@ def child_input(body: dict[str, Any]) -> ChildFinished | None:
     }
     attempt = annotations.get(PARENT_ATTEMPT)
     return ChildFinished(
-        stage=stage, task=task, child=f"{meta.get('namespace')}/{meta.get('name')}",
-        status=outcome, summary=summary,
+        stage=stage,
+        task=task,
+        child=f"{meta.get('namespace')}/{meta.get('name')}",
+        status=outcome,
+        summary=summary,
         # (ASCII digits, few: an annotation is anyone's to write, and int("²") raises)
-        attempt=int(attempt) if attempt and attempt.isascii() and attempt.isdigit()
-        and len(attempt) <= 18 else None,
+        attempt=int(attempt)
+        if attempt and attempt.isascii() and attempt.isdigit() and len(attempt) <= 18
+        else None,
     )

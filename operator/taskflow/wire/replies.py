@@ -102,8 +102,9 @@ def _check_text(text: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise _Unusable("it holds a string that is not valid Unicode (a lone surrogate)")\
-                from None
+            raise _Unusable(
+                "it holds a string that is not valid Unicode (a lone surrogate)"
+            ) from None
 
 
 def clip(text: str, limit: int, what: str) -> str:
@@ -135,15 +136,26 @@ def read_reply(
     """The engine input for one message on an attempt's reply subject; None for a NATS
     control message that is not an answer. Never raises."""
     try:
-        return _read(stage=stage, task=task, attempt=attempt, data=data,
-                     headers=headers or {}, limits=limits)
+        return _read(
+            stage=stage, task=task, attempt=attempt, data=data, headers=headers or {}, limits=limits
+        )
     except Exception as exc:  # a last resort: the checks above should have named it
-        return Reply(stage=stage, task=task, attempt=attempt, ok=False,
-                     error=bad_reply(f"the reply could not be read: {type(exc).__name__}"))
+        return Reply(
+            stage=stage,
+            task=task,
+            attempt=attempt,
+            ok=False,
+            error=bad_reply(f"the reply could not be read: {type(exc).__name__}"),
+        )
 
 
 def _read(
-    *, stage: str, task: str, attempt: int, data: bytes, headers: Mapping[str, str],
+    *,
+    stage: str,
+    task: str,
+    attempt: int,
+    data: bytes,
+    headers: Mapping[str, str],
     limits: ReplyLimits,
 ) -> Reply | NoResponders | None:
     status = headers.get(STATUS)
@@ -156,16 +168,22 @@ def _read(
         return Reply(stage=stage, task=task, attempt=attempt, ok=False, error=error)
 
     if len(data) > limits.max_bytes:
-        return failed(bad_reply(
-            f"reply of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes"))
+        return failed(
+            bad_reply(f"reply of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
+        )
     if SERVICE_ERROR in headers or SERVICE_ERROR_CODE in headers:
         code = headers.get(SERVICE_ERROR_CODE)
-        return failed(TaskError(
-            message=clip(_text(headers.get(SERVICE_ERROR) or "service error"),
-                         limits.max_message, "message"),
-            code=None if code is None else clip(_text(code), limits.max_code, "code"),
-            reason=ErrorReason.SERVICE,
-        ))
+        return failed(
+            TaskError(
+                message=clip(
+                    _text(headers.get(SERVICE_ERROR) or "service error"),
+                    limits.max_message,
+                    "message",
+                ),
+                code=None if code is None else clip(_text(code), limits.max_code, "code"),
+                reason=ErrorReason.SERVICE,
+            )
+        )
     try:
         body = parse_json(data, max_depth=limits.max_depth)
     except UnicodeDecodeError:
@@ -173,18 +191,29 @@ def _read(
     except ValueError as exc:
         return failed(bad_reply(f"reply is not valid JSON: {exc}"))
     if not isinstance(body, dict) or not isinstance(body.get("success"), bool):
-        return failed(bad_reply(
-            'reply is not {"success": true, "data": ...} or {"success": false, "error": {...}}'))
+        return failed(
+            bad_reply(
+                'reply is not {"success": true, "data": ...} or {"success": false, "error": {...}}'
+            )
+        )
     if body["success"]:
         children = _children(body.get("nestedTaskflows"))
         if len(children) > limits.max_children:
-            return failed(TaskError(
-                message=f"the service started {len(children)} child flows; "
-                        f"the limit is {limits.max_children}",
-                reason=ErrorReason.CHILD,
-            ))
-        return Reply(stage=stage, task=task, attempt=attempt, ok=True, data=body.get("data"),
-                     children=children)
+            return failed(
+                TaskError(
+                    message=f"the service started {len(children)} child flows; "
+                    f"the limit is {limits.max_children}",
+                    reason=ErrorReason.CHILD,
+                )
+            )
+        return Reply(
+            stage=stage,
+            task=task,
+            attempt=attempt,
+            ok=True,
+            data=body.get("data"),
+            children=children,
+        )
     return failed(_service_error(body.get("error"), limits))
 
 
@@ -199,25 +228,33 @@ def _children(refs: Any) -> tuple[str, ...]:
     """Child flows a successful reply names in ``nestedTaskflows`` ("namespace/name")."""
     if not isinstance(refs, list):
         return ()
-    return tuple(dict.fromkeys(
-        r for r in refs if isinstance(r, str) and r.isascii() and _CHILD_REF.fullmatch(r)))
+    return tuple(
+        dict.fromkeys(
+            r for r in refs if isinstance(r, str) and r.isascii() and _CHILD_REF.fullmatch(r)
+        )
+    )
 
 
 def _service_error(error: Any, limits: ReplyLimits) -> TaskError:
     if not isinstance(error, dict):
         text = _text(error) if error is not None else "the service reported a failure"
-        return TaskError(message=clip(text, limits.max_message, "message"),
-                         reason=ErrorReason.SERVICE)
-    message = clip(_text(error.get("message") or "the service reported a failure"),
-                   limits.max_message, "message")
+        return TaskError(
+            message=clip(text, limits.max_message, "message"), reason=ErrorReason.SERVICE
+        )
+    message = clip(
+        _text(error.get("message") or "the service reported a failure"),
+        limits.max_message,
+        "message",
+    )
     code = error.get("code")
     data = error.get("data")
     if data is not None:
         size = len(json.dumps(data, separators=(",", ":")))
         if size > limits.max_error_data:
             data = None
-            message += (f" [error.data of {size} bytes dropped: over the limit of "
-                        f"{limits.max_error_data}]")
+            message += (
+                f" [error.data of {size} bytes dropped: over the limit of {limits.max_error_data}]"
+            )
     return TaskError(
         message=message,
         code=None if code is None else clip(_text(code), limits.max_code, "code"),

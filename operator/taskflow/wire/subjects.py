@@ -34,8 +34,9 @@ class Subjects:
     def request(self, service_id: str, action_name: str, namespace: str = "*") -> str:
         """A task's request subject; a service that serves every namespace listens on the
         default, ``*``."""
-        return self.template.format(serviceId=service_id, actionName=action_name,
-                                    namespace=namespace)
+        return self.template.format(
+            serviceId=service_id, actionName=action_name, namespace=namespace
+        )
 
     def template_problem(self) -> str | None:
         """What is wrong with the request template, or None."""
@@ -47,8 +48,10 @@ class Subjects:
             return "the subject template must contain {serviceId}"
         unknown = fields - {"serviceId", "actionName", "namespace"}
         if unknown:
-            return (f"the subject template may use {{serviceId}}, {{actionName}} and "
-                    f"{{namespace}} only, not {', '.join(sorted(unknown))}")
+            return (
+                f"the subject template may use {{serviceId}}, {{actionName}} and "
+                f"{{namespace}} only, not {', '.join(sorted(unknown))}"
+            )
         if any(c in self.template for c in " *>\t"):
             return "the subject template may contain no space or wildcard"
         return None
@@ -83,7 +86,8 @@ class Subjects:
             return None
         uid, stage, task, attempt = parts[0], parts[1], parts[2], int(parts[3])
         if signed and not hmac.compare_digest(
-                parts[4], self.token(f"{uid}/{stage}/{task}/{attempt}")):
+            parts[4], self.token(f"{uid}/{stage}/{task}/{attempt}")
+        ):
             return None
         return uid, stage, task, attempt
 
