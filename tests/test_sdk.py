@@ -16,7 +16,8 @@ from typing import Any
 import nats
 import pytest
 
-from conftest import ROOT, Flows, task_status
+from conftest import ROOT, Flows, serve, task_status
+from conftest import flow as plain_flow
 from taskflow.client import TaskflowClient
 from taskflow.sdk import Nested, Service, TaskContext, TaskFailure
 from taskflow.wire import links
@@ -673,3 +674,63 @@ async def test_the_docs_example_runs(operator, stack, namespace: str, svc: str) 
     )
     assert result.returncode == 0, result.stderr
     assert "taskflow SUCCEEDED" in result.stdout, result.stdout
+
+
+async def test_a_failure_no_retry_can_help_fails_the_task_at_once(
+    operator, flows: Flows, svc: str, services: Callable[..., Service]
+) -> None:
+    """``TaskFailure(retryable=False)`` from the SDK, and a code the flow lists in
+    ``nonRetryableCodes``: one attempt each, whatever maxRetries says; others are retried."""
+    service = services(svc)
+    calls: dict[str, int] = {}
+
+    @service.action("do")
+    async def do(params: Any, ctx: TaskContext) -> Any:
+        calls[params["task"]] = calls.get(params["task"], 0) + 1
+        if params["task"] == "invalid":
+            raise TaskFailure("the request names no device", code="INVALID", retryable=False)
+        if params["task"] == "missing":
+            raise TaskFailure("no such device", code="NOT_FOUND")
+        raise TaskFailure("busy", code="BUSY")
+
+    await service.start()
+    spec = plain_flow(
+        svc,
+        ["invalid", "missing", "busy"],
+        options={
+            "maxRetries": 2,
+            "retryDelay": 50,
+            "nonRetryableCodes": ["NOT_FOUND"],
+            "continueOnTaskFailure": True,
+        },
+    )
+    await flows.create(spec, "f")
+    done = await flows.wait("f")
+    assert calls == {"invalid": 1, "missing": 1, "busy": 3}
+    invalid = task_status(done, "s1", "invalid")
+    assert invalid["status"] == "FAILED" and invalid["error"]["retryable"] is False
+    assert task_status(done, "s1", "missing")["attempt"] == 0
+    assert task_status(done, "s1", "busy")["attempt"] == 2
+
+
+async def test_retries_back_off(operator, flows: Flows, nc, svc: str) -> None:
+    """retryDelay 200 ms, factor 3: the second retry waits at least 600 ms after the first
+    attempt's failure (lower bounds only: the machine may be slower, never faster)."""
+    seen: list[float] = []
+
+    def answer(msg: Any) -> Any:
+        seen.append(time.monotonic())
+        return {"success": False, "error": {"message": "down", "code": "DOWN"}}
+
+    await serve(nc, f"{svc}.do", answer)
+    await flows.create(
+        plain_flow(
+            svc, ["t"], options={"maxRetries": 2, "retryDelay": 200, "retryBackoff": {"factor": 3}}
+        ),
+        "f",
+    )
+    done = await flows.wait("f")
+    assert done["status"]["phase"] == "FAILED" and len(seen) == 3
+    assert seen[1] - seen[0] >= 0.2 and seen[2] - seen[1] >= 0.6
+    codes = [a["error"]["code"] for a in task_status(done, "s1", "t")["attempts"]]
+    assert codes == ["DOWN", "DOWN", "DOWN"]

@@ -77,14 +77,19 @@ class TaskFailure(Exception):
     """Raise in a handler to fail the task with this message and code.
 
     The reply is ``{"success": false, "error": {"message", "code"[, "data"]}}``, recorded in
-    the task's ``status.error``; the attempt is retried if ``maxRetries`` allows.
+    the task's ``status.error``; the attempt is retried if ``maxRetries`` allows, unless
+    ``retryable=False`` (``"retryable": false`` in the reply: no retry can help, e.g. a
+    malformed request), which fails the task at once.
     """
 
-    def __init__(self, message: str, code: str | None = None, data: Any = None) -> None:
+    def __init__(
+        self, message: str, code: str | None = None, data: Any = None, *, retryable: bool = True
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.data = data
+        self.retryable = retryable
 
 
 @dataclass
@@ -493,7 +498,7 @@ class Service:
             log.info("%s: handler of %s cancelled", action.subject, key)
             return _failure("cancelled by a cancel notice", "CANCELLED")
         except TaskFailure as exc:
-            return _failure(exc.message, exc.code, exc.data)
+            return _failure(exc.message, exc.code, exc.data, retryable=exc.retryable)
         except Exception as exc:
             log.exception("%s: handler failed", action.subject)
             return _failure(str(exc) or repr(exc), type(exc).__name__)
@@ -635,10 +640,14 @@ class Service:
                 log.warning("could not cancel child %s: %s", ref, exc)
 
 
-def _failure(message: str, code: str | None, data: Any = None) -> dict[str, Any]:
+def _failure(
+    message: str, code: str | None, data: Any = None, *, retryable: bool = True
+) -> dict[str, Any]:
     error: dict[str, Any] = {"message": message, "code": code}
     if data is not None:
         error["data"] = data
+    if not retryable:
+        error["retryable"] = False
     return {"success": False, "error": error}
 
 

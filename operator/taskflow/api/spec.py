@@ -63,6 +63,40 @@ class TaskType(StrEnum):
     TASKFLOW = "TASKFLOW"
 
 
+class RetryBackoff(_Model):
+    """Each retry of a task waits longer than the one before: ``retryDelay`` times ``factor``
+    to the number of retries so far, at most ``maxDelay``, less up to ``jitter`` of it."""
+
+    factor: float | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="Each retry waits this many times longer than the one before (default 2).",
+    )
+    max_delay: Duration | None = Field(
+        default=None,
+        alias="maxDelay",
+        description="The longest wait before a retry (default 5 minutes).",
+    )
+    jitter: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Up to this fraction of each wait is taken off, differently for each task "
+        "and attempt, so that many retries spread out (default 0).",
+    )
+
+    @field_validator("max_delay")
+    @classmethod
+    def _duration(cls, value: int | str | None) -> int | str | None:
+        if value is not None and parse_duration_ms(value) > MAX_DURATION_MS:
+            raise ValueError("must be at most 7 days")
+        return value
+
+
+ErrorCode = Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class Options(_Model):
     """Flow options; a task's own options override them field by field."""
 
@@ -78,6 +112,18 @@ class Options(_Model):
     )
     retry_delay: Duration | None = Field(
         default=None, alias="retryDelay", description="Wait before the next attempt."
+    )
+    retry_backoff: RetryBackoff | None = Field(
+        default=None,
+        alias="retryBackoff",
+        description="Wait longer before each retry (exponential, capped, with jitter).",
+    )
+    non_retryable_codes: list[ErrorCode] | None = Field(
+        default=None,
+        alias="nonRetryableCodes",
+        max_length=64,
+        description="Error codes that fail the task at once, whatever maxRetries says (as "
+        "does a reply with error.retryable false).",
     )
     max_age: Duration | None = Field(
         default=None,

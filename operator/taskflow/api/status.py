@@ -100,6 +100,8 @@ class TaskError(_Model):
     # Where the error came from: an ``ErrorReason`` (Service, Timeout, Expired, BadReply, ...).
     reason: str | None = Field(default=None, max_length=64)
     data: Any | None = Field(default=None, json_schema_extra=_FREE)
+    # The service said so (``error.retryable: false``): no retry of this attempt.
+    retryable: bool | None = None
 
 
 class AttemptRecord(_Model):

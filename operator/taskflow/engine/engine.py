@@ -12,6 +12,7 @@ the copy of status each decision mutates is made by ``clone.py``.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
@@ -78,6 +79,21 @@ def decide(
 Refusal = Callable[[str, str], str | None]
 # The error reason of a task its namespace's policy does not allow (kept for importers).
 POLICY_DENIED = ErrorReason.POLICY_DENIED
+
+
+def final_error(error: TaskError | None, opts: EffectiveOptions) -> bool:
+    """An error no retry can help: the service said so, or its code is listed as such."""
+    if error is None:
+        return False
+    return error.retryable is False or (
+        error.code is not None and error.code in opts.non_retryable_codes
+    )
+
+
+def _spread(uid: str, stage: str, task: str, attempt: int) -> float:
+    """A number in [0, 1) fixed by the attempt: where its retry falls within the jitter."""
+    digest = hashlib.sha256(f"{uid}/{stage}/{task}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32
 
 
 def task_id(uid: str, stage: str, task: str | None = None) -> str:
@@ -389,9 +405,15 @@ class _Step:
         # Under exactlyOnceTaskExecution a timed-out attempt's outcome is unknown: the service
         # may have done the work, so it is never re-sent on its own (a flow retry can).
         unknown = outcome == Status.TIMED_OUT and opts.exactly_once_task_execution
-        retries_left = task.attempt - task.run_start_attempt < opts.max_retries
-        if outcome != Status.SUCCEEDED and retries_left and not unknown:
-            retry_at = self.now + opts.retry_delay_ms
+        retries = task.attempt - task.run_start_attempt
+        if (
+            outcome != Status.SUCCEEDED
+            and retries < opts.max_retries
+            and not unknown
+            and (not final_error(error, opts))
+        ):
+            spread = _spread(self.uid, stage.name, task.name, task.attempt) if opts.jitter else 0.0
+            retry_at = self.now + opts.retry_delay(retries=retries, spread=spread)
             if task.expires_at is None or retry_at < parse_iso(task.expires_at):
                 # Tell subscribers how this attempt ended, then wait for the next one.
                 task.status = outcome

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from taskflow.api.durations import parse_duration_ms
-from taskflow.api.spec import Options
+from taskflow.api.spec import Options, RetryBackoff
 
 DEFAULT_TIMEOUT_MS = 60_000
 DEFAULT_RETRY_DELAY_MS = 1_000
+DEFAULT_BACKOFF_FACTOR = 2.0
+DEFAULT_MAX_DELAY_MS = 5 * 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +21,23 @@ class EffectiveOptions:
     max_age_ms: int | None  # None: no budget beyond each attempt's timeout
     continue_on_task_failure: bool
     exactly_once_task_execution: bool
+    # Backoff: each retry waits retry_delay_ms * factor ** retries, at most max_delay_ms, less
+    # up to jitter of it. factor 1 (no retryBackoff): every retry waits retry_delay_ms.
+    backoff_factor: float = 1.0
+    max_delay_ms: int | None = None
+    jitter: float = 0.0
+    non_retryable_codes: frozenset[str] = frozenset()
+
+    def retry_delay(self, *, retries: int, spread: float) -> int:
+        """The wait before the next attempt, after ``retries`` retries of this run;
+        ``spread`` in [0, 1) picks where in the jitter it falls (the engine derives it from
+        the attempt, so a decision made again is the same)."""
+        delay = float(self.retry_delay_ms)
+        if self.backoff_factor > 1.0:
+            delay *= self.backoff_factor ** min(retries, 1000)
+        if self.max_delay_ms is not None:
+            delay = min(delay, float(self.max_delay_ms))
+        return int(delay * (1.0 - self.jitter * spread))
 
     def as_wire(self) -> dict[str, object]:
         """The seed's ``options`` object, milliseconds throughout."""
@@ -47,6 +66,19 @@ def effective_options(flow: Options | None, task: Options | None) -> EffectiveOp
 
     timeout = ms("timeout", DEFAULT_TIMEOUT_MS)
     delay = ms("retry_delay", DEFAULT_RETRY_DELAY_MS)
+    backoff = pick("retry_backoff")  # a whole object: a task's replaces the flow's
+    backed: dict[str, object] = {}
+    if isinstance(backoff, RetryBackoff):
+        backed = {
+            "backoff_factor": DEFAULT_BACKOFF_FACTOR
+            if backoff.factor is None
+            else float(backoff.factor),
+            "max_delay_ms": DEFAULT_MAX_DELAY_MS
+            if backoff.max_delay is None
+            else parse_duration_ms(backoff.max_delay),
+            "jitter": float(backoff.jitter or 0.0),
+        }
+    codes = pick("non_retryable_codes")
     return EffectiveOptions(
         timeout_ms=timeout if timeout else DEFAULT_TIMEOUT_MS,
         max_retries=int(pick("max_retries") or 0),  # type: ignore[call-overload]
@@ -54,4 +86,6 @@ def effective_options(flow: Options | None, task: Options | None) -> EffectiveOp
         max_age_ms=ms("max_age", None) or None,
         continue_on_task_failure=bool(pick("continue_on_task_failure")),
         exactly_once_task_execution=bool(pick("exactly_once_task_execution")),
+        non_retryable_codes=frozenset(codes) if isinstance(codes, list) else frozenset(),
+        **backed,  # type: ignore[arg-type]
     )

@@ -255,9 +255,11 @@ def _service_error(error: Any, limits: ReplyLimits) -> TaskError:
             message += (
                 f" [error.data of {size} bytes dropped: over the limit of {limits.max_error_data}]"
             )
+    retryable = error.get("retryable")
     return TaskError(
         message=message,
         code=None if code is None else clip(_text(code), limits.max_code, "code"),
         reason=ErrorReason.SERVICE,
         data=data,
+        retryable=False if retryable is False else None,
     )
