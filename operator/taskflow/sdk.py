@@ -53,6 +53,7 @@ from taskflow.wire.context import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
     EXPIRES_HEADER,
+    HEARTBEAT_HEADER,
     IDEMPOTENCY_HEADER,
     parse_idempotency_key,
 )
@@ -184,6 +185,17 @@ class TaskContext:
                 response = item.get("response")
                 return response.get("data") if isinstance(response, dict) else response
         return None
+
+    async def heartbeat(self, progress: Any = None) -> bool:
+        """Tell the operator this attempt is alive (with ``heartbeatTimeout``, it times out
+        without one), with any JSON ``progress`` (up to 4 KiB), kept on the task and published
+        as a TASK event. False when the request asked for none (no heartbeat header)."""
+        subject = self.headers.get(HEARTBEAT_HEADER)
+        if not subject or self.service is None or self.service.nc is None:
+            return False
+        body = b"" if progress is None else json.dumps({"progress": progress}).encode()
+        await self.service.nc.publish(subject, body)
+        return True
 
     def time_left(self) -> float | None:
         """Seconds until this attempt times out (None when the request carried no deadline)."""

@@ -113,6 +113,12 @@ class Options(_Model):
     retry_delay: Duration | None = Field(
         default=None, alias="retryDelay", description="Wait before the next attempt."
     )
+    heartbeat_timeout: Duration | None = Field(
+        default=None,
+        alias="heartbeatTimeout",
+        description="An attempt with no heartbeat from its service for this long is TIMED_OUT "
+        "(reason Heartbeat), however long its timeout.",
+    )
     retry_backoff: RetryBackoff | None = Field(
         default=None,
         alias="retryBackoff",
@@ -141,7 +147,7 @@ class Options(_Model):
         description="A SUCCEEDED task is never dispatched again.",
     )
 
-    @field_validator("timeout", "retry_delay", "max_age")
+    @field_validator("timeout", "retry_delay", "max_age", "heartbeat_timeout")
     @classmethod
     def _duration(cls, value: int | str | None) -> int | str | None:
         if value is not None and parse_duration_ms(value) > MAX_DURATION_MS:

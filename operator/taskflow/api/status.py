@@ -74,6 +74,8 @@ class ErrorReason(StrEnum):
     # The namespace's TaskflowPolicy does not allow the task's service and action: not
     # retried (it would be refused again); a flow retry runs it once the policy allows it.
     POLICY_DENIED = "PolicyDenied"
+    # No heartbeat from the service within the task's heartbeatTimeout.
+    HEARTBEAT = "Heartbeat"
 
 
 TERMINAL_TASK_STATUSES = frozenset(
@@ -130,6 +132,11 @@ class TaskStatus(_Model):
     # The current attempt: when it was sent and when it times out.
     dispatch_time: str | None = Field(default=None, alias="dispatchTime")
     deadline: str | None = None
+    # With heartbeatTimeout: the attempt times out at this time unless its service heartbeats.
+    heartbeat_deadline: str | None = Field(default=None, alias="heartbeatDeadline")
+    # The last progress a heartbeat carried (any JSON, bounded), and when it was published.
+    progress: Any | None = Field(default=None, json_schema_extra=_FREE)
+    progress_time: str | None = Field(default=None, alias="progressTime")
     # Next attempt (or redelivery) not before this time.
     not_before: str | None = Field(default=None, alias="notBefore")
     # First dispatch + maxAge: no attempt starts after it.

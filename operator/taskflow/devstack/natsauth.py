@@ -33,7 +33,9 @@ def operator_permissions(*, request_subjects: str = "*.*") -> dict[str, object]:
                 "_INBOX.>",
             ]
         },
-        "subscribe": {"allow": ["taskflow.reply.>", "taskflow.api.>", "_INBOX.>"]},
+        "subscribe": {
+            "allow": ["taskflow.reply.>", "taskflow.heartbeat.>", "taskflow.api.>", "_INBOX.>"]
+        },
         # Answers to NATS API calls that came through an account import (_R_.* subjects).
         "allow_responses": True,
     }
@@ -42,8 +44,9 @@ def operator_permissions(*, request_subjects: str = "*.*") -> dict[str, object]:
 def service_permissions(*service_ids: str) -> dict[str, object]:
     own = [subject for s in service_ids for subject in (f"{s}.>", f"taskflow.cancel.{s}")]
     return {
-        # Nothing but answers: no allow list would mean "everything".
-        "publish": {"deny": [">"]},
+        # Nothing but answers, and heartbeats of long attempts (each attempt's subject is
+        # signed, like its reply subject).
+        "publish": {"allow": ["taskflow.heartbeat.>"]},
         "subscribe": {"allow": [*own, "$SRV.>", "_INBOX.>"]},
         "allow_responses": {"max": 1, "expires": "10m"},
     }
@@ -130,7 +133,7 @@ def tenant_operator_permissions(*, request_subjects: str = ">") -> dict[str, obj
             ],
             "deny": ["taskflow.reply.>"],
         },
-        "subscribe": {"allow": ["taskflow.reply.>", "_INBOX.>"]},
+        "subscribe": {"allow": ["taskflow.reply.>", "taskflow.heartbeat.>", "_INBOX.>"]},
     }
 
 
@@ -193,7 +196,7 @@ class TenantAuth:
         for team, spec in self.teams.items():
             own = [self.subject(s) for s in spec.services]
             service = {
-                "publish": {"deny": [">"]},
+                "publish": {"allow": ["taskflow.heartbeat.>"]},
                 "subscribe": {
                     "allow": [*own, *(f"taskflow.cancel.{s}" for s in spec.services), "_INBOX.>"]
                 },

@@ -17,7 +17,7 @@ from taskflow.engine.effects import (
     Record,
 )
 from taskflow.engine.engine import POLICY_DENIED, Refusal, decide
-from taskflow.engine.inputs import BAD_REPLY, ChildFinished, Input, NoResponders, Reply
+from taskflow.engine.inputs import BAD_REPLY, ChildFinished, Heartbeat, Input, NoResponders, Reply
 from taskflow.engine.options import EffectiveOptions, effective_options
 from taskflow.engine.quarantine import quarantine
 
@@ -34,6 +34,7 @@ __all__ = [
     "EffectiveOptions",
     "Emit",
     "EventKind",
+    "Heartbeat",
     "Input",
     "NoResponders",
     "Record",

@@ -58,6 +58,8 @@ class Emit:
     # transition in the same decision, e.g. the next attempt, may already have changed them).
     response: Any = None
     error: TaskError | None = None
+    # A running task's last progress (from heartbeats).
+    progress: Any = None
 
 
 @dataclass(frozen=True, slots=True)

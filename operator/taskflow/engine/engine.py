@@ -45,13 +45,15 @@ from taskflow.engine.effects import (
     EventKind,
     Record,
 )
-from taskflow.engine.inputs import ChildFinished, Input, NoResponders, Reply
+from taskflow.engine.inputs import ChildFinished, Heartbeat, Input, NoResponders, Reply
 from taskflow.engine.options import EffectiveOptions, effective_options
 from taskflow.engine.retry import handle_retry
 from taskflow.engine.timers import expire, expire_timers, wake_at
 
 # How long to wait before redelivering an attempt nobody was listening for.
 REDELIVERY_INTERVAL_MS = 500
+# A task's progress (from heartbeats) is published at most this often.
+PROGRESS_INTERVAL_MS = 1000
 # Finished attempts kept per task; older ones are dropped to keep the object small.
 MAX_ATTEMPT_RECORDS = 10
 
@@ -154,6 +156,7 @@ class _Step:
                 attempt=task.attempt if task else None,
                 response=task.response if task else None,
                 error=task.error if task else None,
+                progress=task.progress if task and value == Status.RUNNING else None,
             )
         )
 
@@ -303,6 +306,10 @@ class _Step:
                 task.status == Status.WAITING and task.waiting_reason == WaitingReason.NO_RESPONDERS
             )
         )
+        if isinstance(item, Heartbeat):
+            if current and task.status == Status.RUNNING and task.waiting_reason is None:
+                self.heartbeat(stage, task, item)
+            return
         if isinstance(item, NoResponders):
             if current and task.status == Status.RUNNING:
                 task.status = Status.WAITING
@@ -327,12 +334,28 @@ class _Step:
                 # The service started child flows: the task ends when they do, whatever
                 # the attempt's timeout (which covered the reply only).
                 task.waiting_reason = WaitingReason.CHILDREN
-                task.deadline = None
+                task.deadline = task.heartbeat_deadline = None
                 self.changed = True
                 return
             self.end_attempt(stage, task, Status.SUCCEEDED, None)
         else:
             self.end_attempt(stage, task, Status.FAILED, item.error)
+
+    def heartbeat(self, stage: StageStatus, task: TaskStatus, item: Heartbeat) -> None:
+        """The attempt lives on: its heartbeat deadline moves, and new progress is kept and
+        published, at most once per PROGRESS_INTERVAL_MS (a chatty service costs no more)."""
+        opts = self.opts(stage.name, task.name)
+        if opts.heartbeat_timeout_ms is not None:
+            task.heartbeat_deadline = iso(self.now + opts.heartbeat_timeout_ms)
+            self.changed = True
+        if item.progress is None or item.progress == task.progress:
+            return
+        task.progress = item.progress
+        self.changed = True
+        last = parse_iso(task.progress_time) if task.progress_time else None
+        if last is None or self.now - last >= PROGRESS_INTERVAL_MS:
+            task.progress_time = iso(self.now)
+            self.emit("TASK", Status.RUNNING, stage, task)
 
     def note_late_reply(self, task: TaskStatus, reply: Reply) -> None:
         for record in task.attempts:
@@ -423,7 +446,7 @@ class _Step:
                 task.attempt += 1
                 task.not_before = iso(retry_at)
                 task.waiting_reason = WaitingReason.RETRY_DELAY
-                task.dispatch_time = task.deadline = None
+                task.dispatch_time = task.deadline = task.heartbeat_deadline = None
                 self.changed = True
                 return
         self.end_task(stage, task, outcome, error)
@@ -434,7 +457,7 @@ class _Step:
         task.status = outcome
         task.error = error
         task.end_time = iso(self.now)
-        task.deadline = task.not_before = task.waiting_reason = None
+        task.deadline = task.not_before = task.waiting_reason = task.heartbeat_deadline = None
         self.changed = True
         self.emit("TASK", outcome, stage, task)
 
@@ -477,6 +500,8 @@ class _Step:
                 task.error = None
                 task.dispatch_time = iso(self.now)
                 task.deadline = iso(self.now + opts.timeout_ms)
+                if opts.heartbeat_timeout_ms is not None:
+                    task.heartbeat_deadline = iso(self.now + opts.heartbeat_timeout_ms)
                 if task.start_time is None:
                     task.start_time = iso(self.now)
                 if task.expires_at is None and opts.max_age_ms is not None:

@@ -1,4 +1,5 @@
-"""What happened since the last decision: replies, no-responder notices, finished children."""
+"""What happened since the last decision: replies, no-responder notices, finished children,
+heartbeats."""
 
 from __future__ import annotations
 
@@ -49,4 +50,15 @@ class ChildFinished:
     attempt: int | None = None
 
 
-Input = Reply | NoResponders | ChildFinished
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The service working on an attempt says it is alive, with its progress (any JSON, or
+    None), on the attempt's heartbeat subject."""
+
+    stage: str
+    task: str
+    attempt: int
+    progress: Any = None
+
+
+Input = Reply | NoResponders | ChildFinished | Heartbeat

@@ -27,6 +27,8 @@ class EffectiveOptions:
     max_delay_ms: int | None = None
     jitter: float = 0.0
     non_retryable_codes: frozenset[str] = frozenset()
+    # An attempt must be heartbeaten at least this often (None: no heartbeats needed).
+    heartbeat_timeout_ms: int | None = None
 
     def retry_delay(self, *, retries: int, spread: float) -> int:
         """The wait before the next attempt, after ``retries`` retries of this run;
@@ -50,6 +52,8 @@ class EffectiveOptions:
         }
         if self.max_age_ms is not None:
             out["maxAge"] = self.max_age_ms
+        if self.heartbeat_timeout_ms is not None:
+            out["heartbeatTimeout"] = self.heartbeat_timeout_ms
         return out
 
 
@@ -87,5 +91,6 @@ def effective_options(flow: Options | None, task: Options | None) -> EffectiveOp
         continue_on_task_failure=bool(pick("continue_on_task_failure")),
         exactly_once_task_execution=bool(pick("exactly_once_task_execution")),
         non_retryable_codes=frozenset(codes) if isinstance(codes, list) else frozenset(),
+        heartbeat_timeout_ms=ms("heartbeat_timeout", None) or None,
         **backed,  # type: ignore[arg-type]
     )

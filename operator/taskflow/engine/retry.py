@@ -175,6 +175,7 @@ def reset_task(task: TaskStatus) -> None:
     task.status = Status.WAITING
     task.response = task.response_ref = task.error = None
     task.start_time = task.end_time = task.dispatch_time = task.deadline = None
+    task.heartbeat_deadline = task.progress = task.progress_time = None
     task.not_before = task.expires_at = task.waiting_reason = None
     task.nested_active_running_taskflow_ids = []
 

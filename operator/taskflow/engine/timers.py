@@ -89,6 +89,22 @@ def expire_timers(step: TimedStep) -> None:
                 ),
             )
         elif (
+            task.heartbeat_deadline
+            and parse_iso(task.heartbeat_deadline) <= step.now
+            and task.status == Status.RUNNING
+            and task.waiting_reason is None
+        ):
+            step.end_attempt(
+                stage,
+                task,
+                Status.TIMED_OUT,
+                TaskError(
+                    message=f"no heartbeat within the heartbeatTimeout of "
+                    f"{opts.heartbeat_timeout_ms} ms",
+                    reason=ErrorReason.HEARTBEAT,
+                ),
+            )
+        elif (
             task.deadline
             and parse_iso(task.deadline) <= step.now
             and (
@@ -134,6 +150,8 @@ def wake_at(step: TimedStep) -> int | None:
     for task in step.status.stages[index].tasks:
         if task.status == Status.RUNNING and task.deadline:
             times.append(parse_iso(task.deadline))
+            if task.heartbeat_deadline and task.waiting_reason is None:
+                times.append(parse_iso(task.heartbeat_deadline))
         elif task.waiting_reason == WaitingReason.CHILDREN and task.expires_at:
             times.append(parse_iso(task.expires_at))
         elif task.status == Status.WAITING:

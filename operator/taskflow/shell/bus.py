@@ -260,6 +260,15 @@ class Bus:
             pending_bytes_limit=self.settings.reply_pending_bytes,
         )
 
+    async def subscribe_heartbeats(self, handler: ReplyHandler) -> None:
+        """Heartbeats of long attempts: small, and never kept (a lost one is sent again)."""
+        await self.nc.subscribe(
+            f"{self.subjects.heartbeat_prefix}.>",
+            cb=handler,
+            pending_msgs_limit=self.settings.reply_pending_msgs,
+            pending_bytes_limit=16 * 1024 * 1024,
+        )
+
     async def dispatch(
         self, *, subject: str, reply: str, body: bytes, headers: dict[str, str]
     ) -> None:

@@ -36,6 +36,7 @@ from taskflow.wire.context import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
     EXPIRES_HEADER,
+    HEARTBEAT_HEADER,
     IDEMPOTENCY_HEADER,
     execution_context,
     idempotency_key,
@@ -157,6 +158,10 @@ class Effects:
             headers[DEADLINE_HEADER] = str(parse_iso(state.deadline))
             if state.expires_at:
                 headers[EXPIRES_HEADER] = str(parse_iso(state.expires_at))
+        if state.heartbeat_deadline:  # (only with heartbeatTimeout)
+            headers[HEARTBEAT_HEADER] = subjects.heartbeat(
+                self.uid, effect.stage, effect.task, effect.attempt
+            )
         self.sent_at[(effect.stage, effect.task, effect.attempt)] = time.monotonic()
         metrics.DISPATCHES.inc()
         try:

@@ -150,6 +150,7 @@ class Operator:
             kube=self.kube, bus=self.bus, settings=self.runner_settings, tenants=self.tenants
         )
         self.tenants.on_reply = self.registry.on_reply
+        self.tenants.on_heartbeat = self.registry.on_heartbeat
         self.tenants.on_reconnected = self.registry.on_reconnected
         self.tenants.on_dropped = self.registry.on_dropped
         # Before any flow runs: no dispatch may go out before its namespace's policy is known.
@@ -158,6 +159,7 @@ class Operator:
         self.bus.on_dropped = self.registry.on_dropped
         self.bus.on_reconnected = self.registry.on_reconnected
         await self.bus.subscribe_replies(self.registry.on_reply)
+        await self.bus.subscribe_heartbeats(self.registry.on_heartbeat)
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's scans, which otherwise grow with every active flow.
         gc.freeze()

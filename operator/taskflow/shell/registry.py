@@ -28,7 +28,7 @@ from taskflow.shell.runner import FlowRunner
 from taskflow.shell.settings import RunnerSettings
 from taskflow.shell.tenants import Link, Tenants
 from taskflow.wire.links import PARENT_UID, child_input, link_problem
-from taskflow.wire.replies import read_reply
+from taskflow.wire.replies import read_heartbeat, read_reply
 
 log = logging.getLogger("taskflow.runner")
 
@@ -147,6 +147,18 @@ class Registry:
         item = await self.to_input(msg, parsed)
         if item is not None:
             runner.push(item)
+
+    async def on_heartbeat(self, msg: Msg, via: str | None = None) -> None:
+        """A service says an attempt is alive (and how far it got)."""
+        parsed = self.settings.subjects.parse_heartbeat(msg.subject)
+        if parsed is None:
+            metrics.FORGED_REPLIES.inc()
+            return
+        runner = self.runners.get(parsed[0])
+        if runner is None or not self.tenants.serves(runner.namespace, via):
+            return
+        _, stage, task, attempt = parsed
+        runner.push(read_heartbeat(stage=stage, task=task, attempt=attempt, data=msg.data or b""))
 
     def on_reconnected(self, via: str | None = None) -> None:
         """Replies sent while NATS was away were dropped by the services' clients: ask every

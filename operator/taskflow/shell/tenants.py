@@ -140,6 +140,7 @@ class Tenants:
         self.bodies: dict[str, dict[str, Any]] = {}
         self.connections: dict[str, _Connection] = {}
         self.on_reply: ReplyHandler | None = None
+        self.on_heartbeat: ReplyHandler | None = None
         self.on_reconnected: ReconnectHandler | None = None
         self.on_dropped: Callable[[str], None] | None = None
         self._closed = False
@@ -287,17 +288,23 @@ class Tenants:
         bus.on_dropped = self.on_dropped
         reconnected = self.on_reconnected
         bus.on_reconnected = (lambda: reconnected(via)) if reconnected is not None else None
-        handler = self.on_reply
-        if handler is not None:
+        handler, beat = self.on_reply, self.on_heartbeat
+        try:
+            if handler is not None:
 
-            async def on_reply(msg: Msg) -> None:
-                await handler(msg, via)
+                async def on_reply(msg: Msg) -> None:
+                    await handler(msg, via)
 
-            try:
                 await bus.subscribe_replies(on_reply)
-            except BaseException:
-                await bus.close()
-                raise
+            if beat is not None:
+
+                async def on_heartbeat(msg: Msg) -> None:
+                    await beat(msg, via)
+
+                await bus.subscribe_heartbeats(on_heartbeat)
+        except BaseException:
+            await bus.close()
+            raise
         old, connection.bus, connection.version = connection.bus, bus, version
         connection.problem = None
         log.info(

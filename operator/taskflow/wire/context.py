@@ -16,6 +16,9 @@ CONTEXT_HEADER = "taskflowExecutionContext"
 IDEMPOTENCY_HEADER = "Taskflow-Idempotency-Key"
 EXPIRES_HEADER = "Taskflow-Expires-At"  # epoch ms after which the service may drop the message
 DEADLINE_HEADER = "Taskflow-Deadline"  # epoch ms at which this attempt times out
+# With heartbeatTimeout: the subject on which the service heartbeats this attempt (signed, like
+# the reply subject, so only the request's addressee knows it).
+HEARTBEAT_HEADER = "Taskflow-Heartbeat"
 
 
 def idempotency_key(uid: str, stage: str, task: str, attempt: int) -> str:

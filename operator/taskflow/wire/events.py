@@ -41,6 +41,8 @@ def event_payload(
             "taskStatus": emit.status,
             "taskResponse": emit.response if emit.status == Status.SUCCEEDED else None,
         }
+        if emit.progress is not None:
+            data["taskProgress"] = emit.progress
         if emit.error is not None and emit.status not in (Status.SUCCEEDED, Status.RUNNING):
             data["taskError"] = emit.error.model_dump(exclude_none=True)
     elif emit.kind == "STAGE":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskflow.api.status import ErrorReason, TaskError
-from taskflow.engine.inputs import NoResponders, Reply
+from taskflow.engine.inputs import Heartbeat, NoResponders, Reply
 
 SERVICE_ERROR = "Nats-Service-Error"
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -263,3 +263,23 @@ def _service_error(error: Any, limits: ReplyLimits) -> TaskError:
         data=data,
         retryable=False if retryable is False else None,
     )
+
+
+# A heartbeat's progress, serialised, at most (a larger one still counts as a heartbeat).
+MAX_PROGRESS_BYTES = 4096
+
+
+def read_heartbeat(*, stage: str, task: str, attempt: int, data: bytes) -> Heartbeat:
+    """The engine input for a message on an attempt's heartbeat subject. Total: a body that is
+    empty, not usable JSON or larger than ``MAX_PROGRESS_BYTES`` is a heartbeat without
+    progress (``{"progress": ...}`` or any other JSON value is the progress itself)."""
+    progress: Any = None
+    if data and len(data) <= MAX_PROGRESS_BYTES:
+        try:
+            value = parse_json(data, max_depth=16)
+        except ValueError:
+            value = None
+        progress = (
+            value.get("progress") if isinstance(value, dict) and "progress" in value else value
+        )
+    return Heartbeat(stage=stage, task=task, attempt=attempt, progress=progress)

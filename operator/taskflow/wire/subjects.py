@@ -25,6 +25,8 @@ class Subjects:
     # Replies come back here; a JetStream stream captures them so they survive a restart.
     reply_prefix: str = "taskflow.reply"
     events_prefix: str = "taskflow.events"
+    # A service heartbeats a long attempt here (the subject comes with the request).
+    heartbeat_prefix: str = "taskflow.heartbeat"
     cancel_prefix: str = "taskflow.cancel"
     api_prefix: str = "taskflow.api"
     # Signs reply subjects and event ids. None: unsigned (tools and tests of the protocol
@@ -67,13 +69,27 @@ class Subjects:
             return subject
         return f"{subject}.{self.token(f'{uid}/{stage}/{task}/{attempt}')}"
 
+    def heartbeat(self, uid: str, stage: str, task: str, attempt: int) -> str:
+        """An attempt's heartbeat subject: its own token (a reply subject cannot stand in)."""
+        subject = f"{self.heartbeat_prefix}.{uid}.{stage}.{task}.{attempt}"
+        if self.key is None:
+            return subject
+        return f"{subject}.{self.token(f'heartbeat/{uid}/{stage}/{task}/{attempt}')}"
+
+    def parse_heartbeat(self, subject: str) -> tuple[str, str, str, int] | None:
+        """(uid, stage, task, attempt) of a heartbeat subject this operator made, or None."""
+        return self._parse(subject, self.heartbeat_prefix, "heartbeat/")
+
     def replies_of(self, uid: str) -> str:
         return f"{self.reply_prefix}.{uid}.>"
 
     def parse_reply(self, subject: str) -> tuple[str, str, str, int] | None:
         """(uid, stage, task, attempt) of a reply subject, or None if it is not one (with a
         key: not one this operator made)."""
-        head = self.reply_prefix + "."
+        return self._parse(subject, self.reply_prefix, "")
+
+    def _parse(self, subject: str, prefix: str, purpose: str) -> tuple[str, str, str, int] | None:
+        head = prefix + "."
         if not subject.startswith(head):
             return None
         parts = subject[len(head) :].split(".")
@@ -86,7 +102,7 @@ class Subjects:
             return None
         uid, stage, task, attempt = parts[0], parts[1], parts[2], int(parts[3])
         if signed and not hmac.compare_digest(
-            parts[4], self.token(f"{uid}/{stage}/{task}/{attempt}")
+            parts[4], self.token(f"{purpose}{uid}/{stage}/{task}/{attempt}")
         ):
             return None
         return uid, stage, task, attempt
