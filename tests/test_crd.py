@@ -118,7 +118,7 @@ def test_spec_is_required_and_stages_too(schema: dict[str, Any]) -> None:
     assert schema["required"] == ["spec"]
     spec = schema["properties"]["spec"]
     assert spec["required"] == ["stages"]
-    assert set(spec["properties"]) == {"options", "context", "stages", "cancel", "retry"}
+    assert set(spec["properties"]) == {"options", "context", "inputs", "stages", "cancel", "retry"}
 
 
 # -- structural schema --------------------------------------------------------------------------

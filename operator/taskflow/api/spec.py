@@ -48,6 +48,8 @@ Duration = Annotated[
     ),
 ]
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
+# A CEL expression (a ``when``), checked when the flow starts.
+When = Annotated[str, Field(min_length=1, max_length=1024)]
 FreeForm = Annotated[
     dict[str, Any],
     Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}),
@@ -197,7 +199,14 @@ class Task(_Model):
 
     name: Name
     type: TaskType = TaskType.ACTION
-    params: FreeForm | None = Field(default=None, description="The request body, as JSON.")
+    params: FreeForm | None = Field(
+        default=None,
+        description="The request body, as JSON; strings may hold ${{ CEL }} expressions "
+        "(docs/expressions.md).",
+    )
+    when: When | None = Field(
+        default=None, description="A CEL boolean; false: the task is SKIPPED, the flow goes on."
+    )
     task_details: TaskDetails | None = Field(default=None, alias="taskDetails")
     taskflow: FreeForm | None = Field(
         default=None,
@@ -208,6 +217,9 @@ class Task(_Model):
 
 class Stage(_Model):
     name: Name
+    when: When | None = Field(
+        default=None, description="A CEL boolean; false: the stage is SKIPPED, the flow goes on."
+    )
     tasks: list[Task] = Field(
         min_length=1,
         max_length=MAX_TASKS_PER_STAGE,
@@ -258,6 +270,12 @@ _SPEC_RULES: list[JsonValue] = [
         "fieldPath": ".options",
     },
     {
+        "rule": "has(self.inputs) == has(oldSelf.inputs) && "
+        "(!has(self.inputs) || self.inputs == oldSelf.inputs)",
+        "message": "inputs are immutable once the flow exists",
+        "fieldPath": ".inputs",
+    },
+    {
         "rule": "!has(self.retry) || !has(self.retry.stages) || "
         "self.retry.stages.all(r, self.stages.exists(s, s.name == r.name))",
         "message": "retry.stages names a stage that is not in spec.stages",
@@ -272,6 +290,9 @@ class TaskflowSpec(_Model):
     options: Options | None = None
     context: FreeForm | None = Field(
         default=None, description="Free-form context, passed to nested flows."
+    )
+    inputs: FreeForm | None = Field(
+        default=None, description="Free-form values for expressions (inputs.<name>)."
     )
     stages: list[Stage] = Field(
         min_length=1,

@@ -74,6 +74,8 @@ class ErrorReason(StrEnum):
     # The namespace's TaskflowPolicy does not allow the task's service and action: not
     # retried (it would be refused again); a flow retry runs it once the policy allows it.
     POLICY_DENIED = "PolicyDenied"
+    # An expression of the task (its params or its when) could not be evaluated.
+    EXPRESSION = "Expression"
     # No heartbeat from the service within the task's heartbeatTimeout.
     HEARTBEAT = "Heartbeat"
 
@@ -134,6 +136,10 @@ class TaskStatus(_Model):
     deadline: str | None = None
     # With heartbeatTimeout: the attempt times out at this time unless its service heartbeats.
     heartbeat_deadline: str | None = Field(default=None, alias="heartbeatDeadline")
+    # The params of the current attempt as sent, when the spec's hold expressions.
+    params: Any | None = Field(default=None, json_schema_extra=_FREE)
+    # Why a SKIPPED task was skipped, when its (or its stage's) ``when`` was false.
+    skip_reason: str | None = Field(default=None, alias="skipReason", max_length=1024)
     # The last progress a heartbeat carried (any JSON, bounded), and when it was published.
     progress: Any | None = Field(default=None, json_schema_extra=_FREE)
     progress_time: str | None = Field(default=None, alias="progressTime")
@@ -159,6 +165,7 @@ class StageStatus(_Model):
     status: Status = Status.WAITING
     start_time: str | None = Field(default=None, alias="startTime")
     end_time: str | None = Field(default=None, alias="endTime")
+    skip_reason: str | None = Field(default=None, alias="skipReason", max_length=1024)
     tasks: list[TaskStatus] = Field(default_factory=list)
 
 

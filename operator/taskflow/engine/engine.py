@@ -32,6 +32,7 @@ from taskflow.api.status import (
     TaskStatus,
     WaitingReason,
 )
+from taskflow.engine import expressions
 from taskflow.engine.clock import iso, parse_iso
 from taskflow.engine.clone import clone
 from taskflow.engine.effects import (
@@ -81,6 +82,13 @@ def decide(
 Refusal = Callable[[str, str], str | None]
 # The error reason of a task its namespace's policy does not allow (kept for importers).
 POLICY_DENIED = ErrorReason.POLICY_DENIED
+
+
+def _fine(task: TaskStatus) -> bool:
+    """SUCCEEDED, or SKIPPED because its (or its stage's) ``when`` was false."""
+    return task.status == Status.SUCCEEDED or (
+        task.status == Status.SKIPPED and task.skip_reason is not None
+    )
 
 
 def final_error(error: TaskError | None, opts: EffectiveOptions) -> bool:
@@ -246,6 +254,11 @@ class _Step:
         self.condition("Succeeded", "Unknown", "Running", "the flow is running")
         self.emit("TASKFLOW", FlowPhase.RUNNING)
         self.effects.append(Record(reason="Started", message="taskflow started"))
+        found = expressions.problems(self.spec)
+        if found:  # nothing is dispatched: every expression is checked first
+            for stage in status.stages:
+                self.skip_stage(stage)
+            self.finish_flow(FlowPhase.FAILED, "InvalidExpression", "; ".join(found)[:2000])
 
     # -- cancel ------------------------------------------------------------------------------
 
@@ -470,6 +483,8 @@ class _Step:
                 self.finish()
                 return
             stage = self.status.stages[index]
+            if stage.status == Status.WAITING and self.stage_skipped(index, stage):
+                continue
             if stage.status == Status.WAITING:
                 stage.status = Status.RUNNING
                 stage.start_time = iso(self.now)
@@ -494,6 +509,8 @@ class _Step:
             if self.refused(stage, task):
                 continue
             redelivery = task.waiting_reason == WaitingReason.NO_RESPONDERS
+            if not redelivery and not self.resolved(stage, task):
+                continue
             task.status = Status.RUNNING
             task.not_before = task.waiting_reason = None
             if not redelivery:
@@ -517,6 +534,62 @@ class _Step:
                     Dispatch(stage=stage.name, task=task.name, attempt=task.attempt)
                 )
 
+    # -- expressions -------------------------------------------------------------------------
+
+    def stage_index(self, stage: StageStatus) -> int:
+        return next(i for i, s in enumerate(self.status.stages) if s is stage)
+
+    def stage_skipped(self, index: int, stage: StageStatus) -> bool:
+        """A stage whose ``when`` is false is SKIPPED (its tasks too), and the flow goes on;
+        one whose ``when`` cannot be evaluated fails its tasks (reason Expression)."""
+        when = self.spec.stages[index].when
+        if when is None:
+            return False
+        try:
+            if expressions.holds(when, expressions.variables(self.spec, self.status, index)):
+                return False
+        except expressions.ExpressionError as exc:
+            error = TaskError(message=str(exc)[:4096], reason=ErrorReason.EXPRESSION)
+            stage.status = Status.RUNNING
+            stage.start_time = iso(self.now)
+            for task in stage.tasks:
+                task.error = error
+                self.end_task(stage, task, Status.FAILED, error)
+            return False  # (closed as a failed stage by advance)
+        stage.skip_reason = f"when is false: {when}"[:1024]
+        for task in stage.tasks:
+            task.skip_reason = stage.skip_reason
+        self.skip_stage(stage)
+        return True
+
+    def resolved(self, stage: StageStatus, task: TaskStatus) -> bool:
+        """Before an attempt is sent: its task's ``when`` (at the run's first attempt) and its
+        params' expressions. False: the task ended here (SKIPPED, or FAILED with reason
+        Expression: the values it needs are not what it expects, which no retry changes)."""
+        spec = self.task_spec(stage.name, task.name)
+        if spec.when is None and not expressions.has_expressions(spec.params):
+            return True
+        values = expressions.variables(self.spec, self.status, self.stage_index(stage))
+        try:
+            first = task.attempt == task.run_start_attempt
+            if spec.when is not None and first and not expressions.holds(spec.when, values):
+                task.status = Status.SKIPPED
+                task.skip_reason = f"when is false: {spec.when}"[:1024]
+                task.not_before = task.waiting_reason = None
+                task.end_time = iso(self.now)
+                self.changed = True
+                self.emit("TASK", Status.SKIPPED, stage, task)
+                return False
+            if expressions.has_expressions(spec.params):
+                task.params = expressions.resolve_params(spec.params, values)
+        except expressions.ExpressionError as exc:
+            error = TaskError(message=str(exc)[:4096], reason=ErrorReason.EXPRESSION)
+            task.start_time = task.start_time or iso(self.now)
+            self.record_attempt(task, Status.FAILED, error)
+            self.end_task(stage, task, Status.FAILED, error)
+            return False
+        return True
+
     def refused(self, stage: StageStatus, task: TaskStatus) -> bool:
         """End a task its namespace's policy does not allow, before anything is sent."""
         details = self.task_spec(stage.name, task.name).task_details
@@ -533,7 +606,7 @@ class _Step:
 
     def close_stage(self, stage: StageStatus) -> bool:
         """Finish a stage whose tasks all ended; True when the flow stops here."""
-        failed = [t for t in stage.tasks if t.status != Status.SUCCEEDED]
+        failed = [t for t in stage.tasks if not _fine(t)]
         blocking = [t for t in failed if not self.opts(stage.name, t.name).continue_on_task_failure]
         self.finish_stage(stage, Status.FAILED if failed else Status.SUCCEEDED)
         if failed:
@@ -579,7 +652,7 @@ class _Step:
         )
         if blocking:
             self.finish_flow(FlowPhase.FAILED, "Failed", "a task failed")
-        elif all(t.status == Status.SUCCEEDED for _, t in self.tasks()):
+        elif all(_fine(t) for _, t in self.tasks()):
             self.finish_flow(FlowPhase.SUCCEEDED, "Succeeded", "every task succeeded")
         else:
             self.finish_flow(

@@ -93,7 +93,7 @@ def handle_retry(step: RetryingStep) -> None:
         for task in picked:
             reset_task(task)
         stage.status = Status.WAITING
-        stage.start_time = stage.end_time = None
+        stage.start_time = stage.end_time = stage.skip_reason = None
     status.phase = FlowPhase.RUNNING
     status.completion_time = None
     status.cancelled_at = None  # a later spec.cancel: true cancels this run
@@ -176,6 +176,7 @@ def reset_task(task: TaskStatus) -> None:
     task.response = task.response_ref = task.error = None
     task.start_time = task.end_time = task.dispatch_time = task.deadline = None
     task.heartbeat_deadline = task.progress = task.progress_time = None
+    task.params = task.skip_reason = None
     task.not_before = task.expires_at = task.waiting_reason = None
     task.nested_active_running_taskflow_ids = []
 

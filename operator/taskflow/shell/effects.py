@@ -170,7 +170,11 @@ class Effects:
                     task.task_details.service_id, task.task_details.action_name, self.namespace
                 ),
                 reply=subjects.reply(self.uid, effect.stage, effect.task, effect.attempt),
-                body=json.dumps(task.params or {}).encode(),
+                # The params as the engine resolved them for this attempt, if they hold
+                # expressions; else the spec's.
+                body=json.dumps(
+                    state.params if state.params is not None else task.params or {}
+                ).encode(),
                 headers=headers,
             )
         except LinkDown as exc:
