@@ -220,6 +220,7 @@ def test_cel_rules_present(schema: dict[str, Any]) -> None:
         "taskDetails is required when type is ACTION",
         "taskflow is required when type is TASKFLOW",
         "taskflow is only allowed when type is TASKFLOW",
+        "forEach is only allowed when type is ACTION",
     }
 
 

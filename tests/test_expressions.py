@@ -299,3 +299,93 @@ def test_an_expression_has_at_most_one_comprehension() -> None:
     assert resolve("${{ inputs.devices.map(d, d + '!') }}", VALUES) == ["d1!", "d2!"]
     with pytest.raises(ExpressionError, match="at most one"):
         resolve("${{ inputs.devices.map(a, inputs.devices.map(b, a + b)) }}", VALUES)
+
+
+def fan(**for_each: Any) -> TaskflowSpec:
+    return spec(
+        [
+            {"name": "make", "tasks": [task("group")]},
+            {
+                "name": "each",
+                "tasks": [
+                    task(
+                        "add",
+                        forEach=for_each,
+                        params={
+                            "device": "${{ item }}",
+                            "n": "${{ index }}",
+                            "group": "${{ stages.make.tasks.group.response.groupId }}",
+                        },
+                    )
+                ],
+            },
+            {
+                "name": "after",
+                "tasks": [
+                    task(
+                        "sum",
+                        params={
+                            "got": "${{ stages.each.tasks.add.response }}",
+                            "status": "${{ stages.each.tasks.add.status }}",
+                        },
+                    )
+                ],
+            },
+        ],
+        inputs={"devices": ["d0", "d1", "d2"]},
+    )
+
+
+def started(flow: TaskflowSpec) -> Decision:
+    first = run(flow, TaskflowStatus(), T0)
+    return run(
+        flow,
+        first.status,
+        T0 + 1,
+        Reply(stage="make", task="group", attempt=0, ok=True, data={"groupId": "g"}),
+    )
+
+
+def test_for_each_expands_into_entries_each_with_its_item() -> None:
+    flow = fan(items="${{ inputs.devices }}", maxParallel=2)
+    second = started(flow)
+    entries = second.status.stages[1].tasks
+    assert [(t.name, t.item, t.index) for t in entries] == [
+        ("add[0]", "d0", 0),
+        ("add[1]", "d1", 1),
+        ("add[2]", "d2", 2),
+    ]
+    sent = [e.task for e in second.effects if isinstance(e, Dispatch)]
+    assert sent == ["add[0]", "add[1]"]  # maxParallel
+    assert entries[0].params == {"device": "d0", "n": 0, "group": "g"}
+    status = second.status
+    for i, now in ((0, 2), (1, 3), (2, 4)):
+        status = run(
+            flow,
+            status,
+            T0 + now,
+            Reply(stage="each", task=f"add[{i}]", attempt=0, ok=True, data={"i": i}),
+        ).status
+    total = status.stages[2].tasks[0]
+    assert total.params == {"got": [{"i": 0}, {"i": 1}, {"i": 2}], "status": "SUCCEEDED"}
+
+
+@pytest.mark.parametrize(
+    ("items", "reason"),
+    [
+        ("${{ inputs.devices[0] }}", "not a list"),
+        ("${{ inputs.nothing }}", "no such key"),
+    ],
+)
+def test_for_each_items_that_are_not_a_list_fail_the_task(items: str, reason: str) -> None:
+    second = started(fan(items=items))
+    add = second.status.stages[1].tasks[0]
+    assert add.name == "add" and add.status == Status.FAILED
+    assert add.error is not None and reason in add.error.message
+
+
+def test_for_each_over_no_items_is_skipped() -> None:
+    second = started(fan(items=[]))
+    add = second.status.stages[1].tasks[0]
+    assert add.status == Status.SKIPPED and add.skip_reason == "forEach over no items"
+    assert second.status.stages[2].tasks[0].status == Status.RUNNING  # the flow goes on

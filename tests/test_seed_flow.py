@@ -58,3 +58,56 @@ async def test_hello_world_example_succeeds(operator, flows: Flows, demo) -> Non
     done = await flows.wait("hello-world")
     assert done["status"]["phase"] == "SUCCEEDED"
     assert task_status(done, "greet", "greet")["response"] == "hello, taskflow"
+
+
+async def test_the_seed_rewritten_with_for_each_flows_values_from_stage_to_stage(
+    operator, flows: Flows, demo
+) -> None:
+    """examples/configure-group-foreach.yaml: the group id from stage 1's response, one entry
+    per appliance (five at a time), their responses as a list in stage 3; then a retry of one
+    entry by its index."""
+    body = yaml.safe_load((ROOT / "examples/configure-group-foreach.yaml").read_text())
+    await flows.create(body)
+    done = await flows.wait("configure-group-foreach", timeout=60)
+    status = done["status"]
+    assert status["phase"] == "SUCCEEDED", json.dumps(status)[:2000]
+    appliances = body["spec"]["inputs"]["appliances"]
+    stage = next(s for s in status["stages"] if s["name"] == "addApplianceToGroups")
+    assert [t["name"] for t in stage["tasks"]] == [f"add[{i}]" for i in range(10)]
+    assert [t["item"] for t in stage["tasks"]] == appliances
+    assert all(
+        t["params"] == {"groupId": "sdvn78", "applianceId": a}
+        for t, a in zip(stage["tasks"], appliances, strict=True)
+    )
+    flaky = next(t for t in stage["tasks"] if t["attempt"] == 1)  # the demo's flaky one
+    assert [a["status"] for a in flaky["attempts"]] == ["FAILED", "SUCCEEDED"]
+    summary = task_status(done, "report", "summary")
+    assert summary["params"]["added"] == appliances and summary["params"]["count"] == 10
+    assert summary["response"]["asked"]["added"] == appliances  # what the service got
+
+    await flows.patch(
+        "configure-group-foreach",
+        {
+            "spec": {
+                "retry": {
+                    "id": "one",
+                    "stages": [{"name": "addApplianceToGroups", "tasks": ["add[3]"]}],
+                }
+            }
+        },
+    )
+    again = await flows.wait(
+        "configure-group-foreach",
+        until=lambda b: (
+            ((b.get("status") or {}).get("retry") or {}).get("id") == "one"
+            and b["status"]["phase"] == "SUCCEEDED"
+        ),
+        timeout=60,
+    )
+    entries = next(s for s in again["status"]["stages"] if s["name"] == "addApplianceToGroups")[
+        "tasks"
+    ]
+    assert entries[3]["runStartAttempt"] > 0 or entries[3]["attempt"] > 0
+    assert [e["attempt"] for i, e in enumerate(entries) if i != 3] == [
+        t["attempt"] for i, t in enumerate(stage["tasks"]) if i != 3
+    ]

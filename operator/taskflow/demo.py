@@ -65,7 +65,14 @@ async def serve(url: str) -> None:
             }
         await msg.respond(json.dumps(reply).encode())
 
+    async def describe_group(msg: Msg) -> None:
+        params = json.loads(msg.data or b"{}")
+        group = groups.get(params.get("groupId", ""), {})
+        data = {"group": group, "asked": params}
+        await msg.respond(json.dumps({"success": True, "data": data}).encode())
+
     await nc.subscribe("group-core.createGroup", queue="group-core", cb=create_group)
+    await nc.subscribe("group-core.describeGroup", queue="group-core", cb=describe_group)
     await nc.subscribe(
         "appliance-core.AddApplianceToGroup", queue="appliance-core", cb=add_appliance
     )

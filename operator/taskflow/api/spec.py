@@ -48,6 +48,9 @@ Duration = Annotated[
     ),
 ]
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
+# A task, or a fan-out entry of one: the task's name and the item's index, "add[3]".
+ENTRY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\[[0-9]{1,4}\])?$"
+Entry = Annotated[str, Field(min_length=1, max_length=70, pattern=ENTRY_PATTERN)]
 # A CEL expression (a ``when``), checked when the flow starts.
 When = Annotated[str, Field(min_length=1, max_length=1024)]
 FreeForm = Annotated[
@@ -174,6 +177,40 @@ class TaskDetails(_Model):
     )
 
 
+MAX_FAN_OUT = 1000
+
+
+def base_name(name: str) -> str:
+    """The spec task a status entry belongs to ("add[3]" -> "add")."""
+    return name.split("[", 1)[0]
+
+
+class ForEach(_Model):
+    """Run the task once per item: entries ``<task>[<index>]``, each with its own attempts,
+    retries and response; the next stage sees their responses as a list."""
+
+    items: Any = Field(
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description='A list, or a string "${{ expr }}" giving one (at most 1000 items), '
+        "evaluated when the stage starts.",
+    )
+    as_: str = Field(
+        default="item",
+        alias="as",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z_][A-Za-z0-9_]*$",
+        description="The name of the item in the task's expressions (index: its position).",
+    )
+    max_parallel: int | None = Field(
+        default=None,
+        alias="maxParallel",
+        ge=1,
+        le=MAX_FAN_OUT,
+        description="Entries running at once, at most (default: all).",
+    )
+
+
 class Task(_Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -193,6 +230,11 @@ class Task(_Model):
                     "message": "taskflow is only allowed when type is TASKFLOW",
                     "fieldPath": ".taskflow",
                 },
+                {
+                    "rule": "self.type == 'ACTION' || !has(self.forEach)",
+                    "message": "forEach is only allowed when type is ACTION",
+                    "fieldPath": ".forEach",
+                },
             ]
         }
     )
@@ -207,6 +249,7 @@ class Task(_Model):
     when: When | None = Field(
         default=None, description="A CEL boolean; false: the task is SKIPPED, the flow goes on."
     )
+    for_each: ForEach | None = Field(default=None, alias="forEach")
     task_details: TaskDetails | None = Field(default=None, alias="taskDetails")
     taskflow: FreeForm | None = Field(
         default=None,
@@ -229,10 +272,11 @@ class Stage(_Model):
 
 class RetryStage(_Model):
     name: Name
-    tasks: list[Name] | None = Field(
+    tasks: list[Entry] | None = Field(
         default=None,
         max_length=MAX_TASKS_PER_STAGE,
-        description="Tasks of the stage to retry; none means all its tasks.",
+        description="Tasks of the stage to retry (a fan-out entry: 'add[3]'; 'add': all of "
+        "its entries); none means all its tasks.",
     )
 
 
@@ -305,3 +349,11 @@ class TaskflowSpec(_Model):
     retry: RetryRequest | None = Field(
         default=None, description="A retry request; see the README for the four scopes."
     )
+
+    def task(self, stage: str, name: str) -> Task | None:
+        """The spec of a status entry (a fan-out entry's is its task's)."""
+        base = base_name(name)
+        for s in self.stages:
+            if s.name == stage:
+                return next((t for t in s.tasks if t.name == base), None)
+        return None

@@ -136,6 +136,9 @@ class TaskStatus(_Model):
     deadline: str | None = None
     # With heartbeatTimeout: the attempt times out at this time unless its service heartbeats.
     heartbeat_deadline: str | None = Field(default=None, alias="heartbeatDeadline")
+    # A fan-out entry ("<task>[<index>]"): its item and index.
+    item: Any | None = Field(default=None, json_schema_extra=_FREE)
+    index: int | None = None
     # The params of the current attempt as sent, when the spec's hold expressions.
     params: Any | None = Field(default=None, json_schema_extra=_FREE)
     # Why a SKIPPED task was skipped, when its (or its stage's) ``when`` was false.

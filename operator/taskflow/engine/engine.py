@@ -16,7 +16,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
-from taskflow.api.spec import Task, TaskflowSpec, TaskType
+from taskflow.api.spec import MAX_FAN_OUT, Task, TaskflowSpec, TaskType, base_name
 from taskflow.api.status import (
     FAILED_TASK_STATUSES,
     TERMINAL_FLOW_PHASES,
@@ -138,13 +138,13 @@ class _Step:
     # -- helpers -----------------------------------------------------------------------------
 
     def opts(self, stage: str, task: str) -> EffectiveOptions:
-        key = (stage, task)
+        key = (stage, base_name(task))  # a fan-out entry has its task's options
         if key not in self._opts:
             self._opts[key] = effective_options(self.spec.options, self._specs[key].options)
         return self._opts[key]
 
     def task_spec(self, stage: str, task: str) -> Task:
-        return self._specs[(stage, task)]
+        return self._specs[(stage, base_name(task))]
 
     def emit(
         self,
@@ -490,6 +490,7 @@ class _Step:
                 stage.start_time = iso(self.now)
                 self.changed = self.durable = True
                 self.emit("STAGE", Status.RUNNING, stage)
+                self.fan_out(index, stage)
             self.dispatch_ready(stage)
             if any(t.status not in TERMINAL_TASK_STATUSES for t in stage.tasks):
                 return
@@ -509,6 +510,8 @@ class _Step:
             if self.refused(stage, task):
                 continue
             redelivery = task.waiting_reason == WaitingReason.NO_RESPONDERS
+            if not redelivery and self.at_parallel_limit(stage, task):
+                continue
             if not redelivery and not self.resolved(stage, task):
                 continue
             task.status = Status.RUNNING
@@ -562,6 +565,64 @@ class _Step:
         self.skip_stage(stage)
         return True
 
+    def fan_out(self, index: int, stage: StageStatus) -> None:
+        """As a stage starts, each forEach task becomes its entries ``<task>[<i>]``, one per
+        item (kept in status, so a restart or a retry sees the same items)."""
+        for spec in self.spec.stages[index].tasks:
+            if spec.for_each is None:
+                continue
+            position = next((i for i, t in enumerate(stage.tasks) if t.name == spec.name), None)
+            if position is None:
+                continue  # expanded before (a retry of the stage)
+            task = stage.tasks[position]
+            try:
+                items = spec.for_each.items
+                if isinstance(items, str):
+                    values = expressions.variables(self.spec, self.status, index)
+                    items = expressions.resolve(items, values)
+                if not isinstance(items, list):
+                    raise expressions.ExpressionError(
+                        f"forEach.items is {type(items).__name__}, not a list"
+                    )
+                if len(items) > MAX_FAN_OUT:
+                    raise expressions.ExpressionError(
+                        f"forEach.items has {len(items)} items, over the limit of {MAX_FAN_OUT}"
+                    )
+            except expressions.ExpressionError as exc:
+                error = TaskError(message=str(exc)[:4096], reason=ErrorReason.EXPRESSION)
+                task.start_time = iso(self.now)
+                self.end_task(stage, task, Status.FAILED, error)
+                continue
+            if not items:
+                task.status = Status.SKIPPED
+                task.skip_reason = "forEach over no items"
+                task.end_time = iso(self.now)
+                self.emit("TASK", Status.SKIPPED, stage, task)
+                continue
+            stage.tasks[position : position + 1] = [
+                TaskStatus(
+                    name=f"{spec.name}[{i}]",
+                    id=task_id(self.uid, stage.name, f"{spec.name}[{i}]"),
+                    item=item,
+                    index=i,
+                )
+                for i, item in enumerate(items)
+            ]
+            self.changed = self.durable = True
+
+    def at_parallel_limit(self, stage: StageStatus, task: TaskStatus) -> bool:
+        """A fan-out entry waits while its task's maxParallel entries run."""
+        spec = self.task_spec(stage.name, task.name)
+        if task.index is None or spec.for_each is None or spec.for_each.max_parallel is None:
+            return False
+        base = base_name(task.name)
+        running = sum(
+            1
+            for t in stage.tasks
+            if t.status == Status.RUNNING and t.index is not None and base_name(t.name) == base
+        )
+        return running >= spec.for_each.max_parallel
+
     def resolved(self, stage: StageStatus, task: TaskStatus) -> bool:
         """Before an attempt is sent: its task's ``when`` (at the run's first attempt) and its
         params' expressions. False: the task ended here (SKIPPED, or FAILED with reason
@@ -570,6 +631,8 @@ class _Step:
         if spec.when is None and not expressions.has_expressions(spec.params):
             return True
         values = expressions.variables(self.spec, self.status, self.stage_index(stage))
+        if task.index is not None and spec.for_each is not None:
+            values = {**values, spec.for_each.as_: task.item, "index": task.index}
         try:
             first = task.attempt == task.run_start_attempt
             if spec.when is not None and first and not expressions.holds(spec.when, values):

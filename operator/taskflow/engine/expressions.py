@@ -24,8 +24,8 @@ from typing import Any
 
 import cel
 
-from taskflow.api.spec import TaskflowSpec
-from taskflow.api.status import TaskflowStatus
+from taskflow.api.spec import TaskflowSpec, base_name
+from taskflow.api.status import Status, TaskflowStatus
 
 MAX_EXPRESSION = 1024
 # Serialised bytes of a task's resolved params, at most (status keeps them with the attempt).
@@ -147,18 +147,32 @@ def variables(spec: TaskflowSpec, status: TaskflowStatus, stage_index: int) -> d
     """What an expression of stage ``stage_index`` sees: inputs, context, earlier stages."""
     stages: dict[str, Any] = {}
     for stage in status.stages[:stage_index]:
-        stages[stage.name] = {
-            "status": str(stage.status),
-            "tasks": {
-                t.name: {
-                    "response": t.response,
-                    "status": str(t.status),
-                    "attempt": t.attempt,
-                    "error": t.error.model_dump(exclude_none=True) if t.error else None,
-                }
-                for t in stage.tasks
-            },
-        }
+        tasks: dict[str, Any] = {}
+        fanned: dict[str, list[Any]] = {}
+        for t in stage.tasks:
+            if t.index is not None:
+                fanned.setdefault(base_name(t.name), []).append(t)
+                continue
+            tasks[t.name] = {
+                "response": t.response,
+                "status": str(t.status),
+                "attempt": t.attempt,
+                "error": t.error.model_dump(exclude_none=True) if t.error else None,
+            }
+        for name, entries in fanned.items():  # a fan-out: its entries' values, as lists
+            ok = all(e.status in (Status.SUCCEEDED, Status.SKIPPED) for e in entries)
+            tasks[name] = {
+                "response": [e.response for e in entries],
+                "items": [e.item for e in entries],
+                "status": "SUCCEEDED" if ok else "FAILED",
+                "statuses": [str(e.status) for e in entries],
+                "attempt": max(e.attempt for e in entries),
+                "error": next(
+                    (e.error.model_dump(exclude_none=True) for e in entries if e.error is not None),
+                    None,
+                ),
+            }
+        stages[stage.name] = {"status": str(stage.status), "tasks": tasks}
     return {"inputs": spec.inputs or {}, "context": spec.context or {}, "stages": stages}
 
 
@@ -176,6 +190,15 @@ def problems(spec: TaskflowSpec) -> list[str]:
             t_where = f"{where}.tasks[{t_index}]"
             if task.when:
                 places.append((f"{t_where}.when", _unwrap(task.when)))
+            items = task.for_each.items if task.for_each else None
+            if isinstance(items, str):
+                whole = _WHOLE.match(items)
+                if whole is None:
+                    found.append(f'{t_where}.forEach.items: a list, or one "${{{{ expr }}}}"')
+                else:
+                    places.append((f"{t_where}.forEach.items", whole.group(1).strip()))
+            elif task.for_each is not None and not isinstance(items, list):
+                found.append(f'{t_where}.forEach.items: a list, or one "${{{{ expr }}}}"')
             for path, text in _strings(task.params, f"{t_where}.params"):
                 places += [(path, m.group(1).strip()) for m in _MARK.finditer(text)]
                 if text.count("${{") != len(_MARK.findall(text)):

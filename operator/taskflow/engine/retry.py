@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from taskflow.api.spec import RetryRequest, TaskflowSpec
+from taskflow.api.spec import RetryRequest, TaskflowSpec, base_name
 from taskflow.api.status import (
     FAILED_TASK_STATUSES,
     TERMINAL_FLOW_PHASES,
@@ -113,20 +113,21 @@ def retry_refusal(
         stage = next((s for s in status.stages if s.name == wanted.name), None)
         if stage is None:
             return f"unknown stage {wanted.name!r}"
-        names = {t.name for t in stage.tasks}
         for name in wanted.tasks or ():
-            if name not in names:
+            # A task, a fan-out entry ("add[3]"), or a fan-out task: all of its entries.
+            named = [t for t in stage.tasks if name in (t.name, base_name(t.name))]
+            if not named:
                 return f"unknown task {name!r} in stage {wanted.name!r}"
-            task = next(t for t in stage.tasks if t.name == name)
-            if (
-                task.status == Status.SUCCEEDED
-                and opts(stage.name, name).exactly_once_task_execution
-                and not request.failed_only
-            ):
-                return (
-                    f"task {wanted.name}/{name} SUCCEEDED and exactlyOnceTaskExecution is "
-                    "true: it is never dispatched again"
-                )
+            for task in named:
+                if (
+                    task.status == Status.SUCCEEDED
+                    and opts(stage.name, task.name).exactly_once_task_execution
+                    and not request.failed_only
+                ):
+                    return (
+                        f"task {wanted.name}/{task.name} SUCCEEDED and exactlyOnceTaskExecution "
+                        "is true: it is never dispatched again"
+                    )
     return None
 
 
@@ -138,7 +139,11 @@ def retry_selection(*, request: RetryRequest, status: TaskflowStatus, opts: Opti
         for wanted in request.stages:
             stage = next(s for s in status.stages if s.name == wanted.name)
             names = set(wanted.tasks) if wanted.tasks else {t.name for t in stage.tasks}
-            chosen |= {(stage.name, t.name) for t in stage.tasks if t.name in names}
+            chosen |= {
+                (stage.name, t.name)
+                for t in stage.tasks
+                if t.name in names or base_name(t.name) in names
+            }
     else:
         chosen = {(s.name, t.name) for s, t in _tasks(status)}
     result: Selection = set()

@@ -130,7 +130,8 @@ class Effects:
     def context_for(self, spec: TaskflowSpec, stage_name: str, task_name: str) -> dict[str, Any]:
         index = next(i for i, s in enumerate(self.status.stages) if s.name == stage_name)
         state = next(t for t in self.status.stages[index].tasks if t.name == task_name)
-        task = next(t for t in spec.stages[index].tasks if t.name == task_name)
+        task = spec.task(stage_name, task_name)
+        assert task is not None
         return execution_context(
             uid=self.uid,
             status=self.status,
@@ -143,7 +144,8 @@ class Effects:
 
     async def dispatch(self, spec: TaskflowSpec, effect: Dispatch) -> None:
         stage_index = next(i for i, s in enumerate(spec.stages) if s.name == effect.stage)
-        task = next(t for t in spec.stages[stage_index].tasks if t.name == effect.task)
+        task = spec.task(effect.stage, effect.task)
+        assert task is not None
         state = next(t for t in self.status.stages[stage_index].tasks if t.name == effect.task)
         assert task.task_details is not None
         subjects = self.settings.subjects
@@ -211,15 +213,8 @@ class Effects:
             self.outbox[:0] = missed
 
     async def cancel_notice(self, effect: CancelNotice) -> None:
-        spec = self.spec()
-        task = next(
-            t
-            for s in spec.stages
-            if s.name == effect.stage
-            for t in s.tasks
-            if t.name == effect.task
-        )
-        if task.type != TaskType.ACTION or task.task_details is None:
+        task = self.spec().task(effect.stage, effect.task)
+        if task is None or task.type != TaskType.ACTION or task.task_details is None:
             return
         key = idempotency_key(self.uid, effect.stage, effect.task, effect.attempt)
         notice = {
@@ -241,13 +236,8 @@ class Effects:
     # -- nested flows ------------------------------------------------------------------------
 
     async def create_child(self, spec: TaskflowSpec, effect: CreateChild) -> None:
-        task = next(
-            t
-            for s in spec.stages
-            if s.name == effect.stage
-            for t in s.tasks
-            if t.name == effect.task
-        )
+        task = spec.task(effect.stage, effect.task)
+        assert task is not None
         annotations = self.body["metadata"].get("annotations") or {}
         depth = int(annotations.get(DEPTH, "0")) + 1
         name = child_name(self.name, effect.stage, effect.task, effect.attempt)

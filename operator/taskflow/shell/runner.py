@@ -121,10 +121,11 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
             return
         spec = self.spec()
         subjects = self.settings.subjects
-        for stage_spec, stage in zip(spec.stages, self.status.stages, strict=False):
-            for task_spec, task in zip(stage_spec.tasks, stage.tasks, strict=False):
+        for stage in self.status.stages:
+            for task in stage.tasks:
                 key = (stage.name, task.name, task.attempt)
-                details = task_spec.task_details
+                task_spec = spec.task(stage.name, task.name)
+                details = task_spec.task_details if task_spec else None
                 if (
                     task.status != Status.RUNNING
                     or task.waiting_reason
