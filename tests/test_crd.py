@@ -101,7 +101,7 @@ def test_version_served_stored_with_status_subresource(version: dict[str, Any]) 
 
 def test_printer_columns(version: dict[str, Any]) -> None:
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Stage", "Progress", "Age"]
+    assert list(columns) == ["Phase", "Stage", "Progress", "Suspended", "Age"]
     assert columns["Phase"]["jsonPath"] == ".status.phase"
     assert columns["Stage"]["jsonPath"] == ".status.currentStage"
     assert columns["Progress"]["jsonPath"] == ".status.progress"
@@ -118,7 +118,16 @@ def test_spec_is_required_and_stages_too(schema: dict[str, Any]) -> None:
     assert schema["required"] == ["spec"]
     spec = schema["properties"]["spec"]
     assert spec["required"] == ["stages"]
-    assert set(spec["properties"]) == {"options", "context", "inputs", "stages", "cancel", "retry"}
+    assert set(spec["properties"]) == {
+        "options",
+        "context",
+        "inputs",
+        "stages",
+        "cancel",
+        "retry",
+        "suspend",
+        "ttl",
+    }
 
 
 # -- structural schema --------------------------------------------------------------------------

@@ -70,7 +70,7 @@ spec:
 
 # Exactly what the operator may do on Taskflows and Events: see the chart's _helpers.tpl.
 EXPECTED_RULES = {
-    ("taskflow.dev", "taskflows", None): {"get", "list", "watch", "create", "patch"},
+    ("taskflow.dev", "taskflows", None): {"get", "list", "watch", "create", "patch", "delete"},
     ("taskflow.dev", "taskflows/status", None): {"update"},
     ("taskflow.dev", "taskflows/finalizers", None): {"update"},
     ("", "events", None): {"create"},
@@ -899,7 +899,6 @@ DENIED = [
     ("delete", "pods"),
     ("delete", "namespaces"),
     ("create", "namespaces"),
-    ("delete", "taskflows.taskflow.dev"),
     ("update", "taskflows.taskflow.dev"),
     ("deletecollection", "taskflows.taskflow.dev"),
     ("patch", "taskflows.taskflow.dev", "--subresource=status"),
@@ -1049,13 +1048,12 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
         ["get", "secrets", "-n", release_ns],
         ["get", "pods", "-n", flows_ns],
         ["delete", "namespace", other_ns, "--wait=false"],
-        ["delete", "taskflow", "configure-group", "-n", flows_ns],
         ["get", "clusterroles"],
     ):
         refused = as_operator(*args, check=False)
         assert refused.returncode != 0 and "Forbidden" in refused.stderr, (args, refused)
     allowed_elsewhere = "yes" if mode == "cluster-wide" else "no"
-    for verb in ("list", "create", "patch"):
+    for verb in ("list", "create", "patch", "delete"):
         answer = as_operator(
             "auth", "can-i", verb, "taskflows.taskflow.dev", "-n", other_ns, check=False
         )

@@ -127,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("TASKFLOW_STREAM_MAX_BYTES", str(512 * 1024**2))),
         help="size limit of each of the reply and event streams (oldest go first)",
     )
+    run.add_argument(
+        "--ttl-after-succeeded",
+        default=env("TASKFLOW_TTL_AFTER_SUCCEEDED"),
+        help="delete a SUCCEEDED flow this long after it ended, unless its spec.ttl says "
+        "otherwise (e.g. 1h; default: keep)",
+    )
+    run.add_argument(
+        "--ttl-after-failed",
+        default=env("TASKFLOW_TTL_AFTER_FAILED"),
+        help="the same for FAILED and COMPLETED_WITH_FAILURES flows",
+    )
+    run.add_argument(
+        "--ttl-after-cancelled",
+        default=env("TASKFLOW_TTL_AFTER_CANCELLED"),
+        help="the same for CANCELLED flows",
+    )
+    run.add_argument(
+        "--history-retention",
+        default=env("TASKFLOW_HISTORY_RETENTION", "720h"),
+        help="how long the history keeps a deleted flow's final status",
+    )
     run.add_argument("--log-level", default=env("TASKFLOW_LOG_LEVEL", "INFO"))
     run.add_argument(
         "--log-format", choices=["text", "json"], default=env("TASKFLOW_LOG_FORMAT", "text")
@@ -138,8 +159,10 @@ def run(args: argparse.Namespace) -> int:
     import kopf
     from prometheus_client import start_http_server
 
+    from taskflow.api.durations import parse_duration_ms
     from taskflow.shell.bus import NatsSettings
     from taskflow.shell.handlers import Operator
+    from taskflow.shell.reaper import TtlDefaults
     from taskflow.shell.settings import RunnerSettings
     from taskflow.wire.subjects import Subjects
 
@@ -162,6 +185,17 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.nats_tls_key,
         reply_pending_bytes=args.reply_pending_bytes,
         stream_max_bytes=args.stream_max_bytes,
+        history_retention_s=parse_duration_ms(args.history_retention) // 1000,
+    )
+    ttl = TtlDefaults(
+        **{
+            phase: parse_duration_ms(value) if value else None
+            for phase, value in (
+                ("succeeded", args.ttl_after_succeeded),
+                ("failed", args.ttl_after_failed),
+                ("cancelled", args.ttl_after_cancelled),
+            )
+        }
     )
     runner = RunnerSettings(
         subjects=Subjects(template=args.subject_template),
@@ -186,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         namespaces=list(args.namespace) or None,
         credentials_namespace=args.credentials_namespace,
         require_policy=args.require_policy,
+        ttl=ttl,
     )
     registry = kopf.OperatorRegistry()
     operator.register(registry)

@@ -121,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument(
         "--no-wait", action="store_true", help="do not wait for the operator to act"
     )
+    command("suspend", "hold a flow's new dispatches back (attempts in flight finish)")
+    command("resume", "let a suspended flow go on")
+    history = sub.add_parser(
+        "history",
+        help="flows deleted after their TTL, from the history the operator keeps in NATS",
+        description="flows deleted after their TTL, from the history the operator keeps in NATS",
+    )
+    _common(history, suppress=True)
+    history.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    history.add_argument("--phase", help="SUCCEEDED, FAILED, CANCELLED or COMPLETED_WITH_FAILURES")
+    history.add_argument("--service", help="flows with a task that called this serviceId")
+    history.add_argument("--since", help="completed within this long (e.g. 1h, 30m)")
     return parser
 
 
@@ -157,7 +169,7 @@ def _describe(exc: Exception) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     nats_url = args.nats_url or os.environ.get("NATS_URL") or DEFAULT_NATS_URL
-    nc = await connect_nats(nats_url) if args.command == "events" else None
+    nc = await connect_nats(nats_url) if args.command in ("events", "history") else None
     client = TaskflowClient(
         kubeconfig=args.kubeconfig,
         context=args.context,
@@ -172,6 +184,18 @@ async def run(args: argparse.Namespace) -> int:
             return await events(client, args)
         if args.command == "retry":
             return await retry(client, args)
+        if args.command in ("suspend", "resume"):
+            data = _data(await client.suspend(args.name, suspend=args.command == "suspend"))
+            if args.output == "json":
+                print(json.dumps(data))
+            else:
+                print(
+                    f"taskflow {data['namespace']}/{data['name']} "
+                    f"{'suspended' if data['suspend'] else 'resumed'}"
+                )
+            return 0
+        if args.command == "history":
+            return await history(client, args)
         return await cancel(client, args)
     finally:
         await client.close()
@@ -406,6 +430,49 @@ def event_line(event: dict[str, Any]) -> Line:
         if error:
             line.append((f"  {error}", "red"))
     return line
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+async def history(client: TaskflowClient, args: argparse.Namespace) -> int:
+    from taskflow.api.durations import parse_duration_ms
+
+    since = None
+    if args.since:
+        try:
+            since = int(time.time() * 1000) - parse_duration_ms(args.since)
+        except ValueError as exc:
+            raise PluginError(f"--since takes a duration like 1h or 30m: {exc}") from exc
+    items = await client.history(
+        namespace=None if args.all_namespaces else client.namespace,
+        phase=args.phase,
+        service=args.service,
+        since_ms=since,
+    )
+    if args.output == "json":
+        print(json.dumps(items))
+        return 0
+    lines: list[Line] = [
+        [
+            ("NAMESPACE/NAME".ljust(48), "bold"),
+            ("PHASE".ljust(26), "bold"),
+            ("PROGRESS".ljust(10), "bold"),
+            ("COMPLETED", "bold"),
+        ]
+    ]
+    for item in items:
+        lines.append(
+            [
+                (f"{item.get('namespace')}/{item.get('name')}".ljust(48), None),
+                _status(str(item.get("phase"))),
+                (" " * max(1, 26 - len(str(item.get("phase")))), None),
+                (str(item.get("progress") or "").ljust(10), None),
+                (str(item.get("completionTime") or ""), "dim"),
+            ]
+        )
+    emit(lines)
+    return 0
 
 
 # -- retry and cancel --------------------------------------------------------------------------

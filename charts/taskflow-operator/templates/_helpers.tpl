@@ -72,10 +72,11 @@ child flows), no update of a whole object, no access to any other resource.
 {{- define "taskflow-operator.taskflowRules" -}}
 # get: the flow writer re-reads a flow before it decides again; list + watch: kopf's watch and
 # the lookup of a flow's children; create: child flows (TASKFLOW tasks, nested flows);
-# patch: spec.cancel on the children of a cancelled flow (the cancel cascade).
+# patch: spec.cancel on the children of a cancelled flow (the cancel cascade);
+# delete: a finished flow after its TTL (spec.ttl or ttl.* below), its status kept in the history.
 - apiGroups: ["taskflow.dev"]
   resources: ["taskflows"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The flow writer's status write: a PUT with the last seen resourceVersion (optimistic
 # concurrency), never a blind patch.
 - apiGroups: ["taskflow.dev"]

@@ -133,6 +133,7 @@ def crd() -> dict[str, Any]:
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage"},
             {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+            {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend"},
         ],
     )
 

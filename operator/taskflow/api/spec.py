@@ -328,6 +328,21 @@ _SPEC_RULES: list[JsonValue] = [
 ]
 
 
+class Ttl(_Model):
+    after_succeeded: Duration | None = Field(default=None, alias="afterSucceeded")
+    after_failed: Duration | None = Field(
+        default=None, alias="afterFailed", description="Also COMPLETED_WITH_FAILURES."
+    )
+    after_cancelled: Duration | None = Field(default=None, alias="afterCancelled")
+
+    @field_validator("after_succeeded", "after_failed", "after_cancelled")
+    @classmethod
+    def _duration(cls, value: int | str | None) -> int | str | None:
+        if value is not None and parse_duration_ms(value) > MAX_DURATION_MS:
+            raise ValueError("must be at most 7 days")
+        return value
+
+
 class TaskflowSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
 
@@ -345,6 +360,16 @@ class TaskflowSpec(_Model):
     )
     cancel: bool | None = Field(
         default=None, description="true stops the flow; in-flight tasks become CANCELLED."
+    )
+    suspend: bool | None = Field(
+        default=None,
+        description="true: nothing new is dispatched (attempts in flight finish and are "
+        "recorded); false again resumes. A flow may be created suspended.",
+    )
+    ttl: Ttl | None = Field(
+        default=None,
+        description="How long a finished flow is kept before it is deleted (with its children); "
+        "its final status goes to the history first.",
     )
     retry: RetryRequest | None = Field(
         default=None, description="A retry request; see the README for the four scopes."

@@ -210,6 +210,8 @@ class TaskflowStatus(_Model):
     retry: RetryAck | None = None
     # Set when a cancel was acted on (or recorded as a no-op on a finished flow).
     cancelled_at: str | None = Field(default=None, alias="cancelledAt")
+    # Since when spec.suspend has held new dispatches back (None: not suspended).
+    suspended_at: str | None = Field(default=None, alias="suspendedAt")
     last_event_seq: int = Field(default=0, alias="lastEventSeq")
     # Counts the operator's records of this status (API writes and the write-ahead copy in
     # NATS); after a restart the copy with the higher count is the newer one.

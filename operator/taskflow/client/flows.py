@@ -29,6 +29,7 @@ from taskflow.client.envelope import Envelope, TaskflowError, _guard, ok
 from taskflow.client.kube import API_VERSION, Kube, load_kube
 from taskflow.client.links import ParentLink
 from taskflow.client.retries import retry_request
+from taskflow.engine import parse_iso
 from taskflow.wire.context import parse_idempotency_key
 from taskflow.wire.links import DEPTH
 from taskflow.wire.subjects import Subjects
@@ -386,6 +387,71 @@ class TaskflowClient:
             await fill_responses(tree, nats=self.nats)
         return ok(tree)
 
+    # -- suspend, resume, history -------------------------------------------------------------
+
+    async def suspend(self, taskflow_id: str, *, suspend: bool = True) -> Envelope:
+        """``spec.suspend``: true holds new dispatches back (attempts in flight finish), false
+        resumes. Returns at once; the flow's ``Suspended`` condition says when it took effect."""
+
+        async def call() -> Envelope:
+            body = await self.fetch(taskflow_id)
+            meta = body["metadata"]
+            await self.kube.patch(meta["namespace"], meta["name"], {"spec": {"suspend": suspend}})
+            return ok(
+                {
+                    "taskflowId": meta["uid"],
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "suspend": suspend,
+                }
+            )
+
+        return await _guard(call())
+
+    async def history(
+        self,
+        *,
+        namespace: str | None = None,
+        phase: str | None = None,
+        service: str | None = None,
+        since_ms: int | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """Finished flows the operator deleted after their TTL (``TASKFLOW_HISTORY``), oldest
+        first: ``namespace`` (None: all), a ``phase``, a ``service`` one of their tasks
+        called, completed at or after ``since_ms`` (epoch ms)."""
+        from nats.js.api import DeliverPolicy
+
+        nc = await self.nats()
+        js = nc.jetstream()
+        subject = f"taskflow.history.{namespace or '*'}.*"
+        try:
+            sub = await js.subscribe(
+                subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            )
+        except Exception as exc:
+            raise TaskflowError(
+                f"cannot read the history ({subject}): {exc}", "Unavailable"
+            ) from exc
+        found: list[dict[str, Any]] = []
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except Exception:  # nothing (more) stored
+                    break
+                with contextlib.suppress(ValueError, TypeError):
+                    item = json.loads(msg.data)
+                    if isinstance(item, dict) and _matches(item, phase, service, since_ms):
+                        found.append(item)
+                with contextlib.suppress(Exception):
+                    if int(msg.metadata.num_pending) == 0:
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return found[-limit:]
+
     # -- cancel ------------------------------------------------------------------------------
 
     async def cancel(self, taskflow_id: str, *, wait: float | None = 10.0) -> Envelope:
@@ -538,3 +604,25 @@ class TaskflowClient:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+def _matches(
+    item: dict[str, Any], phase: str | None, service: str | None, since_ms: int | None
+) -> bool:
+    if phase and item.get("phase") != phase:
+        return False
+    if service and not any(
+        t.get("serviceId") == service
+        for s in item.get("stages") or []
+        for t in s.get("tasks") or []
+    ):
+        return False
+    if since_ms is not None:
+        done = item.get("completionTime")
+        if not isinstance(done, str):
+            return False
+        try:
+            return parse_iso(done) >= since_ms
+        except ValueError:
+            return False
+    return True

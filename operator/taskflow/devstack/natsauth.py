@@ -25,6 +25,7 @@ def operator_permissions(*, request_subjects: str = "*.*") -> dict[str, object]:
                 request_subjects,  # the service subjects ({serviceId}.{actionName})
                 "taskflow.events.>",
                 "taskflow.cancel.>",
+                "taskflow.history.>",  # a finished flow's final status, before its TTL deletes it
                 "$SRV.INFO",  # which services answer a repeated attempt from a cache
                 "$JS.API.>",  # its streams, buckets and object store: created, read, purged
                 "$KV.taskflow-journal.>",

@@ -220,6 +220,7 @@ class _Step:
             self.apply(item)
         self.handle_cancel()
         handle_retry(self)
+        self.handle_suspend()
         if status.phase not in TERMINAL_FLOW_PHASES:
             expire_timers(self)
             self.advance()
@@ -259,6 +260,29 @@ class _Step:
             for stage in status.stages:
                 self.skip_stage(stage)
             self.finish_flow(FlowPhase.FAILED, "InvalidExpression", "; ".join(found)[:2000])
+
+    # -- suspend -----------------------------------------------------------------------------
+
+    def handle_suspend(self) -> None:
+        """``spec.suspend`` holds new dispatches back (attempts in flight finish and are
+        recorded, their timeouts and maxAge run on); false again resumes."""
+        status = self.status
+        wanted = bool(self.spec.suspend) and status.phase not in TERMINAL_FLOW_PHASES
+        if wanted == (status.suspended_at is not None):
+            return
+        self.changed = self.durable = True
+        if wanted:
+            status.suspended_at = iso(self.now)
+            self.condition(
+                "Suspended", "True", "Suspended", "spec.suspend is true: nothing new is dispatched"
+            )
+            self.emit("TASKFLOW", "SUSPENDED")
+            self.effects.append(Record(reason="Suspended", message="taskflow suspended"))
+        else:
+            status.suspended_at = None
+            self.condition("Suspended", "False", "Resumed", "spec.suspend is false")
+            self.emit("TASKFLOW", FlowPhase.RUNNING)
+            self.effects.append(Record(reason="Resumed", message="taskflow resumed"))
 
     # -- cancel ------------------------------------------------------------------------------
 
@@ -483,6 +507,10 @@ class _Step:
                 self.finish()
                 return
             stage = self.status.stages[index]
+            if self.status.suspended_at is not None and any(
+                t.status == Status.WAITING for t in stage.tasks
+            ):
+                return  # suspended: no stage starts, no task is sent
             if stage.status == Status.WAITING and self.stage_skipped(index, stage):
                 continue
             if stage.status == Status.WAITING:

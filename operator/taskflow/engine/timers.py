@@ -155,7 +155,9 @@ def wake_at(step: TimedStep) -> int | None:
         elif task.waiting_reason == WaitingReason.CHILDREN and task.expires_at:
             times.append(parse_iso(task.expires_at))
         elif task.status == Status.WAITING:
-            for value in (task.not_before, task.expires_at):
+            # Suspended: a retry delay that ends changes nothing until the flow resumes.
+            held = step.status.suspended_at is not None
+            for value in (None if held else task.not_before, task.expires_at):
                 if value:
                     times.append(parse_iso(value))
             if task.deadline and task.waiting_reason == WaitingReason.NO_RESPONDERS:

@@ -44,6 +44,8 @@ log = logging.getLogger("taskflow.bus")
 
 REPLY_STREAM = "TASKFLOW_REPLIES"
 EVENT_STREAM = "TASKFLOW_EVENTS"
+HISTORY_STREAM = "TASKFLOW_HISTORY"
+HISTORY_PREFIX = "taskflow.history"
 RESPONSE_BUCKET = "taskflow-responses"
 JOURNAL_BUCKET = "taskflow-journal"
 
@@ -74,6 +76,9 @@ class NatsSettings:
     stream_max_bytes: int = 512 * 1024**2
     objects_max_bytes: int = 1024**3
     journal_max_bytes: int = 256 * 1024**2
+    # Finished flows deleted after their TTL: their final status, kept this long.
+    history_retention_s: int = 30 * 24 * 3600
+    history_max_bytes: int = 1024**3
     max_reply_bytes: int = 1024 * 1024
 
     def connect_options(self) -> dict[str, Any]:
@@ -225,18 +230,40 @@ class Bus:
                     raise refused from None  # not an existing stream: why it was refused
         if not own_state:
             return
+        history = StreamConfig(
+            name=HISTORY_STREAM,
+            subjects=[f"{HISTORY_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=float(limits.history_retention_s),
+            max_bytes=limits.history_max_bytes,
+            max_msgs_per_subject=1,
+            duplicate_window=120.0,
+            allow_direct=True,
+        )
+        try:
+            await self.js.add_stream(history)
+        except Exception as refused:
+            try:
+                await self.js.update_stream(history)
+            except NotFoundError:
+                raise refused from None
         try:
             self._objects = await self.js.object_store(RESPONSE_BUCKET)
         except Exception:
+            # No expiry: a large response lives as long as the flow that points to it (the
+            # reaper, and a deleted flow's watch event, delete it with the flow).
             self._objects = await self.js.create_object_store(
                 RESPONSE_BUCKET,
                 config=ObjectStoreConfig(
                     bucket=RESPONSE_BUCKET,
                     storage=StorageType.FILE,
-                    ttl=float(retention_s),
                     max_bytes=limits.objects_max_bytes,
                 ),
             )
+        else:
+            await self._keep_objects()
 
         try:
             self._journal = await self.js.key_value(JOURNAL_BUCKET)
@@ -415,6 +442,34 @@ class Bus:
             await self._journal.delete(uid, last=revision)
         except Exception as exc:  # (a newer revision: "wrong last sequence")
             log.debug("journal of %s not dropped: %s", uid, exc)
+
+    async def _keep_objects(self) -> None:
+        """An object store made by an earlier release expires its objects after 24 h while
+        status still points to them: keep them as long as their flow instead."""
+        name = f"OBJ_{RESPONSE_BUCKET}"
+        try:
+            info = await self.js.stream_info(name)
+            if info.config.max_age:
+                info.config.max_age = 0
+                await self.js.update_stream(info.config)
+        except Exception as exc:
+            log.warning("could not lift the expiry of %s: %s", name, exc)
+
+    async def record_history(self, namespace: str, uid: str, summary: dict[str, Any]) -> None:
+        """Keep a finished flow's final status before it is deleted (raises if not stored:
+        the flow is then kept, and tried again)."""
+        await self.js.publish(
+            f"{HISTORY_PREFIX}.{namespace}.{uid}",
+            json.dumps(summary, separators=(",", ":"), default=str).encode(),
+            timeout=5,
+            headers={"Nats-Msg-Id": f"history:{uid}"},
+        )
+
+    async def forget_response(self, key: str) -> None:
+        try:
+            await self._objects.delete(key)
+        except Exception as exc:
+            log.debug("response %s not deleted: %s", key, exc)
 
     async def store_response(self, key: str, data: bytes) -> str:
         await self._objects.put(key, data)

@@ -20,6 +20,7 @@ from taskflow.api.policy import PLURAL as POLICY_PLURAL
 from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
 from taskflow.shell.kube import Kube, connection_config, load_api_client
+from taskflow.shell.reaper import Reaper, TtlDefaults
 from taskflow.shell.registry import Registry
 from taskflow.shell.settings import RunnerSettings
 from taskflow.shell.tenants import Tenants
@@ -57,6 +58,7 @@ class Operator:
         namespaces: list[str] | None = None,
         credentials_namespace: str | None = None,
         require_policy: bool = False,
+        ttl: TtlDefaults | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
@@ -75,6 +77,8 @@ class Operator:
         self.credentials_namespace = credentials_namespace
         self.require_policy = require_policy
         self.tenants: Tenants | None = None
+        self.ttl = ttl or TtlDefaults()
+        self.reaper: Reaper | None = None
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
@@ -149,6 +153,9 @@ class Operator:
         self.registry = Registry(
             kube=self.kube, bus=self.bus, settings=self.runner_settings, tenants=self.tenants
         )
+        self.reaper = Reaper(kube=self.kube, bus=self.bus, defaults=self.ttl)
+        self.registry.reaper = self.reaper
+        self.reaper.start()
         self.tenants.on_reply = self.registry.on_reply
         self.tenants.on_heartbeat = self.registry.on_heartbeat
         self.tenants.on_reconnected = self.registry.on_reconnected
@@ -182,6 +189,8 @@ class Operator:
             await self.registry.close()
         if self.tenants:
             await self.tenants.close()
+        if self.reaper:
+            await self.reaper.close()
         if self.bus:
             await self.bus.close()
         if self.kube:

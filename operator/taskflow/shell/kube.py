@@ -142,6 +142,18 @@ class Kube:
             patch,
         )
 
+    async def delete(self, namespace: str, name: str, *, uid: str) -> None:
+        """Delete a flow, only if it is still the one with ``uid``; its children follow by
+        their owner references (background propagation)."""
+        body = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+            "preconditions": {"uid": uid},
+        }
+        with contextlib.suppress(Gone):
+            await self._call(self._send, "DELETE", self._path(namespace, name), body)
+
     async def list_children(self, namespace: str, parent_uid: str) -> list[dict[str, Any]]:
         result = await self._call(
             self.custom.list_namespaced_custom_object,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+FLOWS_DELETED = Counter(
+    "taskflow_flows_deleted_total", "Finished flows deleted after their TTL (history kept)"
+)
 FLOWS_FINISHED = Counter(
     "taskflow_flows_finished_total", "Taskflows that reached a final phase", ["phase"]
 )

@@ -24,6 +24,7 @@ from taskflow.shell import metrics
 from taskflow.shell.bus import Bus
 from taskflow.shell.effects import child_error, describe
 from taskflow.shell.kube import Gone, Kube
+from taskflow.shell.reaper import Reaper, response_refs
 from taskflow.shell.runner import FlowRunner
 from taskflow.shell.settings import RunnerSettings
 from taskflow.shell.tenants import Link, Tenants
@@ -40,6 +41,7 @@ class Registry:
         self.kube = kube
         self.bus = bus  # the operator's own connection: journal, object store
         self.tenants = tenants
+        self.reaper: Reaper | None = None  # deletes finished flows after their TTL
         self.settings = settings
         self.runners: dict[str, FlowRunner] = {}
         self.starting = asyncio.Semaphore(settings.max_starting)
@@ -81,7 +83,13 @@ class Registry:
         if event_type == "DELETED":
             if runner:
                 runner.stop()
+            if self.reaper is not None:
+                self.reaper.forget(uid)
+            for key in response_refs(body):  # its large responses go with it
+                self.spawn(self.bus.forget_response(key))
             return
+        if self.reaper is not None:
+            self.reaper.observe(body)
         if runner is not None:
             runner.observe(body)
         elif needs_runner(body) or uid in self.unfinished:
