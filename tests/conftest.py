@@ -112,6 +112,7 @@ class OperatorProcess:
                     f"127.0.0.1:{self.metrics_port}",
                     "--flush-interval",
                     "0.5",
+                    *getattr(self.stack, "operator_args", []),
                     *self.extra,
                 ],
                 stdout=log,

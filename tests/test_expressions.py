@@ -257,10 +257,30 @@ async def test_a_plain_service_gets_the_values_of_the_stage_before(
     assert context["previousStageRes"][0]["response"]["data"] == {"groupId": "g-9"}
 
 
+@pytest.fixture
+def without_webhook(stack, kube):  # type: ignore[no-untyped-def]
+    """As on a cluster where the webhook is not installed (or the operator is down)."""
+    from kubernetes import client
+
+    from taskflow.api.admission import WEBHOOK_NAME
+    from taskflow.devstack.servers import install_webhook
+
+    client.AdmissionregistrationV1Api(kube).delete_validating_webhook_configuration(WEBHOOK_NAME)
+    try:
+        yield
+    finally:
+        install_webhook(
+            stack.kubeconfig,
+            port=stack.webhook_port,
+            ca=stack.control_plane.workdir / "pki" / "ca.crt",
+        )
+
+
 @pytest.mark.integration
 async def test_a_bad_expression_fails_the_flow_and_nothing_is_sent(
-    operator, flows: Flows, nc, svc: str
+    operator, flows: Flows, nc, svc: str, without_webhook: None
 ) -> None:
+    """Without the webhook, the same check fails the flow when it starts."""
     seen = await serve(nc, f"{svc}.do")
     await flows.create(
         {
@@ -389,3 +409,65 @@ def test_for_each_over_no_items_is_skipped() -> None:
     add = second.status.stages[1].tasks[0]
     assert add.status == Status.SKIPPED and add.skip_reason == "forEach over no items"
     assert second.status.stages[2].tasks[0].status == Status.RUNNING  # the flow goes on
+
+
+def test_the_webhook_refuses_a_new_flow_whose_expressions_cannot_work() -> None:
+    from taskflow.shell.webhook import review
+
+    bad = {
+        "uid": "r1",
+        "operation": "CREATE",
+        "object": {
+            "spec": {
+                "stages": [
+                    {
+                        "name": "s",
+                        "tasks": [task("a", params={"x": "${{ stages.s.tasks.a.response }}"})],
+                    }
+                ]
+            }
+        },
+    }
+    answer = review(bad)
+    assert answer["uid"] == "r1" and answer["allowed"] is False
+    assert (
+        "spec.stages[0].tasks[0].params.x: stage 's' does not come before stage 's'"
+        in (answer["status"]["message"])
+    )
+    assert review({**bad, "operation": "UPDATE"})["allowed"] is True  # cancel, retry: never
+    assert (
+        review({"uid": "r2", "operation": "CREATE", "object": {"spec": {"stages": []}}})["allowed"]
+        is True
+    )  # malformed: the schema's job
+
+
+@pytest.mark.integration
+async def test_a_bad_expression_is_refused_at_apply(operator, flows: Flows, svc: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as refused:
+        await flows.create(
+            {
+                "stages": [
+                    {
+                        "name": "s",
+                        "tasks": [
+                            {
+                                "name": "a",
+                                "taskDetails": {"serviceId": svc, "actionName": "do"},
+                                "params": {
+                                    "x": "${{ 1 + }}",
+                                    "y": "${{ stages.nope.tasks.b.response }}",
+                                },
+                            }
+                        ],
+                    }
+                ]
+            },
+            "f",
+        )
+    message = json.loads(refused.value.body)["message"]
+    assert 'admission webhook "expressions.taskflow.dev" denied the request' in message
+    assert "spec.stages[0].tasks[0].params.x: " in message and "Syntax error" in message
+    assert "spec.stages[0].tasks[0].params.y: no stage 'nope' in this flow" in message
+    assert await flows.list() == []

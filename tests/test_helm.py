@@ -300,7 +300,7 @@ def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
     assert rule_set(credentials["rules"]) == EXPECTED_CREDENTIAL_RULES
     assert "--credentials-namespace=taskflow-system" in c["args"]
     assert "--require-policy" not in c["args"]
-    service = one(docs, "Service")
+    service = one(docs, "Service", "taskflow-taskflow-operator-metrics")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
 
 
@@ -428,7 +428,11 @@ def test_service_monitor_is_optional(tmp_path: Path) -> None:
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     docs = render(tmp_path, {"metrics": {"enabled": False}})
-    assert not [d for d in docs if d["kind"] in ("Service", "ServiceMonitor")]
+    assert not [
+        d
+        for d in docs
+        if d["kind"] == "ServiceMonitor" or d["metadata"]["name"].endswith("-metrics")
+    ]
     assert "--metrics-address=" in container(docs)["args"]
 
 
@@ -1242,3 +1246,29 @@ async def test_two_replicas_one_serves_the_other_takes_over(
             if "orbidden" in line and not _kopf_optional_scan(line)
         ]
         assert not denied, denied[:5]
+
+
+def test_the_expression_webhook_is_served_with_a_certificate_helm_makes(tmp_path: Path) -> None:
+    from taskflow.api import admission
+
+    docs = render(tmp_path, {})
+    config = one(docs, "ValidatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    want = admission.expression_webhook(client_config={})["webhooks"][0]
+    assert {k: v for k, v in hook.items() if k != "clientConfig"} == {
+        k: v for k, v in want.items() if k != "clientConfig"
+    }
+    secret = one(docs, "Secret", "taskflow-taskflow-operator-webhook")
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    assert hook["clientConfig"]["service"] == {
+        "name": "taskflow-taskflow-operator-webhook",
+        "namespace": "taskflow-system",
+        "path": "/validate-taskflow",
+        "port": 443,
+    }
+    args = container(docs)["args"]
+    assert "--webhook-address=0.0.0.0:9443" in args
+    assert "--webhook-cert-file=/etc/taskflow/webhook/tls.crt" in args
+    off = render(tmp_path, {"webhook": {"enabled": False}})
+    assert not [d for d in off if d["kind"] == "ValidatingWebhookConfiguration"]
+    assert not [a for a in container(off)["args"] if a.startswith("--webhook")]

@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="size limit of each of the reply and event streams (oldest go first)",
     )
     run.add_argument(
+        "--webhook-address",
+        default=env("TASKFLOW_WEBHOOK_ADDRESS", ""),
+        help="host:port of the validating admission webhook (checks expressions at apply; "
+        "'' serves none)",
+    )
+    run.add_argument("--webhook-cert-file", default=env("TASKFLOW_WEBHOOK_CERT_FILE"))
+    run.add_argument("--webhook-key-file", default=env("TASKFLOW_WEBHOOK_KEY_FILE"))
+    run.add_argument(
         "--ttl-after-succeeded",
         default=env("TASKFLOW_TTL_AFTER_SUCCEEDED"),
         help="delete a SUCCEEDED flow this long after it ended, unless its spec.ttl says "
@@ -169,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(level=args.log_level, fmt=args.log_format)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it
+    if args.webhook_address and not (args.webhook_cert_file and args.webhook_key_file):
+        print("--webhook-address needs --webhook-cert-file and --webhook-key-file", file=sys.stderr)
+        return 2
     problem = Subjects(template=args.subject_template).template_problem()
     if problem is not None:
         print(f"--subject-template: {problem}", file=sys.stderr)
@@ -221,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
         credentials_namespace=args.credentials_namespace,
         require_policy=args.require_policy,
         ttl=ttl,
+        webhook=(args.webhook_address, args.webhook_cert_file, args.webhook_key_file)
+        if args.webhook_address
+        else None,
     )
     registry = kopf.OperatorRegistry()
     operator.register(registry)

@@ -21,6 +21,9 @@ def outputs() -> dict[Path, str]:
         files[CHART / f"crds/taskflow.dev_{name}.yaml"] = text
     files[CHART / "files/parent-links-policy.yaml"] = admission.render()
     files[CHART / "files/tenant-policy.yaml"] = admission.render(admission.tenant_policy())
+    files[CHART / "files/expression-webhook.yaml"] = admission.render_one(
+        admission.expression_webhook(client_config={})
+    )
     return files
 
 

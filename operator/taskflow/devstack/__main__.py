@@ -122,6 +122,7 @@ def main() -> int:
                         f"127.0.0.1:{free_port()}",
                         "--nats-api",
                         "on",
+                        *stack.operator_args,
                         *operator_auth,
                     ],
                     root / "operator.log",

@@ -416,6 +416,9 @@ class DevStack:
             controller_manager_binary=kcm,
         )
         # With users and permissions (the auth mode), every client connects as one of them.
+        # The operator's admission webhook (expressions at apply): registered with the API
+        # server at this port; the operator serves it with the API server's own serving cert.
+        self.webhook_port = free_port()
         self.nats_auth = nats_auth
         self.nats = NatsServer(
             self.workdir / "nats",
@@ -429,6 +432,19 @@ class DevStack:
         return self.control_plane.kubeconfig
 
     @property
+    def operator_args(self) -> list[str]:
+        """What an operator on this stack passes to serve the registered webhook."""
+        pki = self.control_plane.workdir / "pki"
+        return [
+            "--webhook-address",
+            f"127.0.0.1:{self.webhook_port}",
+            "--webhook-cert-file",
+            str(pki / "apiserver.crt"),
+            "--webhook-key-file",
+            str(pki / "apiserver.key"),
+        ]
+
+    @property
     def pids(self) -> list[int]:
         servers = [*self.control_plane.servers, *([self.nats.server] if self.nats.server else [])]
         return [s.pid for s in servers if s.pid is not None]
@@ -439,6 +455,11 @@ class DevStack:
             self.control_plane.start()
             install_crd(self.kubeconfig)
             install_admission_policy(self.kubeconfig)
+            install_webhook(
+                self.kubeconfig,
+                port=self.webhook_port,
+                ca=self.control_plane.workdir / "pki" / "ca.crt",
+            )
         except BaseException:
             self.stop()
             raise
@@ -515,5 +536,32 @@ def install_admission_policy(kubeconfig: Path) -> None:
                 force=True,
                 _content_type="application/apply-patch+yaml",
             )
+    finally:
+        api_client.close()
+
+
+def install_webhook(kubeconfig: Path, *, port: int, ca: Path) -> None:
+    """Register the operator's admission webhook (taskflow.api.admission) at 127.0.0.1:port."""
+    import base64
+
+    from kubernetes import client, config
+
+    from taskflow.api.admission import WEBHOOK_PATH, expression_webhook
+
+    api_client = config.new_client_from_config(str(kubeconfig))
+    try:
+        body = expression_webhook(
+            client_config={
+                "url": f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
+                "caBundle": base64.b64encode(ca.read_bytes()).decode(),
+            }
+        )
+        client.AdmissionregistrationV1Api(api_client).patch_validating_webhook_configuration(
+            name=body["metadata"]["name"],
+            body=body,
+            field_manager="taskflow-devstack",
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
     finally:
         api_client.close()

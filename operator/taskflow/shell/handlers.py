@@ -59,6 +59,7 @@ class Operator:
         credentials_namespace: str | None = None,
         require_policy: bool = False,
         ttl: TtlDefaults | None = None,
+        webhook: tuple[str, str, str] | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
@@ -78,6 +79,9 @@ class Operator:
         self.require_policy = require_policy
         self.tenants: Tenants | None = None
         self.ttl = ttl or TtlDefaults()
+        # (host:port, cert file, key file) of the admission webhook, if it is served.
+        self.webhook = webhook
+        self._webhook_runner: Any = None
         self.reaper: Reaper | None = None
         self.registry: Registry | None = None
         self.bus: Bus | None = None
@@ -156,6 +160,13 @@ class Operator:
         self.reaper = Reaper(kube=self.kube, bus=self.bus, defaults=self.ttl)
         self.registry.reaper = self.reaper
         self.reaper.start()
+        if self.webhook is not None:
+            from taskflow.shell.webhook import serve_webhook
+
+            address, cert_file, key_file = self.webhook
+            self._webhook_runner = await serve_webhook(
+                address=address, cert_file=cert_file, key_file=key_file
+            )
         self.tenants.on_reply = self.registry.on_reply
         self.tenants.on_heartbeat = self.registry.on_heartbeat
         self.tenants.on_reconnected = self.registry.on_reconnected
@@ -191,6 +202,8 @@ class Operator:
             await self.tenants.close()
         if self.reaper:
             await self.reaper.close()
+        if self._webhook_runner is not None:
+            await self._webhook_runner.cleanup()
         if self.bus:
             await self.bus.close()
         if self.kube:
