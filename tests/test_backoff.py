@@ -175,3 +175,45 @@ def test_an_error_no_retry_can_help_fails_the_task_at_once(
 def test_other_codes_and_timeouts_are_still_retried() -> None:
     spec = one_task(maxRetries=2, retryDelay=10, nonRetryableCodes=["NOT_FOUND"])
     assert len(run_failures(spec, TaskError(message="x", code="BUSY", reason="Service"), 5)) == 2
+
+
+def test_when_no_service_fail_ends_the_attempt_at_once_and_retries_per_max_retries() -> None:
+    from taskflow.engine import NoResponders
+
+    spec = one_task(maxRetries=1, retryDelay=10, whenNoService="fail")
+    first = decide(
+        spec=spec, status=TaskflowStatus(), now=T0, uid=UID, generation=1, event_subject="e"
+    )
+    gone = decide(
+        spec=spec,
+        status=first.status,
+        now=T0 + 1,
+        uid=UID,
+        generation=1,
+        event_subject="e",
+        inputs=[NoResponders(stage="s", task="t", attempt=0)],
+    )
+    task = gone.status.stages[0].tasks[0]
+    assert task.status == Status.WAITING and task.attempt == 1  # the retry
+    assert task.attempts[0].error is not None
+    assert task.attempts[0].error.reason == ErrorReason.NO_SERVICE
+    waiting = decide(
+        spec=one_task(maxRetries=1),
+        status=first.status,
+        now=T0 + 1,
+        uid=UID,
+        generation=1,
+        event_subject="e",
+        inputs=[NoResponders(stage="s", task="t", attempt=0)],
+    )
+    assert waiting.status.stages[0].tasks[0].waiting_reason == "NoResponders"  # the default
+
+
+@pytest.mark.integration
+async def test_a_task_that_fails_fast_when_nobody_serves_it(operator, flows, svc: str) -> None:
+    from conftest import flow, task_status
+
+    await flows.create(flow(svc, ["t"], options={"timeout": "60s", "whenNoService": "fail"}), "f")
+    done = await flows.wait("f", timeout=20)
+    t = task_status(done, "s1", "t")
+    assert t["status"] == "FAILED" and t["error"]["reason"] == "NoService"

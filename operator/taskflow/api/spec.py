@@ -8,7 +8,7 @@ Field names are camelCase on the wire, as in the seed.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonValue
@@ -117,6 +117,13 @@ class Options(_Model):
     )
     retry_delay: Duration | None = Field(
         default=None, alias="retryDelay", description="Wait before the next attempt."
+    )
+    when_no_service: Literal["wait", "fail"] | None = Field(
+        default=None,
+        alias="whenNoService",
+        description="When no service instance serves the task's subject: wait (default: sent "
+        "again every 0.5 s until the timeout or maxAge) or fail the attempt at once (reason "
+        "NoService; retried per maxRetries).",
     )
     heartbeat_timeout: Duration | None = Field(
         default=None,

@@ -76,6 +76,8 @@ class ErrorReason(StrEnum):
     POLICY_DENIED = "PolicyDenied"
     # An expression of the task (its params or its when) could not be evaluated.
     EXPRESSION = "Expression"
+    # Nobody served the task's subject, and the task says whenNoService: fail.
+    NO_SERVICE = "NoService"
     # No heartbeat from the service within the task's heartbeatTimeout.
     HEARTBEAT = "Heartbeat"
 

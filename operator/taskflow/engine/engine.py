@@ -348,7 +348,17 @@ class _Step:
                 self.heartbeat(stage, task, item)
             return
         if isinstance(item, NoResponders):
-            if current and task.status == Status.RUNNING:
+            if (
+                current
+                and task.status == Status.RUNNING
+                and (self.opts(stage.name, task.name).when_no_service == "fail")
+            ):
+                error = TaskError(
+                    message="no service instance serves this task's subject (whenNoService: fail)",
+                    reason=ErrorReason.NO_SERVICE,
+                )
+                self.end_attempt(stage, task, Status.FAILED, error)
+            elif current and task.status == Status.RUNNING:
                 task.status = Status.WAITING
                 task.waiting_reason = WaitingReason.NO_RESPONDERS
                 task.not_before = iso(self.now + REDELIVERY_INTERVAL_MS)

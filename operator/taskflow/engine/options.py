@@ -27,6 +27,8 @@ class EffectiveOptions:
     max_delay_ms: int | None = None
     jitter: float = 0.0
     non_retryable_codes: frozenset[str] = frozenset()
+    # "wait": no responders means send again until the timeout; "fail": end the attempt.
+    when_no_service: str = "wait"
     # An attempt must be heartbeaten at least this often (None: no heartbeats needed).
     heartbeat_timeout_ms: int | None = None
 
@@ -92,5 +94,6 @@ def effective_options(flow: Options | None, task: Options | None) -> EffectiveOp
         exactly_once_task_execution=bool(pick("exactly_once_task_execution")),
         non_retryable_codes=frozenset(codes) if isinstance(codes, list) else frozenset(),
         heartbeat_timeout_ms=ms("heartbeat_timeout", None) or None,
+        when_no_service=str(pick("when_no_service") or "wait"),
         **backed,  # type: ignore[arg-type]
     )
