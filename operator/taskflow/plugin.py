@@ -8,6 +8,8 @@
                                           its whole history first)
     kubectl taskflow retry NAME [--failed] [--stage S]... [--task S/T]...
     kubectl taskflow cancel NAME
+    kubectl taskflow services [SERVICE]   the services that answer on NATS (Services API):
+                                          instances, endpoints, stats, idempotent, capacity
 
 Common flags: ``-n/--namespace``, ``--kubeconfig``, ``--context``, ``--nats-url`` (default
 ``$NATS_URL``), ``-o json``. NAME is a name in the namespace, ``namespace/name`` or a uid.
@@ -23,6 +25,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,10 +33,13 @@ from taskflow.api.status import WaitingReason
 from taskflow.client import (
     DEFAULT_NATS_URL,
     Envelope,
+    LiveService,
     TaskflowClient,
     TaskflowError,
     is_final_event,
+    list_services,
 )
+from taskflow.client.services import DEFAULT_TIMEOUT, Endpoint, check_request
 
 STYLES = {
     "SUCCEEDED": "green",
@@ -133,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--phase", help="SUCCEEDED, FAILED, CANCELLED or COMPLETED_WITH_FAILURES")
     history.add_argument("--service", help="flows with a task that called this serviceId")
     history.add_argument("--since", help="completed within this long (e.g. 1h, 30m)")
+    services_help = "the services that answer on NATS (Services API), by name"
+    services_cmd = sub.add_parser("services", help=services_help, description=services_help)
+    _common(services_cmd, suppress=True)
+    services_cmd.add_argument(
+        "service", nargs="?", metavar="SERVICE", help="only this service (its Services API name)"
+    )
+    services_cmd.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to collect answers (default {DEFAULT_TIMEOUT:g}; all answer at once)",
+    )
     return parser
 
 
@@ -169,6 +188,8 @@ def _describe(exc: Exception) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     nats_url = args.nats_url or os.environ.get("NATS_URL") or DEFAULT_NATS_URL
+    if args.command == "services":
+        return await services(args, nats_url=nats_url)  # NATS only: no kubeconfig needed
     nc = await connect_nats(nats_url) if args.command in ("events", "history") else None
     client = TaskflowClient(
         kubeconfig=args.kubeconfig,
@@ -475,6 +496,148 @@ async def history(client: TaskflowClient, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- services ----------------------------------------------------------------------------------
+
+
+async def services(args: argparse.Namespace, *, nats_url: str) -> int:
+    """The listing of ``taskflow.client.list_services``, formatted; nothing found is an answer."""
+    try:
+        check_request(name=args.service, timeout=args.timeout)  # before connecting
+    except ValueError as exc:
+        raise PluginError(str(exc)) from exc
+    nc = await connect_nats(nats_url)
+    try:
+        found = await list_services(nc, name=args.service, timeout=args.timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    if args.output == "json":
+        print(json.dumps([s.as_json() for s in found], indent=2))
+    elif not found:
+        print(nothing_answers(service=args.service, nats_url=nats_url))
+    else:
+        emit(render_services(found))
+    return 0
+
+
+def nothing_answers(*, service: str | None, nats_url: str) -> str:
+    """An empty listing is an answer, not an error: say what was asked and where."""
+    what = f"no instance of service {service}" if service else "no service"
+    return (
+        f"{what} answers on NATS at {_without_credentials(nats_url)} (NATS Services API, $SRV.INFO)"
+    )
+
+
+def _without_credentials(url: str) -> str:
+    """A URL fit for stdout: ``nats://user:password@host`` loses its user and password."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def render_services(found: Sequence[LiveService]) -> list[Line]:
+    """Each service's head line, then a table of its endpoints, a blank line between."""
+    lines: list[Line] = []
+    for i, service in enumerate(found):
+        if i:
+            lines.append([])
+        lines.append(_service_head(service))
+        lines.extend(_endpoint_table(service))
+    return lines
+
+
+def _service_head(service: LiveService) -> Line:
+    count = len(service.instances)
+    line: Line = [
+        (service.name, "bold"),
+        (f"  {', '.join(service.versions) or '?'}", None),
+        (f"  {count} instance{'s' if count != 1 else ''}", "cyan"),
+    ]
+    idempotent = service.idempotent_instances
+    if idempotent == count:
+        line.append(("  idempotent", "green"))
+    elif idempotent:
+        line.append((f"  idempotent on {idempotent} of {count} instances", "yellow"))
+    capacity = capacity_text(service)
+    if capacity:
+        line.append((f"  {capacity}", None))
+    return line
+
+
+def capacity_text(service: LiveService) -> str:
+    """``capacity 8 (4 per instance)``; the instances' own figures when they differ or when
+    some say none (unbounded); empty when none says."""
+    declared = [c for c in (i.capacity for i in service.instances) if c is not None]
+    count = len(service.instances)
+    if not declared:
+        return ""
+    if len(declared) < count:
+        return f"capacity unbounded ({len(declared)} of {count} instances declare one)"
+    if len(set(declared)) == 1:
+        return f"capacity {sum(declared)} ({declared[0]} per instance)"
+    return f"capacity {sum(declared)} ({' + '.join(map(str, declared))})"
+
+
+def _endpoint_table(service: LiveService) -> list[Line]:
+    if not service.endpoints:
+        return [[("  (no endpoints)", "dim")]]
+    header = ["ENDPOINT", "SUBJECT", "QUEUE GROUP", "REQUESTS", "ERRORS", "AVG TIME"]
+    rows = [_endpoint_cells(e) for e in service.endpoints]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    numeric = {3, 4, 5}
+
+    def cells(row: list[str]) -> list[str]:
+        return [
+            cell.rjust(width) if c in numeric else cell.ljust(width)
+            for c, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+
+    lines: list[Line] = [[("  " + "  ".join(cells(header)).rstrip(), "dim")]]
+    for endpoint, row in zip(service.endpoints, rows, strict=True):
+        text = cells(row)
+        line: Line = [("  " + "  ".join(text[:4]) + "  ", None)]
+        line.append((text[4], "red" if endpoint.errors else None))
+        line.append(("  " + text[5], None))
+        line.extend(_endpoint_notes(endpoint, service))
+        lines.append(line)
+    return lines
+
+
+def _endpoint_cells(endpoint: Endpoint) -> list[str]:
+    return [
+        endpoint.name,
+        endpoint.subject,
+        endpoint.queue_group or "-",
+        str(endpoint.requests),
+        str(endpoint.errors),
+        processing_time(endpoint.average_processing_ns),
+    ]
+
+
+def _endpoint_notes(endpoint: Endpoint, service: LiveService) -> list[Segment]:
+    """What differs from the service's head line: fewer instances, its own idempotent flag."""
+    notes: list[Segment] = []
+    if endpoint.instances < len(service.instances):
+        notes.append((f"  on {endpoint.instances} of {len(service.instances)} instances", "yellow"))
+    if endpoint.idempotent and not service.idempotent:
+        notes.append(("  idempotent", "green"))
+    return notes
+
+
+def processing_time(ns: int | None) -> str:
+    """A Services API average (nanoseconds) the way a person reads it; ``-`` before any."""
+    if ns is None:
+        return "-"
+    if ns < 1_000:
+        return f"{ns}ns"
+    if ns < 1_000_000:
+        return f"{ns / 1_000:.0f}µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1_000_000:.1f}ms"
+    return f"{ns / 1_000_000_000:.2f}s"
+
+
 # -- retry and cancel --------------------------------------------------------------------------
 
 
@@ -523,4 +686,4 @@ if __name__ == "__main__":
         sys.exit(main())
 
 
-__all__ = ["build_parser", "event_line", "main", "render_tree"]
+__all__ = ["build_parser", "event_line", "main", "render_services", "render_tree"]

@@ -49,6 +49,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from taskflow.client import DEFAULT_NATS_URL, TaskflowClient
+from taskflow.client.services import CAPACITY, IDEMPOTENT
 from taskflow.wire.context import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
@@ -293,6 +294,7 @@ class Service:
         self.max_children_per_task = max_children_per_task
         self.actions: dict[str, _Action] = {}
         self.counters = Counters()
+        self.max_concurrency = max_concurrency
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._micro: Any = None
         self._cancel_sub: Any = None
@@ -342,9 +344,7 @@ class Service:
             version=self.version,
             description=self.description,
             queue_group=self.queue_group,
-            # A repeated attempt is answered from the reply cache without running again, so
-            # the operator may re-ask an attempt whose reply NATS lost.
-            metadata={"taskflow.dev/sdk": "python", "taskflow.dev/idempotent": "true"},
+            metadata=self._metadata(),
         )
         for action in self.actions.values():
             await self._micro.add_endpoint(
@@ -364,6 +364,16 @@ class Service:
             ", ".join(a.subject for a in self.actions.values()),
         )
         return self
+
+    def _metadata(self) -> dict[str, str]:
+        """What the Services API says of every instance (strings, as its metadata is)."""
+        # A repeated attempt is answered from the reply cache without running again, so
+        # the operator may re-ask an attempt whose reply NATS lost.
+        metadata = {"taskflow.dev/sdk": "python", IDEMPOTENT: "true"}
+        if self.max_concurrency:
+            # How many requests this instance serves at once, for whoever spreads the work.
+            metadata[CAPACITY] = str(self.max_concurrency)
+        return metadata
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking requests, let running handlers finish for ``grace`` seconds, then

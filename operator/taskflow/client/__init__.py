@@ -19,7 +19,8 @@ namespace.
 This module is the public surface only; the code lives by concern: ``envelope`` (the error
 envelope), ``kube`` (the Kubernetes calls), ``links`` (a child flow's link to its parent),
 ``details`` (the details tree), ``retries`` (``spec.retry`` from the seed's selection),
-``flows`` (``TaskflowClient``) and ``sync`` (``Client``).
+``flows`` (``TaskflowClient``), ``sync`` (``Client``) and ``services`` (``list_services``: which
+services answer on NATS, from the Services API).
 """
 
 from taskflow.client.details import flow_node as flow_node
@@ -37,6 +38,7 @@ from taskflow.client.kube import PLURAL as PLURAL
 from taskflow.client.kube import load_kube as load_kube
 from taskflow.client.links import ParentLink
 from taskflow.client.retries import retry_stages as retry_stages
+from taskflow.client.services import LiveService, list_services
 from taskflow.client.sync import Client
 
 # The keys a child flow's link is written with: the operator's own (tests check they agree).
@@ -50,8 +52,10 @@ from taskflow.wire.links import PARENT_UID as PARENT_UID
 __all__ = [
     "Client",
     "Envelope",
+    "LiveService",
     "ParentLink",
     "TaskflowClient",
     "TaskflowError",
     "is_final_event",
+    "list_services",
 ]

@@ -38,6 +38,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from taskflow.client.services import IDEMPOTENT
 from taskflow.wire.subjects import Subjects
 
 log = logging.getLogger("taskflow.bus")
@@ -112,10 +113,8 @@ class NatsSettings:
 ReplyHandler = Callable[[Msg], Awaitable[None]]
 # Told the subject of a message the client dropped (a slow consumer).
 DropHandler = Callable[[str], None]
-# A service says in its NATS Services API metadata (of the service or of one endpoint) that it
-# answers a repeated attempt (same Taskflow-Idempotency-Key) with its first answer, without
-# running it again: the operator may then re-ask an attempt whose reply may have been lost.
-IDEMPOTENT = "taskflow.dev/idempotent"
+# (IDEMPOTENT: a service says in its Services API metadata that it answers a repeated attempt
+# with its first answer, so the operator may re-ask an attempt whose reply may have been lost.)
 # Headers and the reply's own envelope, over the largest reply the operator reads.
 _HEADROOM = 64 * 1024
 
