@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.config import JsonValue
 
 from taskflow.api.durations import DURATION_PATTERN, parse_duration_ms
@@ -23,11 +23,20 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 # A NATS subject token that cannot widen a subscription or add a level: no '.', '*', '>' or space.
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]+$"
 
+
 # int-or-string: JSON Schema applies minimum/maximum to integers only and pattern/maxLength to
 # strings only, so one node checks both without CEL (whose cost estimate for a regex, times
 # every task of every stage, exceeds the CRD budget).
+def _at_most_7_days(value: int | str) -> int | str:
+    """The same bound as the schema's, for models built in Python (tests, the client)."""
+    if parse_duration_ms(value) > MAX_DURATION_MS:
+        raise ValueError("must be at most 7 days")
+    return value
+
+
 Duration = Annotated[
     int | str,
+    AfterValidator(_at_most_7_days),
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
@@ -91,13 +100,6 @@ class RetryBackoff(_Model):
         "and attempt, so that many retries spread out (default 0).",
     )
 
-    @field_validator("max_delay")
-    @classmethod
-    def _duration(cls, value: int | str | None) -> int | str | None:
-        if value is not None and parse_duration_ms(value) > MAX_DURATION_MS:
-            raise ValueError("must be at most 7 days")
-        return value
-
 
 ErrorCode = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -158,13 +160,6 @@ class Options(_Model):
         alias="exactlyOnceTaskExecution",
         description="A SUCCEEDED task is never dispatched again.",
     )
-
-    @field_validator("timeout", "retry_delay", "max_age", "heartbeat_timeout")
-    @classmethod
-    def _duration(cls, value: int | str | None) -> int | str | None:
-        if value is not None and parse_duration_ms(value) > MAX_DURATION_MS:
-            raise ValueError("must be at most 7 days")
-        return value
 
 
 class TaskDetails(_Model):
@@ -341,13 +336,6 @@ class Ttl(_Model):
         default=None, alias="afterFailed", description="Also COMPLETED_WITH_FAILURES."
     )
     after_cancelled: Duration | None = Field(default=None, alias="afterCancelled")
-
-    @field_validator("after_succeeded", "after_failed", "after_cancelled")
-    @classmethod
-    def _duration(cls, value: int | str | None) -> int | str | None:
-        if value is not None and parse_duration_ms(value) > MAX_DURATION_MS:
-            raise ValueError("must be at most 7 days")
-        return value
 
 
 class TaskflowSpec(_Model):
