@@ -117,7 +117,9 @@ def test_printer_columns(version: dict[str, Any]) -> None:
 def test_spec_is_required_and_stages_too(schema: dict[str, Any]) -> None:
     assert schema["required"] == ["spec"]
     spec = schema["properties"]["spec"]
-    assert spec["required"] == ["stages"]
+    assert "required" not in spec  # stages, or a templateRef to take them from (CEL)
+    rules = {r["message"] for r in spec["x-kubernetes-validations"]}
+    assert "a flow needs stages, or a templateRef to take them from" in rules
     assert set(spec["properties"]) == {
         "options",
         "context",
@@ -127,6 +129,7 @@ def test_spec_is_required_and_stages_too(schema: dict[str, Any]) -> None:
         "retry",
         "suspend",
         "ttl",
+        "templateRef",
     }
 
 
@@ -202,8 +205,8 @@ def test_stage_and_task_lists_are_maps_keyed_by_name(schema: dict[str, Any]) -> 
     for node, most in ((stages, 50), (tasks, 1000)):
         assert node["x-kubernetes-list-type"] == "map"
         assert node["x-kubernetes-list-map-keys"] == ["name"]
-        assert node["minItems"] == 1
         assert node["maxItems"] == most
+    assert tasks["minItems"] == 1  # (stages: at least one, or a templateRef: a CEL rule)
 
 
 def test_durations_are_int_or_string_with_bounds(schema: dict[str, Any]) -> None:

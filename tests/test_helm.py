@@ -75,6 +75,7 @@ EXPECTED_RULES = {
     ("taskflow.dev", "taskflows/finalizers", None): {"update"},
     ("", "events", None): {"create"},
     ("taskflow.dev", "taskflowpolicies", None): {"get", "list", "watch"},
+    ("taskflow.dev", "taskflowtemplates", None): {"get"},
     ("taskflow.dev", "taskflowpolicies/status", None): {"update"},
 }
 # Tenants' NATS credentials: Secrets of the release namespace, read only.

@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument(
         "--no-wait", action="store_true", help="do not wait for the operator to act"
     )
+    run_cmd = sub.add_parser(
+        "run",
+        help="start a Taskflow from a TaskflowTemplate of the namespace",
+        description="start a Taskflow from a TaskflowTemplate of the namespace",
+    )
+    run_cmd.add_argument("template", metavar="TEMPLATE", help="the TaskflowTemplate's name")
+    run_cmd.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an argument (repeat); VALUE is read as JSON when it is JSON, else as a string",
+    )
+    run_cmd.add_argument("--name", help="the new flow's name (default: <template>-<random>)")
+    _common(run_cmd, suppress=True)
     command("suspend", "hold a flow's new dispatches back (attempts in flight finish)")
     command("resume", "let a suspended flow go on")
     history = sub.add_parser(
@@ -217,6 +232,8 @@ async def run(args: argparse.Namespace) -> int:
             return 0
         if args.command == "history":
             return await history(client, args)
+        if args.command == "run":
+            return await run_template(client, args)
         return await cancel(client, args)
     finally:
         await client.close()
@@ -451,6 +468,32 @@ def event_line(event: dict[str, Any]) -> Line:
         if error:
             line.append((f"  {error}", "red"))
     return line
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+async def run_template(client: TaskflowClient, args: argparse.Namespace) -> int:
+    arguments: dict[str, Any] = {}
+    for item in args.arg:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise PluginError(f"--arg takes NAME=VALUE, not {item!r}")
+        try:
+            arguments[name] = json.loads(raw)
+        except ValueError:
+            arguments[name] = raw
+    spec = {"templateRef": {"name": args.template, "arguments": arguments}}
+    manifest = {"metadata": {"generateName": f"{args.template[:50]}-"}, "spec": spec}
+    data = _data(await client.produce(manifest if not args.name else spec, name=args.name))
+    if args.output == "json":
+        print(json.dumps(data))
+    else:
+        print(
+            f"taskflow {data.get('taskflowId')} started from TaskflowTemplate {args.template} "
+            f"(kubectl taskflow tree {data.get('taskflowId')})"
+        )
+    return 0
 
 
 # -- history -----------------------------------------------------------------------------------

@@ -91,6 +91,10 @@ child flows), no update of a whole object, no access to any other resource.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Templates: a flow with templateRef is made from one (read only).
+- apiGroups: ["taskflow.dev"]
+  resources: ["taskflowtemplates"]
+  verbs: ["get"]
 # Tenant policies: read (what a namespace may call, as whom), and the Connected condition.
 - apiGroups: ["taskflow.dev"]
   resources: ["taskflowpolicies"]

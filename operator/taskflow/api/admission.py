@@ -120,7 +120,9 @@ def tenant_policy(*, require: bool = False) -> list[dict[str, Any]]:
                 "variables": [{"name": "denied", "expression": _DENIED}],
                 "validations": [
                     {
-                        "expression": "!has(params.spec.services) || "
+                        # (a flow made from a template has no stages yet: the engine checks
+                        # its tasks before each dispatch)
+                        "expression": "!has(params.spec.services) || !has(object.spec.stages) || "
                         "variables.denied.all(l, size(l) == 0)",
                         "messageExpression": f"'TaskflowPolicy {tenant.NAME} of namespace ' + "
                         "object.metadata.namespace + ' does not allow: ' + "

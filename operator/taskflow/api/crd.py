@@ -138,6 +138,21 @@ def crd() -> dict[str, Any]:
     )
 
 
+def template_crd() -> dict[str, Any]:
+    """The TaskflowTemplate CRD: a flow with declared parameters, run by templateRef."""
+    from taskflow.api import templates
+
+    return _definition(
+        kind=templates.KIND,
+        plural=templates.PLURAL,
+        short=["tftemplate"],
+        description="A Taskflow defined once, with parameters; Taskflows run it by templateRef.",
+        spec=templates.TaskflowTemplateSpec,
+        status=templates.TaskflowTemplateStatus,
+        columns=[],
+    )
+
+
 def policy_crd() -> dict[str, Any]:
     """The TaskflowPolicy CRD: one per namespace, named ``default``."""
     return _definition(

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from taskflow.api import admission
-from taskflow.api.crd import crd, policy_crd, render
+from taskflow.api.crd import crd, policy_crd, render, template_crd
 
 CHART = Path("charts/taskflow-operator")
 
@@ -15,7 +15,11 @@ CHART = Path("charts/taskflow-operator")
 def outputs() -> dict[Path, str]:
     """Every generated file, by path (relative to the repository)."""
     files: dict[Path, str] = {}
-    for name, definition in (("taskflows", crd()), ("taskflowpolicies", policy_crd())):
+    for name, definition in (
+        ("taskflows", crd()),
+        ("taskflowpolicies", policy_crd()),
+        ("taskflowtemplates", template_crd()),
+    ):
         text = render(definition)
         files[Path(f"crds/taskflow.dev_{name}.yaml")] = text
         files[CHART / f"crds/taskflow.dev_{name}.yaml"] = text

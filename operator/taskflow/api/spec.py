@@ -305,19 +305,28 @@ class RetryRequest(_Model):
 
 _SPEC_RULES: list[JsonValue] = [
     {
-        "rule": "self.stages == oldSelf.stages",
+        # (A flow made from a template gets its stages once, from the operator.)
+        "rule": "!has(oldSelf.stages) || size(oldSelf.stages) == 0 || "
+        "(has(self.stages) && self.stages == oldSelf.stages)",
         "message": "stages are immutable once the flow exists: create a new Taskflow",
         "fieldPath": ".stages",
     },
     {
-        "rule": "has(self.options) == has(oldSelf.options) && "
-        "(!has(self.options) || self.options == oldSelf.options)",
+        "rule": "has(self.templateRef) || (has(self.stages) && size(self.stages) > 0)",
+        "message": "a flow needs stages, or a templateRef to take them from",
+        "fieldPath": ".stages",
+    },
+    {
+        "rule": "!has(oldSelf.stages) || size(oldSelf.stages) == 0 || ("
+        "has(self.options) == has(oldSelf.options) && "
+        "(!has(self.options) || self.options == oldSelf.options))",
         "message": "options are immutable once the flow exists",
         "fieldPath": ".options",
     },
     {
-        "rule": "has(self.inputs) == has(oldSelf.inputs) && "
-        "(!has(self.inputs) || self.inputs == oldSelf.inputs)",
+        "rule": "!has(oldSelf.stages) || size(oldSelf.stages) == 0 || ("
+        "has(self.inputs) == has(oldSelf.inputs) && "
+        "(!has(self.inputs) || self.inputs == oldSelf.inputs))",
         "message": "inputs are immutable once the flow exists",
         "fieldPath": ".inputs",
     },
@@ -338,6 +347,24 @@ class Ttl(_Model):
     after_cancelled: Duration | None = Field(default=None, alias="afterCancelled")
 
 
+class TemplateRef(_Model):
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="A TaskflowTemplate in the flow's namespace.",
+    )
+    arguments: FreeForm | None = Field(
+        default=None, description="Values of the template's parameters, by name."
+    )
+    resource_version: str | None = Field(
+        default=None,
+        alias="resourceVersion",
+        max_length=64,
+        description="Written by the operator: the template's version the flow was made from.",
+    )
+
+
 class TaskflowSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
 
@@ -349,9 +376,16 @@ class TaskflowSpec(_Model):
         default=None, description="Free-form values for expressions (inputs.<name>)."
     )
     stages: list[Stage] = Field(
-        min_length=1,
+        default_factory=list,
         max_length=MAX_STAGES,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="The plan; written by the operator from templateRef when that is given.",
+    )
+    template_ref: TemplateRef | None = Field(
+        default=None,
+        alias="templateRef",
+        description="Run a TaskflowTemplate of this namespace with these arguments; the "
+        "operator writes its stages, options and context here when the flow starts.",
     )
     cancel: bool | None = Field(
         default=None, description="true stops the flow; in-flight tasks become CANCELLED."

@@ -224,6 +224,14 @@ class Kube:
         result: dict[str, Any] = await self._call(self._send, "PUT", path, body)
         return result
 
+    async def get_template(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            self._send,
+            "GET",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/taskflowtemplates/{name}",
+        )
+        return result
+
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(
             self._send, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
-from taskflow.api.spec import TaskflowSpec
+from taskflow.api.spec import TaskflowSpec, TemplateRef
 from taskflow.api.status import (
     TERMINAL_FLOW_PHASES,
     FlowPhase,
@@ -33,12 +33,13 @@ from taskflow.api.status import (
     TaskflowStatus,
     WaitingReason,
 )
+from taskflow.api.templates import TaskflowTemplateSpec, instantiate
 from taskflow.engine import Decision, Dispatch, Input, decide, parse_iso
 from taskflow.shell import metrics
 from taskflow.shell.effects import Effects
 from taskflow.shell.idle import IdleState
 from taskflow.shell.kube import PLURAL, Gone
-from taskflow.shell.objects import lean, now_ms, rv
+from taskflow.shell.objects import iso_now, lean, now_ms, rv
 from taskflow.shell.recorder import Recorder
 from taskflow.shell.settings import RunnerSettings
 from taskflow.shell.stalls import Stalls
@@ -362,6 +363,10 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
             except ValidationError as exc:
                 self.log.error("spec is invalid, flow not run: %s", exc)
                 return None
+            if spec.template_ref is not None and not spec.stages:
+                if not await self.from_template(spec.template_ref):
+                    return None
+                continue  # the spec now holds the template's stages
             decision = decide(
                 spec=spec,
                 status=self.status,
@@ -374,6 +379,64 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
             )
             if await self.record(decision, generation=generation):
                 return decision
+
+    async def from_template(self, ref: TemplateRef) -> bool:
+        """A flow made from a template: write the template's stages, options, context and
+        the arguments (as inputs) into its spec, with the template's resourceVersion. False:
+        it cannot be made (no such template, bad arguments): the flow is failed saying why."""
+        problem: str
+        try:
+            found = await self.kube.get_template(self.namespace, ref.name)
+        except Gone:
+            problem = f"no TaskflowTemplate {ref.name!r} in namespace {self.namespace}"
+        else:
+            try:
+                template = TaskflowTemplateSpec.model_validate(found.get("spec") or {})
+            except ValidationError as exc:
+                problem = f"TaskflowTemplate {ref.name!r} is invalid: {exc.errors()[0]['msg']}"
+            else:
+                fields, problems = instantiate(template, ref.arguments)
+                if not problems:
+                    own = self.spec().inputs or {}
+                    fields["inputs"] = {**own, **fields["inputs"]}
+                    version = found["metadata"].get("resourceVersion")
+                    fields["templateRef"] = {"resourceVersion": version}
+                    await self.kube.patch_spec(self.namespace, self.name, {"spec": fields})
+                    self.body = lean(await self.kube.get(self.namespace, self.name))
+                    self._spec = None
+                    self.log.info(
+                        "made from TaskflowTemplate %s (resourceVersion %s)", ref.name, version
+                    )
+                    return True
+                problem = f"TaskflowTemplate {ref.name!r}: " + "; ".join(problems)
+        self.log.warning("not run: %s", problem)
+        now = iso_now()
+        status = TaskflowStatus.model_validate(
+            {
+                "taskflowId": self.uid,
+                "phase": FlowPhase.FAILED,
+                "startTime": now,
+                "completionTime": now,
+                "eventSubscription": self.settings.subjects.events(self.uid),
+                "conditions": [
+                    {
+                        "type": "Succeeded",
+                        "status": "False",
+                        "reason": "InvalidTemplate",
+                        "message": problem[:2000],
+                        "lastTransitionTime": now,
+                    }
+                ],
+            }
+        )
+        await self.write(status, generation=None)
+        self.status = status
+        self.registry.spawn(
+            self.kube.event(
+                self.body, reason="InvalidTemplate", message=problem[:1024], type_="Warning"
+            )
+        )
+        return False
 
     async def sleep(self, wake_at: int | None) -> None:
         if self.inbox or self.stopped:
