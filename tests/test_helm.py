@@ -76,6 +76,8 @@ EXPECTED_RULES = {
     ("", "events", None): {"create"},
     ("taskflow.dev", "taskflowpolicies", None): {"get", "list", "watch"},
     ("taskflow.dev", "taskflowtemplates", None): {"get"},
+    ("taskflow.dev", "crontaskflows", None): {"get", "list", "watch"},
+    ("taskflow.dev", "crontaskflows/status", None): {"update"},
     ("taskflow.dev", "taskflowpolicies/status", None): {"update"},
 }
 # Tenants' NATS credentials: Secrets of the release namespace, read only.

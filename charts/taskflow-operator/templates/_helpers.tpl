@@ -95,6 +95,13 @@ child flows), no update of a whole object, no access to any other resource.
 - apiGroups: ["taskflow.dev"]
   resources: ["taskflowtemplates"]
   verbs: ["get"]
+# Schedules: CronTaskflows read, their status written (last schedule time, active runs).
+- apiGroups: ["taskflow.dev"]
+  resources: ["crontaskflows"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["taskflow.dev"]
+  resources: ["crontaskflows/status"]
+  verbs: ["update"]
 # Tenant policies: read (what a namespace may call, as whom), and the Connected condition.
 - apiGroups: ["taskflow.dev"]
   resources: ["taskflowpolicies"]

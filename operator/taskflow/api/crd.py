@@ -153,6 +153,25 @@ def template_crd() -> dict[str, Any]:
     )
 
 
+def cron_crd() -> dict[str, Any]:
+    """The CronTaskflow CRD: a Taskflow run on a schedule (CronJob's semantics)."""
+    from taskflow.api import schedules
+
+    return _definition(
+        kind=schedules.KIND,
+        plural=schedules.PLURAL,
+        short=["crontf"],
+        description="A Taskflow run on a schedule.",
+        spec=schedules.CronTaskflowSpec,
+        status=schedules.CronTaskflowStatus,
+        columns=[
+            {"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule"},
+            {"name": "Suspend", "type": "boolean", "jsonPath": ".spec.suspend"},
+            {"name": "Last", "type": "date", "jsonPath": ".status.lastScheduleTime"},
+        ],
+    )
+
+
 def policy_crd() -> dict[str, Any]:
     """The TaskflowPolicy CRD: one per namespace, named ``default``."""
     return _definition(

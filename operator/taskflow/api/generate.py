@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from taskflow.api import admission
-from taskflow.api.crd import crd, policy_crd, render, template_crd
+from taskflow.api.crd import crd, cron_crd, policy_crd, render, template_crd
 
 CHART = Path("charts/taskflow-operator")
 
@@ -19,6 +19,7 @@ def outputs() -> dict[Path, str]:
         ("taskflows", crd()),
         ("taskflowpolicies", policy_crd()),
         ("taskflowtemplates", template_crd()),
+        ("crontaskflows", cron_crd()),
     ):
         text = render(definition)
         files[Path(f"crds/taskflow.dev_{name}.yaml")] = text

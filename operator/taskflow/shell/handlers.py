@@ -22,6 +22,7 @@ from taskflow.shell.keys import key_from_file, key_from_nats
 from taskflow.shell.kube import Kube, connection_config, load_api_client
 from taskflow.shell.reaper import Reaper, TtlDefaults
 from taskflow.shell.registry import Registry
+from taskflow.shell.scheduler import Scheduler
 from taskflow.shell.settings import RunnerSettings
 from taskflow.shell.tenants import Tenants
 
@@ -83,6 +84,7 @@ class Operator:
         self.webhook = webhook
         self._webhook_runner: Any = None
         self.reaper: Reaper | None = None
+        self.scheduler: Scheduler | None = None
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
@@ -96,6 +98,9 @@ class Operator:
         )
         kopf.on.event(GROUP, VERSION, POLICY_PLURAL, registry=registry)(
             self.on_policy  # type: ignore[arg-type]
+        )
+        kopf.on.event(GROUP, VERSION, "crontaskflows", registry=registry)(
+            self.on_cron  # type: ignore[arg-type]
         )
         kopf.on.probe(id="nats", registry=registry)(self.probe)
 
@@ -160,6 +165,8 @@ class Operator:
         self.reaper = Reaper(kube=self.kube, bus=self.bus, defaults=self.ttl)
         self.registry.reaper = self.reaper
         self.reaper.start()
+        self.scheduler = Scheduler(kube=self.kube)
+        self.scheduler.start()
         if self.webhook is not None:
             from taskflow.shell.webhook import serve_webhook
 
@@ -202,6 +209,8 @@ class Operator:
             await self.tenants.close()
         if self.reaper:
             await self.reaper.close()
+        if self.scheduler:
+            await self.scheduler.close()
         if self._webhook_runner is not None:
             await self._webhook_runner.cleanup()
         if self.bus:
@@ -213,6 +222,10 @@ class Operator:
         if self.registry is None or not isinstance(event.get("object"), dict):
             return
         self.registry.observe(event.get("type"), event["object"])
+
+    async def on_cron(self, event: dict[str, Any], **_: Any) -> None:
+        if self.scheduler is not None and isinstance(event.get("object"), dict):
+            self.scheduler.observe(event.get("type"), event["object"])
 
     async def on_policy(self, event: dict[str, Any], **_: Any) -> None:
         if self.tenants is not None and isinstance(event.get("object"), dict):

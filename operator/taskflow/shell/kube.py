@@ -224,6 +224,34 @@ class Kube:
         result: dict[str, Any] = await self._call(self._send, "PUT", path, body)
         return result
 
+    async def list_runs(self, namespace: str, cron: str) -> list[dict[str, Any]]:
+        """The Taskflows a CronTaskflow started."""
+        from taskflow.api.schedules import CRON_LABEL
+
+        result = await self._call(
+            self._send, "GET", f"{self._path(namespace)}?labelSelector={CRON_LABEL}%3D{cron}"
+        )
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
+
+    def _cron_path(self, namespace: str, name: str, sub: str = "") -> str:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/crontaskflows/{name}" + (
+            f"/{sub}" if sub else ""
+        )
+
+    async def get_cron(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            self._send, "GET", self._cron_path(namespace, name)
+        )
+        return result
+
+    async def replace_cron_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        result: dict[str, Any] = await self._call(
+            self._send, "PUT", self._cron_path(meta["namespace"], meta["name"], "status"), body
+        )
+        return result
+
     async def get_template(self, namespace: str, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(
             self._send,
