@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from conftest import ROOT, Flows, task_status
+from conftest import ROOT, Flows, flow, task_status
 from taskflow.shell.natsapi import serve_api
 from test_client import extract_example, one_task, seed_schema, serve, succeed
 
@@ -317,3 +317,27 @@ async def test_the_docs_example_runs(
     )
     assert result.returncode == 0, result.stderr
     assert "taskflow SUCCEEDED" in result.stdout, result.stdout
+
+
+async def test_suspend_resume_and_history_through_the_nats_api(
+    operator, nc, flows: Flows, namespace: str, svc: str, api_token: str
+) -> None:
+    seen: list[Any] = []
+
+    async def answer(msg: Any) -> None:
+        seen.append(msg)
+        await msg.respond(json.dumps({"success": True}).encode())
+
+    await nc.subscribe(f"{svc}.do", cb=answer)
+    await flows.create({**flow(svc, ["a"]), "suspend": True, "ttl": {"afterSucceeded": "1s"}}, "f")
+    await flows.wait("f", until=lambda b: bool((b.get("status") or {}).get("suspendedAt")))
+    res = await call(nc, "taskflow.api.resume", {"taskflowId": f"{namespace}/f"}, token=api_token)
+    assert res["success"] and res["data"]["suspend"] is False, res
+    for _ in range(150):
+        listed = await call(nc, "taskflow.api.history", {"namespace": namespace}, token=api_token)
+        if listed["success"] and listed["data"]["items"]:
+            break
+        await asyncio.sleep(0.1)
+    assert [i["name"] for i in listed["data"]["items"]] == ["f"] and len(seen) == 1
+    refused = await call(nc, "taskflow.api.history", {"namespace": "kube-system"}, token=api_token)
+    assert refused["error"]["code"] == "Forbidden"

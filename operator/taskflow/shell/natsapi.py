@@ -17,6 +17,11 @@ a JSON object and every answer is the client's envelope, ``{"success": true, "da
 ``taskflow.api.retry``
     ``{"taskflowId": ..., "stages": [...], "tasks": [...], "failedOnly": false}`` (the seed's
     stagesInfo/tasksInfo forms) -> ``{"taskflowId", "retryId", "accepted", ...}``.
+``taskflow.api.suspend`` / ``taskflow.api.resume``
+    ``{"taskflowId": ...}`` -> ``{"taskflowId", "name", "namespace", "suspend"}``.
+``taskflow.api.history``
+    ``{"namespace": "ns", "phase"?, "service"?, "sinceMs"?}`` -> ``{"items": [...]}``: flows
+    the operator deleted after their TTL (needs ``list`` on taskflows there).
 
 Only the configured namespaces are served: a request naming (or resolving to) another namespace
 is refused with code ``Forbidden``; uids are looked up in the allowed namespaces only.
@@ -52,7 +57,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from taskflow.api.crd import GROUP
-from taskflow.client import Envelope, TaskflowClient, TaskflowError, fail
+from taskflow.client import Envelope, TaskflowClient, TaskflowError, fail, ok
 from taskflow.shell.kube import PLURAL
 from taskflow.wire.subjects import Subjects
 
@@ -271,12 +276,39 @@ class NatsApi:
             wait=self._wait(request),
         )
 
+    async def suspend(self, request: dict[str, Any], caller: Caller) -> Envelope:
+        return await self.client.suspend(await self._flow(request, caller, verb="patch"))
+
+    async def resume(self, request: dict[str, Any], caller: Caller) -> Envelope:
+        return await self.client.suspend(
+            await self._flow(request, caller, verb="patch"), suspend=False
+        )
+
+    async def history(self, request: dict[str, Any], caller: Caller) -> Envelope:
+        """Flows deleted after their TTL, of one namespace (the caller may list taskflows
+        there): ``{"namespace", "phase"?, "service"?, "sinceMs"?}``."""
+        namespace = request.get("namespace")
+        if not isinstance(namespace, str) or not namespace:
+            raise TaskflowError('"namespace" is required', "BadRequest")
+        await self.allow(caller, verb="list", namespace=namespace)
+        since = request.get("sinceMs")
+        items = await self.client.history(
+            namespace=namespace,
+            phase=request.get("phase") if isinstance(request.get("phase"), str) else None,
+            service=request.get("service") if isinstance(request.get("service"), str) else None,
+            since_ms=since if isinstance(since, int) else None,
+        )
+        return ok({"items": items})
+
     def handlers(self) -> dict[str, Handler]:
         return {
             "produce": self.produce,
             "details": self.details,
             "cancel": self.cancel,
             "retry": self.retry,
+            "suspend": self.suspend,
+            "resume": self.resume,
+            "history": self.history,
         }
 
 
@@ -335,7 +367,9 @@ async def serve_api(
         await nc.subscribe(f"{prefix}.{verb}", queue=QUEUE_GROUP, cb=subscriber(verb, handler))
     await nc.flush()
     where = ", ".join(namespaces) if namespaces else "all namespaces"
-    log.info("NATS API on %s.{produce,details,cancel,retry} for %s", prefix, where)
+    log.info(
+        "NATS API on %s.{produce,details,cancel,retry,suspend,resume,history} for %s", prefix, where
+    )
 
 
 def _bearer(headers: dict[str, str] | None) -> str | None:
