@@ -471,3 +471,44 @@ async def test_a_bad_expression_is_refused_at_apply(operator, flows: Flows, svc:
     assert "spec.stages[0].tasks[0].params.x: " in message and "Syntax error" in message
     assert "spec.stages[0].tasks[0].params.y: no stage 'nope' in this flow" in message
     assert await flows.list() == []
+
+
+@pytest.mark.integration
+async def test_an_expression_reads_a_response_kept_in_the_object_store(
+    operator, flows: Flows, nc, svc: str
+) -> None:
+    """A response over the inline limit (32 KiB) is kept in the object store; a later
+    stage's expression still reads it."""
+    big = {"groupId": "g-big", "padding": "x" * 60_000}
+    await serve(nc, f"{svc}.create", lambda m: {"success": True, "data": big})
+    added = await serve(nc, f"{svc}.add")
+    await flows.create(
+        {
+            "stages": [
+                {
+                    "name": "make",
+                    "tasks": [
+                        {"name": "group", "taskDetails": {"serviceId": svc, "actionName": "create"}}
+                    ],
+                },
+                {
+                    "name": "use",
+                    "tasks": [
+                        {
+                            "name": "add",
+                            "taskDetails": {"serviceId": svc, "actionName": "add"},
+                            "params": {
+                                "groupId": "${{ stages.make.tasks.group.response.groupId }}",
+                                "size": "${{ size(stages.make.tasks.group.response.padding) }}",
+                            },
+                        }
+                    ],
+                },
+            ]
+        },
+        "f",
+    )
+    done = await flows.wait("f")
+    assert done["status"]["phase"] == "SUCCEEDED", json.dumps(done["status"]["stages"])[:3000]
+    assert task_status(done, "make", "group")["responseRef"].startswith("nats-object://")
+    assert [json.loads(m.data) for m in added.requests] == [{"groupId": "g-big", "size": 60000}]

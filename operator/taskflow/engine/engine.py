@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from taskflow.api.spec import MAX_FAN_OUT, Task, TaskflowSpec, TaskType, base_name
 from taskflow.api.status import (
@@ -69,10 +70,11 @@ def decide(
     generation: int,
     event_subject: str,
     refuse: Refusal | None = None,
+    fetched: Mapping[str, Any] | None = None,
 ) -> Decision:
     """Advance the flow as far as it can go at ``now``. ``refuse`` says why a service's
     action may not be called from this flow (its namespace's policy), or None when it may."""
-    return _Step(spec, clone(status), now, uid, refuse).run(
+    return _Step(spec, clone(status), now, uid, refuse, fetched).run(
         inputs=inputs, generation=generation, event_subject=event_subject
     )
 
@@ -121,9 +123,11 @@ class _Step:
         now: int,
         uid: str,
         refuse: Refusal | None = None,
+        fetched: Mapping[str, Any] | None = None,
     ) -> None:
         self.spec = spec
         self.refuse = refuse
+        self.fetched = fetched
         self.status = status
         self.now = now
         self.uid = uid
@@ -587,7 +591,9 @@ class _Step:
         if when is None:
             return False
         try:
-            if expressions.holds(when, expressions.variables(self.spec, self.status, index)):
+            if expressions.holds(
+                when, expressions.variables(self.spec, self.status, index, self.fetched)
+            ):
                 return False
         except expressions.ExpressionError as exc:
             error = TaskError(message=str(exc)[:4096], reason=ErrorReason.EXPRESSION)
@@ -616,7 +622,7 @@ class _Step:
             try:
                 items = spec.for_each.items
                 if isinstance(items, str):
-                    values = expressions.variables(self.spec, self.status, index)
+                    values = expressions.variables(self.spec, self.status, index, self.fetched)
                     items = expressions.resolve(items, values)
                 if not isinstance(items, list):
                     raise expressions.ExpressionError(
@@ -668,7 +674,9 @@ class _Step:
         spec = self.task_spec(stage.name, task.name)
         if spec.when is None and not expressions.has_expressions(spec.params):
             return True
-        values = expressions.variables(self.spec, self.status, self.stage_index(stage))
+        values = expressions.variables(
+            self.spec, self.status, self.stage_index(stage), self.fetched
+        )
         if task.index is not None and spec.for_each is not None:
             values = {**values, spec.for_each.as_: task.item, "index": task.index}
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -143,8 +143,20 @@ def holds(condition: str, variables: dict[str, Any]) -> bool:
     return result
 
 
-def variables(spec: TaskflowSpec, status: TaskflowStatus, stage_index: int) -> dict[str, Any]:
-    """What an expression of stage ``stage_index`` sees: inputs, context, earlier stages."""
+def variables(
+    spec: TaskflowSpec,
+    status: TaskflowStatus,
+    stage_index: int,
+    fetched: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What an expression of stage ``stage_index`` sees: inputs, context, earlier stages.
+    ``fetched``: responses kept in the object store, by ``responseRef`` (the shell reads
+    them before it decides)."""
+    stored = fetched or {}
+
+    def response(t: Any) -> Any:
+        return stored.get(t.response_ref) if t.response_ref else t.response
+
     stages: dict[str, Any] = {}
     for stage in status.stages[:stage_index]:
         tasks: dict[str, Any] = {}
@@ -154,7 +166,7 @@ def variables(spec: TaskflowSpec, status: TaskflowStatus, stage_index: int) -> d
                 fanned.setdefault(base_name(t.name), []).append(t)
                 continue
             tasks[t.name] = {
-                "response": t.response,
+                "response": response(t),
                 "status": str(t.status),
                 "attempt": t.attempt,
                 "error": t.error.model_dump(exclude_none=True) if t.error else None,
@@ -162,7 +174,7 @@ def variables(spec: TaskflowSpec, status: TaskflowStatus, stage_index: int) -> d
         for name, entries in fanned.items():  # a fan-out: its entries' values, as lists
             ok = all(e.status in (Status.SUCCEEDED, Status.SKIPPED) for e in entries)
             tasks[name] = {
-                "response": [e.response for e in entries],
+                "response": [response(e) for e in entries],
                 "items": [e.item for e in entries],
                 "status": "SUCCEEDED" if ok else "FAILED",
                 "statuses": [str(e.status) for e in entries],
@@ -216,3 +228,15 @@ def problems(spec: TaskflowSpec) -> list[str]:
                 elif names.index(ref) >= index:
                     found.append(f"{path}: stage {ref!r} does not come before stage {stage.name!r}")
     return found
+
+
+def uses_expressions(spec: TaskflowSpec) -> bool:
+    """Whether any stage or task of the flow has an expression (params, when, forEach)."""
+    return any(
+        stage.when is not None
+        or any(
+            t.when is not None or t.for_each is not None or has_expressions(t.params)
+            for t in stage.tasks
+        )
+        for stage in spec.stages
+    )

@@ -474,6 +474,12 @@ class Bus:
         await self._objects.put(key, data)
         return f"nats-object://{RESPONSE_BUCKET}/{key}"
 
+    async def load_response(self, ref: str) -> bytes:
+        """A response kept by ``store_response``, by its ``nats-object://`` reference."""
+        key = ref.split("/", 3)[-1]
+        result = await self._objects.get(key)
+        return bytes(result.data or b"")
+
     async def flush(self) -> None:
         await self.nc.flush()
 

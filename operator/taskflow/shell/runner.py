@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,7 +35,7 @@ from taskflow.api.status import (
     WaitingReason,
 )
 from taskflow.api.templates import TaskflowTemplateSpec, instantiate
-from taskflow.engine import Decision, Dispatch, Input, decide, parse_iso
+from taskflow.engine import Decision, Dispatch, Input, Reply, decide, expressions, parse_iso
 from taskflow.shell import metrics
 from taskflow.shell.effects import Effects
 from taskflow.shell.idle import IdleState
@@ -77,6 +78,8 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         self._frozen_spec: bytes | None = None
         self.status = TaskflowStatus()
         self.inbox: list[Input] = []
+        # Responses of the object store that expressions read, by responseRef.
+        self.fetched: dict[str, Any] = {}
         # Set when something arrives; sleep() waits on a future made only while it sleeps
         # (an asyncio.Event would keep a deque per writer, and wait_for a task per sleep).
         self._woken = False
@@ -367,6 +370,7 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 if not await self.from_template(spec.template_ref):
                     return None
                 continue  # the spec now holds the template's stages
+            fetched = await self.stored_responses(spec, inputs)
             decision = decide(
                 spec=spec,
                 status=self.status,
@@ -376,9 +380,29 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 generation=int(generation or 0),
                 event_subject=self.settings.subjects.events(self.uid),
                 refuse=self.registry.tenants.refusal(self.namespace),
+                fetched=fetched,
             )
             if await self.record(decision, generation=generation):
                 return decision
+
+    async def stored_responses(
+        self, spec: TaskflowSpec, inputs: list[Input]
+    ) -> dict[str, Any] | None:
+        """Responses kept in the object store (over the inline limit) that this flow's
+        expressions may read, those of this round's replies included: fetched once each,
+        kept while the writer lives."""
+        if not expressions.uses_expressions(spec):
+            return None
+        refs = [t.response_ref for s in self.status.stages for t in s.tasks if t.response_ref]
+        refs += [i.response_ref for i in inputs if isinstance(i, Reply) and i.response_ref]
+        refs = [r for r in dict.fromkeys(refs) if r not in self.fetched]
+        for ref in refs:
+            try:
+                self.fetched[ref] = json.loads(await self.bus.load_response(ref))
+            except Exception as exc:  # the expression sees null, and says so if it needs it
+                self.log.warning("could not read the stored response %s: %s", ref, exc)
+                self.fetched[ref] = None
+        return self.fetched
 
     async def from_template(self, ref: TemplateRef) -> bool:
         """A flow made from a template: write the template's stages, options, context and
