@@ -61,7 +61,7 @@ async def test_hello_world_example_succeeds(operator, flows: Flows, demo) -> Non
 
 
 async def test_the_seed_rewritten_with_for_each_flows_values_from_stage_to_stage(
-    operator, flows: Flows, demo
+    operator, flows: Flows, demo, kube
 ) -> None:
     """examples/configure-group-foreach.yaml: the group id from stage 1's response, one entry
     per appliance (five at a time), their responses as a list in stage 3; then a retry of one
@@ -84,6 +84,18 @@ async def test_the_seed_rewritten_with_for_each_flows_values_from_stage_to_stage
     summary = task_status(done, "report", "summary")
     assert summary["params"]["added"] == appliances and summary["params"]["count"] == 10
     assert summary["response"]["asked"]["added"] == appliances  # what the service got
+
+    from taskflow.client import TaskflowClient
+
+    tree = (
+        await TaskflowClient(api_client=kube, namespace=flows.namespace).get_details(
+            "configure-group-foreach"
+        )
+    )["data"]
+    fanned = next(s for s in tree["stages"] if s["name"] == "addApplianceToGroups")["tasks"]
+    assert [(t["name"], t["item"]) for t in fanned] == [
+        (f"add[{i}]", a) for i, a in enumerate(appliances)
+    ]
 
     await flows.patch(
         "configure-group-foreach",

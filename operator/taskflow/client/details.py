@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from taskflow.api.spec import base_name
 from taskflow.client.envelope import Envelope, TaskflowError
 from taskflow.client.kube import Kube
 from taskflow.client.links import parent_of
@@ -50,19 +51,27 @@ def flow_node(
     stages = []
     for stage_spec in spec.get("stages") or []:
         stage = stage_states.get(stage_spec.get("name")) or {}
-        task_states = {t.get("name"): t for t in stage.get("tasks") or []}
+        states = stage.get("tasks") or []
         tasks = []
-        for task_spec in stage_spec.get("tasks") or []:
-            state = task_states.get(task_spec.get("name")) or {}
-            key = (stage_spec.get("name"), task_spec.get("name"))
-            source = spec_tasks.get(key) or {}
+        for task_spec, state in (
+            (t, s)
+            for t in stage_spec.get("tasks") or []
+            # a fan-out task is its entries ("add[0]", ...): one node each
+            for s in [s for s in states if base_name(str(s.get("name"))) == t.get("name")] or [{}]
+        ):
+            name = state.get("name") or task_spec.get("name")
+            key = (stage_spec.get("name"), name)
+            source = spec_tasks.get((stage_spec.get("name"), task_spec.get("name"))) or {}
             tasks.append(
                 {
                     "id": state.get("id"),
-                    "name": task_spec.get("name"),
+                    "name": name,
                     "type": source.get("type", "ACTION"),
                     "taskDetails": source.get("taskDetails"),
-                    "params": source.get("params"),
+                    # as sent, when expressions resolved them; else the spec's
+                    "params": state.get("params", source.get("params")),
+                    "item": state.get("item"),
+                    "skipReason": state.get("skipReason"),
                     "options": source.get("options"),
                     "status": state.get("status", "WAITING"),
                     "attempt": state.get("attempt", 0),
