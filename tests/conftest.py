@@ -167,7 +167,9 @@ class OperatorProcess:
 def operator(
     stack: DevStack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(stack, tmp_path_factory.mktemp("operator"), extra=["--nats-api", "on"])
+    proc = OperatorProcess(
+        stack, tmp_path_factory.mktemp("operator"), extra=["--nats-api", "on", "--slot-lease", "3s"]
+    )
     proc.start()
     yield proc
     proc.stop()

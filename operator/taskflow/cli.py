@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="size limit of each of the reply and event streams (oldest go first)",
     )
     run.add_argument(
+        "--slot-lease",
+        default=env("TASKFLOW_SLOT_LEASE", "30s"),
+        help="how long a concurrency slot outlives its operator if that dies (renewed at a "
+        "third of it while the attempt runs)",
+    )
+    run.add_argument(
         "--webhook-address",
         default=env("TASKFLOW_WEBHOOK_ADDRESS", ""),
         help="host:port of the validating admission webhook (checks expressions at apply; "
@@ -232,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         credentials_namespace=args.credentials_namespace,
         require_policy=args.require_policy,
         ttl=ttl,
+        slot_lease_s=parse_duration_ms(args.slot_lease) / 1000,
         webhook=(args.webhook_address, args.webhook_cert_file, args.webhook_key_file)
         if args.webhook_address
         else None,

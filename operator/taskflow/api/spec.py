@@ -213,6 +213,18 @@ class ForEach(_Model):
     )
 
 
+class Concurrency(_Model):
+    """At most ``limit`` attempts with the same ``key`` run at once, across every flow of the
+    namespace and every operator replica (crash-safe: slots are leases in NATS KV)."""
+
+    key: str = Field(
+        min_length=1,
+        max_length=256,
+        description="A string, or ${{ expr }} (e.g. ${{ item }}: one operation per device).",
+    )
+    limit: int = Field(default=1, ge=1, le=1000)
+
+
 class Task(_Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -252,6 +264,7 @@ class Task(_Model):
         default=None, description="A CEL boolean; false: the task is SKIPPED, the flow goes on."
     )
     for_each: ForEach | None = Field(default=None, alias="forEach")
+    concurrency: Concurrency | None = None
     task_details: TaskDetails | None = Field(default=None, alias="taskDetails")
     taskflow: FreeForm | None = Field(
         default=None,

@@ -50,6 +50,8 @@ class WaitingReason(StrEnum):
     NO_RESPONDERS = "NoResponders"
     # The service replied and started child flows: the task ends when they do (RUNNING).
     CHILDREN = "Children"
+    # Its concurrency key has ``limit`` attempts running already, in any flow (WAITING).
+    THROTTLED = "Throttled"
 
 
 class ErrorReason(StrEnum):

@@ -30,6 +30,7 @@ def operator_permissions(*, request_subjects: str = "*.*") -> dict[str, object]:
                 "$JS.API.>",  # its streams, buckets and object store: created, read, purged
                 "$KV.taskflow-journal.>",
                 "$KV.taskflow-keys.>",
+                "$KV.taskflow-slots.>",  # concurrency slots (leases), shared by replicas
                 "$O.taskflow-responses.>",
                 "_INBOX.>",
             ]

@@ -16,14 +16,23 @@ from taskflow.engine.effects import (
     EventKind,
     Record,
 )
-from taskflow.engine.engine import POLICY_DENIED, Refusal, decide
-from taskflow.engine.inputs import BAD_REPLY, ChildFinished, Heartbeat, Input, NoResponders, Reply
+from taskflow.engine.engine import POLICY_DENIED, Admission, Refusal, decide
+from taskflow.engine.inputs import (
+    BAD_REPLY,
+    ChildFinished,
+    Heartbeat,
+    Input,
+    NoResponders,
+    Reply,
+    Throttled,
+)
 from taskflow.engine.options import EffectiveOptions, effective_options
 from taskflow.engine.quarantine import quarantine
 
 __all__ = [
     "BAD_REPLY",
     "POLICY_DENIED",
+    "Admission",
     "CancelChild",
     "CancelNotice",
     "ChildFinished",
@@ -40,6 +49,7 @@ __all__ = [
     "Record",
     "Refusal",
     "Reply",
+    "Throttled",
     "decide",
     "effective_options",
     "iso",

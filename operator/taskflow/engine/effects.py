@@ -15,6 +15,9 @@ class Dispatch:
     stage: str
     task: str
     attempt: int
+    # Its concurrency key and limit: the shell takes the slot before it sends.
+    slot: str | None = None
+    slot_limit: int = 1
 
 
 @dataclass(frozen=True, slots=True)

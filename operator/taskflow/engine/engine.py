@@ -13,6 +13,7 @@ the copy of status each decision mutates is made by ``clone.py``.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -47,7 +48,14 @@ from taskflow.engine.effects import (
     EventKind,
     Record,
 )
-from taskflow.engine.inputs import ChildFinished, Heartbeat, Input, NoResponders, Reply
+from taskflow.engine.inputs import (
+    ChildFinished,
+    Heartbeat,
+    Input,
+    NoResponders,
+    Reply,
+    Throttled,
+)
 from taskflow.engine.options import EffectiveOptions, effective_options
 from taskflow.engine.retry import handle_retry
 from taskflow.engine.timers import expire, expire_timers, wake_at
@@ -71,14 +79,18 @@ def decide(
     event_subject: str,
     refuse: Refusal | None = None,
     fetched: Mapping[str, Any] | None = None,
+    admit: Admission | None = None,
 ) -> Decision:
     """Advance the flow as far as it can go at ``now``. ``refuse`` says why a service's
     action may not be called from this flow (its namespace's policy), or None when it may."""
-    return _Step(spec, clone(status), now, uid, refuse, fetched).run(
+    return _Step(spec, clone(status), now, uid, refuse, fetched, admit).run(
         inputs=inputs, generation=generation, event_subject=event_subject
     )
 
 
+# (key, limit, holder) -> whether an attempt may start under its concurrency key now (the
+# shell's view of the shared slots; it takes the slot for real before it sends).
+Admission = Callable[[str, int, str], bool]
 # (serviceId, actionName) -> why it may not be called, or None. Supplied by the shell from the
 # namespace's TaskflowPolicy; the engine only applies it, before every dispatch.
 Refusal = Callable[[str, str], str | None]
@@ -124,10 +136,13 @@ class _Step:
         uid: str,
         refuse: Refusal | None = None,
         fetched: Mapping[str, Any] | None = None,
+        admit: Admission | None = None,
     ) -> None:
         self.spec = spec
         self.refuse = refuse
         self.fetched = fetched
+        self.admit = admit
+        self._slots: dict[tuple[str, str], tuple[str, int]] = {}  # this decision's keys
         self.status = status
         self.now = now
         self.uid = uid
@@ -347,6 +362,13 @@ class _Step:
                 task.status == Status.WAITING and task.waiting_reason == WaitingReason.NO_RESPONDERS
             )
         )
+        if isinstance(item, Throttled):
+            if current and task.status == Status.RUNNING:
+                task.status = Status.WAITING
+                task.waiting_reason = WaitingReason.THROTTLED
+                task.dispatch_time = task.deadline = task.heartbeat_deadline = None
+                self.changed = True
+            return
         if isinstance(item, Heartbeat):
             if current and task.status == Status.RUNNING and task.waiting_reason is None:
                 self.heartbeat(stage, task, item)
@@ -556,6 +578,8 @@ class _Step:
                 continue
             if not redelivery and not self.resolved(stage, task):
                 continue
+            if not redelivery and self.throttled(stage, task):
+                continue
             task.status = Status.RUNNING
             task.not_before = task.waiting_reason = None
             if not redelivery:
@@ -575,8 +599,15 @@ class _Step:
                     CreateChild(stage=stage.name, task=task.name, attempt=task.attempt)
                 )
             else:
+                slot = self._slots.pop((stage.name, task.name), None)
                 self.effects.append(
-                    Dispatch(stage=stage.name, task=task.name, attempt=task.attempt)
+                    Dispatch(
+                        stage=stage.name,
+                        task=task.name,
+                        attempt=task.attempt,
+                        slot=slot[0] if slot else None,
+                        slot_limit=slot[1] if slot else 1,
+                    )
                 )
 
     # -- expressions -------------------------------------------------------------------------
@@ -666,6 +697,43 @@ class _Step:
             if t.status == Status.RUNNING and t.index is not None and base_name(t.name) == base
         )
         return running >= spec.for_each.max_parallel
+
+    def concurrency_key(self, stage: StageStatus, task: TaskStatus) -> str | None:
+        """The task's concurrency key as it resolves for this entry, or None."""
+        spec = self.task_spec(stage.name, task.name)
+        if spec.concurrency is None:
+            return None
+        values = expressions.variables(
+            self.spec, self.status, self.stage_index(stage), self.fetched
+        )
+        if task.index is not None and spec.for_each is not None:
+            values = {**values, spec.for_each.as_: task.item, "index": task.index}
+        key = expressions.resolve(spec.concurrency.key, values)
+        return key if isinstance(key, str) else json.dumps(key, sort_keys=True)
+
+    def throttled(self, stage: StageStatus, task: TaskStatus) -> bool:
+        """Wait (THROTTLED, nothing sent) while the task's key has its limit running."""
+        spec = self.task_spec(stage.name, task.name)
+        if spec.concurrency is None or self.admit is None:
+            return False
+        try:
+            key = self.concurrency_key(stage, task)
+        except expressions.ExpressionError as exc:
+            error = TaskError(message=str(exc)[:4096], reason=ErrorReason.EXPRESSION)
+            self.record_attempt(task, Status.FAILED, error)
+            self.end_task(stage, task, Status.FAILED, error)
+            return True
+        holder = f"{self.uid}/{stage.name}/{task.name}/{task.attempt}"
+        if key is None:
+            return False
+        if self.admit(key, spec.concurrency.limit, holder):
+            self._slots[(stage.name, task.name)] = (key, spec.concurrency.limit)
+            return False
+        if task.waiting_reason != WaitingReason.THROTTLED:
+            task.waiting_reason = WaitingReason.THROTTLED
+            task.not_before = None
+            self.changed = True
+        return True
 
     def resolved(self, stage: StageStatus, task: TaskStatus) -> bool:
         """Before an attempt is sent: its task's ``when`` (at the run's first attempt) and its

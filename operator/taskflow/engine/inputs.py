@@ -61,4 +61,14 @@ class Heartbeat:
     progress: Any = None
 
 
-Input = Reply | NoResponders | ChildFinished | Heartbeat
+@dataclass(frozen=True, slots=True)
+class Throttled:
+    """The attempt's concurrency slot was taken by another just before it could be sent: it
+    waits for a slot again (nothing was sent)."""
+
+    stage: str
+    task: str
+    attempt: int
+
+
+Input = Reply | NoResponders | ChildFinished | Heartbeat | Throttled

@@ -26,6 +26,7 @@ from taskflow.engine import (
     NoResponders,
     Record,
     Reply,
+    Throttled,
     effective_options,
     parse_iso,
 )
@@ -164,6 +165,13 @@ class Effects:
             headers[HEARTBEAT_HEADER] = subjects.heartbeat(
                 self.uid, effect.stage, effect.task, effect.attempt
             )
+        if effect.slot is not None and self.registry.slots is not None:
+            holder = f"{self.uid}/{effect.stage}/{effect.task}/{effect.attempt}"
+            key = f"{self.namespace}/{effect.slot}"
+            if not await self.registry.slots.acquire(key, effect.slot_limit, holder):
+                # Taken by another flow meanwhile: wait for a slot again (nothing was sent).
+                self.push(Throttled(stage=effect.stage, task=effect.task, attempt=effect.attempt))
+                return
         self.sent_at[(effect.stage, effect.task, effect.attempt)] = time.monotonic()
         metrics.DISPATCHES.inc()
         try:
@@ -188,6 +196,9 @@ class Effects:
             self.push(NoResponders(stage=effect.stage, task=effect.task, attempt=effect.attempt))
 
     def count(self, effect: Emit) -> None:
+        if effect.kind == "TASK" and effect.status != "RUNNING" and self.registry.slots:
+            holder = f"{self.uid}/{effect.stage}/{effect.task}/{effect.attempt}"
+            self.registry.spawn(self.registry.slots.release(holder))  # (none held: nothing)
         if effect.kind == "TASK" and effect.status not in ("RUNNING",):
             metrics.TASKS_FINISHED.labels(status=effect.status).inc()
             key = (effect.stage or "", effect.task or "", effect.attempt or 0)

@@ -24,6 +24,7 @@ from taskflow.shell.reaper import Reaper, TtlDefaults
 from taskflow.shell.registry import Registry
 from taskflow.shell.scheduler import Scheduler
 from taskflow.shell.settings import RunnerSettings
+from taskflow.shell.slots import Slots
 from taskflow.shell.tenants import Tenants
 
 log = logging.getLogger("taskflow.handlers")
@@ -61,6 +62,7 @@ class Operator:
         require_policy: bool = False,
         ttl: TtlDefaults | None = None,
         webhook: tuple[str, str, str] | None = None,
+        slot_lease_s: float = 30.0,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
@@ -85,6 +87,8 @@ class Operator:
         self._webhook_runner: Any = None
         self.reaper: Reaper | None = None
         self.scheduler: Scheduler | None = None
+        self.slot_lease_s = slot_lease_s
+        self.slots: Slots | None = None
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
@@ -162,6 +166,10 @@ class Operator:
         self.registry = Registry(
             kube=self.kube, bus=self.bus, settings=self.runner_settings, tenants=self.tenants
         )
+        self.slots = Slots(self.bus.js, lease_s=self.slot_lease_s)
+        await self.slots.start()
+        self.slots.on_change = self.registry.wake_throttled
+        self.registry.slots = self.slots
         self.reaper = Reaper(kube=self.kube, bus=self.bus, defaults=self.ttl)
         self.registry.reaper = self.reaper
         self.reaper.start()
@@ -211,6 +219,8 @@ class Operator:
             await self.reaper.close()
         if self.scheduler:
             await self.scheduler.close()
+        if self.slots:
+            await self.slots.close()
         if self._webhook_runner is not None:
             await self._webhook_runner.cleanup()
         if self.bus:

@@ -27,6 +27,7 @@ from taskflow.shell.kube import Gone, Kube
 from taskflow.shell.reaper import Reaper, response_refs
 from taskflow.shell.runner import FlowRunner
 from taskflow.shell.settings import RunnerSettings
+from taskflow.shell.slots import Slots
 from taskflow.shell.tenants import Link, Tenants
 from taskflow.wire.links import PARENT_UID, child_input, link_problem
 from taskflow.wire.replies import read_heartbeat, read_reply
@@ -42,6 +43,7 @@ class Registry:
         self.bus = bus  # the operator's own connection: journal, object store
         self.tenants = tenants
         self.reaper: Reaper | None = None  # deletes finished flows after their TTL
+        self.slots: Slots | None = None  # concurrency slots shared by every replica
         self.settings = settings
         self.runners: dict[str, FlowRunner] = {}
         self.starting = asyncio.Semaphore(settings.max_starting)
@@ -66,6 +68,12 @@ class Registry:
     def link(self, namespace: str) -> Link:
         """Where a flow of ``namespace`` dispatches, listens and publishes."""
         return self.tenants.link(namespace)
+
+    def wake_throttled(self) -> None:
+        """A slot changed: the writers whose tasks wait for one decide again."""
+        for runner in list(self.runners.values()):
+            if runner.throttled:
+                runner.wake()
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())

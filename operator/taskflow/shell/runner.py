@@ -78,6 +78,8 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         self._frozen_spec: bytes | None = None
         self.status = TaskflowStatus()
         self.inbox: list[Input] = []
+        # A task of this flow waits for a concurrency slot (the registry wakes it).
+        self.throttled = False
         # Responses of the object store that expressions read, by responseRef.
         self.fetched: dict[str, Any] = {}
         # Set when something arrives; sleep() waits on a future made only while it sleeps
@@ -381,9 +383,23 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 event_subject=self.settings.subjects.events(self.uid),
                 refuse=self.registry.tenants.refusal(self.namespace),
                 fetched=fetched,
+                admit=self.admission(),
+            )
+            self.throttled = any(
+                t.waiting_reason == WaitingReason.THROTTLED
+                for s in decision.status.stages
+                for t in s.tasks
             )
             if await self.record(decision, generation=generation):
                 return decision
+
+    def admission(self) -> Any:
+        """The engine's view of the shared concurrency slots (keys are per namespace)."""
+        slots = self.registry.slots
+        if slots is None:
+            return None
+        namespace = self.namespace
+        return lambda key, limit, holder: slots.admit(f"{namespace}/{key}", limit, holder)
 
     async def stored_responses(
         self, spec: TaskflowSpec, inputs: list[Input]
