@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from taskflow.api.spec import StrictModel as _Model
 from taskflow.api.status import Condition
 
 NAME = "default"
@@ -34,10 +35,6 @@ MAX_ACTIONS = 128
 _GRANT_PATTERN = r"^([A-Za-z0-9_-]+|\*)$"
 Grant = Annotated[str, Field(min_length=1, max_length=128, pattern=_GRANT_PATTERN)]
 _SECRET_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
 
 class ServiceGrant(_Model):

@@ -18,20 +18,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from taskflow.api.durations import parse_duration_ms
 from taskflow.api.spec import FreeForm
+from taskflow.api.spec import StrictModel as _Model
 
 KIND = "CronTaskflow"
 PLURAL = "crontaskflows"
 # The label on a run: the CronTaskflow's name (not under taskflow.dev/: those are the parent
 # links' only).
 CRON_LABEL = "crontaskflow.taskflow.dev/name"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
 
 class CronTaskflowSpec(_Model):

@@ -68,8 +68,14 @@ FreeForm = Annotated[
 ]
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """What users write: camelCase aliases accepted, unknown fields refused (the base of
+    every spec model of the package's resources)."""
+
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+
+_Model = StrictModel
 
 
 class TaskType(StrEnum):

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from taskflow.api.spec import MAX_STAGES, FreeForm, Name, Options, Stage
+from taskflow.api.spec import StrictModel as _Model
 
 KIND = "TaskflowTemplate"
 PLURAL = "taskflowtemplates"
@@ -29,10 +30,6 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "object": (dict,),
     "array": (list,),
 }
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
 
 class Parameter(_Model):

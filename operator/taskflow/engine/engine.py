@@ -698,17 +698,22 @@ class _Step:
         )
         return running >= spec.for_each.max_parallel
 
+    def values(self, stage: StageStatus, task: TaskStatus) -> dict[str, Any]:
+        """What the expressions of one task (or fan-out entry) see."""
+        values = expressions.variables(
+            self.spec, self.status, self.stage_index(stage), self.fetched
+        )
+        spec = self.task_spec(stage.name, task.name)
+        if task.index is not None and spec.for_each is not None:
+            values = {**values, spec.for_each.as_: task.item, "index": task.index}
+        return values
+
     def concurrency_key(self, stage: StageStatus, task: TaskStatus) -> str | None:
         """The task's concurrency key as it resolves for this entry, or None."""
         spec = self.task_spec(stage.name, task.name)
         if spec.concurrency is None:
             return None
-        values = expressions.variables(
-            self.spec, self.status, self.stage_index(stage), self.fetched
-        )
-        if task.index is not None and spec.for_each is not None:
-            values = {**values, spec.for_each.as_: task.item, "index": task.index}
-        key = expressions.resolve(spec.concurrency.key, values)
+        key = expressions.resolve(spec.concurrency.key, self.values(stage, task))
         return key if isinstance(key, str) else json.dumps(key, sort_keys=True)
 
     def throttled(self, stage: StageStatus, task: TaskStatus) -> bool:
@@ -740,13 +745,10 @@ class _Step:
         params' expressions. False: the task ended here (SKIPPED, or FAILED with reason
         Expression: the values it needs are not what it expects, which no retry changes)."""
         spec = self.task_spec(stage.name, task.name)
-        if spec.when is None and not expressions.has_expressions(spec.params):
+        templated = expressions.has_expressions(spec.params)
+        if spec.when is None and not templated:
             return True
-        values = expressions.variables(
-            self.spec, self.status, self.stage_index(stage), self.fetched
-        )
-        if task.index is not None and spec.for_each is not None:
-            values = {**values, spec.for_each.as_: task.item, "index": task.index}
+        values = self.values(stage, task)
         try:
             first = task.attempt == task.run_start_attempt
             if spec.when is not None and first and not expressions.holds(spec.when, values):
@@ -757,7 +759,7 @@ class _Step:
                 self.changed = True
                 self.emit("TASK", Status.SKIPPED, stage, task)
                 return False
-            if expressions.has_expressions(spec.params):
+            if templated:
                 task.params = expressions.resolve_params(spec.params, values)
         except expressions.ExpressionError as exc:
             error = TaskError(message=str(exc)[:4096], reason=ErrorReason.EXPRESSION)

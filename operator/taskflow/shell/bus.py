@@ -220,13 +220,7 @@ class Bus:
                 duplicate_window=120.0,
                 allow_direct=True,
             )
-            try:
-                await self.js.add_stream(cfg)
-            except Exception as refused:
-                try:
-                    await self.js.update_stream(cfg)
-                except NotFoundError:
-                    raise refused from None  # not an existing stream: why it was refused
+            await self._stream(cfg)
         if not own_state:
             return
         history = StreamConfig(
@@ -241,13 +235,7 @@ class Bus:
             duplicate_window=120.0,
             allow_direct=True,
         )
-        try:
-            await self.js.add_stream(history)
-        except Exception as refused:
-            try:
-                await self.js.update_stream(history)
-            except NotFoundError:
-                raise refused from None
+        await self._stream(history)
         try:
             self._objects = await self.js.object_store(RESPONSE_BUCKET)
         except Exception:
@@ -441,6 +429,16 @@ class Bus:
             await self._journal.delete(uid, last=revision)
         except Exception as exc:  # (a newer revision: "wrong last sequence")
             log.debug("journal of %s not dropped: %s", uid, exc)
+
+    async def _stream(self, cfg: StreamConfig) -> None:
+        """Make the stream, or bring an existing one to ``cfg``."""
+        try:
+            await self.js.add_stream(cfg)
+        except Exception as refused:
+            try:
+                await self.js.update_stream(cfg)
+            except NotFoundError:
+                raise refused from None  # not an existing stream: why it was refused
 
     async def _keep_objects(self) -> None:
         """An object store made by an earlier release expires its objects after 24 h while

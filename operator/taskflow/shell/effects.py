@@ -196,9 +196,11 @@ class Effects:
             self.push(NoResponders(stage=effect.stage, task=effect.task, attempt=effect.attempt))
 
     def count(self, effect: Emit) -> None:
-        if effect.kind == "TASK" and effect.status != "RUNNING" and self.registry.slots:
+        slots = self.registry.slots
+        if effect.kind == "TASK" and effect.status != "RUNNING" and slots is not None:
             holder = f"{self.uid}/{effect.stage}/{effect.task}/{effect.attempt}"
-            self.registry.spawn(self.registry.slots.release(holder))  # (none held: nothing)
+            if slots.holds(holder):  # (most tasks have no concurrency key: nothing to do)
+                self.registry.spawn(slots.release(holder))
         if effect.kind == "TASK" and effect.status not in ("RUNNING",):
             metrics.TASKS_FINISHED.labels(status=effect.status).inc()
             key = (effect.stage or "", effect.task or "", effect.attempt or 0)

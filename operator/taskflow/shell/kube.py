@@ -96,8 +96,10 @@ class Kube:
         return json.loads(response.data) if response.data else None
 
     @staticmethod
-    def _path(namespace: str, name: str | None = None, sub: str | None = None) -> str:
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+    def _path(
+        namespace: str, name: str | None = None, sub: str | None = None, plural: str = PLURAL
+    ) -> str:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}"
         return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
 
     async def get(self, namespace: str, name: str) -> dict[str, Any]:
@@ -215,13 +217,27 @@ class Kube:
         items: list[dict[str, Any]] = result.get("items", [])
         return items
 
-    async def replace_policy_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        meta = body["metadata"]
-        path = (
-            f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/{POLICY_PLURAL}/"
-            f"{meta['name']}/status"
+    async def get_of(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        """One object of the package's other resources (templates, schedules, policies)."""
+        result: dict[str, Any] = await self._call(
+            self._send, "GET", self._path(namespace, name, plural=plural)
         )
-        result: dict[str, Any] = await self._call(self._send, "PUT", path, body)
+        return result
+
+    async def put_status(
+        self, plural: str, body: dict[str, Any], status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """PUT ``status`` of one such object with the resourceVersion ``body`` was read at
+        (Conflict: it changed since)."""
+        meta = body["metadata"]
+        lean = {
+            "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": body.get("kind"),
+            "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion")},
+            "status": status,
+        }
+        path = self._path(meta["namespace"], meta["name"], "status", plural=plural)
+        result: dict[str, Any] = await self._call(self._send, "PUT", path, lean)
         return result
 
     async def list_runs(self, namespace: str, cron: str) -> list[dict[str, Any]]:
@@ -233,32 +249,6 @@ class Kube:
         )
         items: list[dict[str, Any]] = result.get("items", [])
         return items
-
-    def _cron_path(self, namespace: str, name: str, sub: str = "") -> str:
-        return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/crontaskflows/{name}" + (
-            f"/{sub}" if sub else ""
-        )
-
-    async def get_cron(self, namespace: str, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            self._send, "GET", self._cron_path(namespace, name)
-        )
-        return result
-
-    async def replace_cron_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        meta = body["metadata"]
-        result: dict[str, Any] = await self._call(
-            self._send, "PUT", self._cron_path(meta["namespace"], meta["name"], "status"), body
-        )
-        return result
-
-    async def get_template(self, namespace: str, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            self._send,
-            "GET",
-            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/taskflowtemplates/{name}",
-        )
-        return result
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(

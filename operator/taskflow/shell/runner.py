@@ -34,6 +34,7 @@ from taskflow.api.status import (
     TaskflowStatus,
     WaitingReason,
 )
+from taskflow.api.templates import PLURAL as TEMPLATES
 from taskflow.api.templates import TaskflowTemplateSpec, instantiate
 from taskflow.engine import Decision, Dispatch, Input, Reply, decide, expressions, parse_iso
 from taskflow.shell import metrics
@@ -80,6 +81,9 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         self.inbox: list[Input] = []
         # A task of this flow waits for a concurrency slot (the registry wakes it).
         self.throttled = False
+        # Whether the parsed spec (the one object it was computed for) uses expressions.
+        self._cel_spec: TaskflowSpec | None = None
+        self._cel = False
         # Responses of the object store that expressions read, by responseRef.
         self.fetched: dict[str, Any] = {}
         # Set when something arrives; sleep() waits on a future made only while it sleeps
@@ -407,7 +411,9 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         """Responses kept in the object store (over the inline limit) that this flow's
         expressions may read, those of this round's replies included: fetched once each,
         kept while the writer lives."""
-        if not expressions.uses_expressions(spec):
+        if self._cel_spec is not spec:  # (walked once per parsed spec, not per round)
+            self._cel_spec, self._cel = spec, expressions.uses_expressions(spec)
+        if not self._cel:
             return None
         refs = [t.response_ref for s in self.status.stages for t in s.tasks if t.response_ref]
         refs += [i.response_ref for i in inputs if isinstance(i, Reply) and i.response_ref]
@@ -426,7 +432,7 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         it cannot be made (no such template, bad arguments): the flow is failed saying why."""
         problem: str
         try:
-            found = await self.kube.get_template(self.namespace, ref.name)
+            found = await self.kube.get_of(TEMPLATES, self.namespace, ref.name)
         except Gone:
             problem = f"no TaskflowTemplate {ref.name!r} in namespace {self.namespace}"
         else:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from taskflow.api.crd import GROUP, VERSION
 from taskflow.api.schedules import (
     CRON_LABEL,
+    PLURAL,
     CronTaskflowSpec,
     format_time,
     latest_due,
@@ -148,16 +149,10 @@ class Scheduler:
                 for r in runs
                 if (r.get("status") or {}).get("phase") not in _FINAL
             )
-        lean = {
-            "apiVersion": body.get("apiVersion"),
-            "kind": body.get("kind"),
-            "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion")},
-            "status": status,
-        }
         try:
-            updated = await self.kube.replace_cron_status(lean)
+            updated = await self.kube.put_status(PLURAL, body, status)
         except Conflict:  # a newer object is on its way (the watch); decide again then
-            fresh = await self.kube.get_cron(meta["namespace"], meta["name"])
+            fresh = await self.kube.get_of(PLURAL, meta["namespace"], meta["name"])
             self.crons[meta["uid"]] = fresh
             return
         self.crons[meta["uid"]] = {

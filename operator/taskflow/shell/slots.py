@@ -100,6 +100,9 @@ class Slots:
             self._held[holder] = key
         return ok
 
+    def holds(self, holder: str) -> bool:
+        return holder in self._held
+
     async def release(self, holder: str) -> None:
         key = self._held.pop(holder, None)
         if key is not None:

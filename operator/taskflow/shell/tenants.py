@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from taskflow.api.policy import (
     NAME,
+    PLURAL,
     SECRET_NAMESPACES,
     TaskflowPolicySpec,
     no_policy_refusal,
@@ -379,16 +380,9 @@ class Tenants:
             "observedGeneration": (body.get("metadata") or {}).get("generation"),
         }
         meta = body["metadata"]
-        lean = {
-            "apiVersion": body.get("apiVersion"),
-            "kind": body.get("kind"),
-            "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion")},
-            "status": {
-                "conditions": [*(c for c in conditions if c.get("type") != "Connected"), condition]
-            },
-        }
+        others = [c for c in conditions if c.get("type") != "Connected"]
         try:
-            updated = await self.kube.replace_policy_status(lean)
+            updated = await self.kube.put_status(PLURAL, body, {"conditions": [*others, condition]})
         except Exception as exc:  # a newer object is on its way; its watch event retries
             log.debug(
                 "could not set the Connected condition of %s/%s: %s",
