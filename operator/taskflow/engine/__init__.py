@@ -16,7 +16,7 @@ from taskflow.engine.effects import (
     EventKind,
     Record,
 )
-from taskflow.engine.engine import POLICY_DENIED, Admission, Refusal, decide
+from taskflow.engine.engine import POLICY_DENIED, decide
 from taskflow.engine.inputs import (
     BAD_REPLY,
     ChildFinished,
@@ -28,6 +28,7 @@ from taskflow.engine.inputs import (
 )
 from taskflow.engine.options import EffectiveOptions, effective_options
 from taskflow.engine.quarantine import quarantine
+from taskflow.engine.step import Admission, Refusal
 
 __all__ = [
     "BAD_REPLY",
