@@ -95,12 +95,8 @@ def seed_payloads() -> dict[str, Any]:
     the operator makes them: the engine runs the flow with every reply a success."""
     from taskflow.api.spec import TaskflowSpec
     from taskflow.engine import Dispatch, Reply, decide, effective_options
-    from taskflow.wire.context import (
-        CONTEXT_HEADER,
-        IDEMPOTENCY_HEADER,
-        execution_context,
-        idempotency_key,
-    )
+    from taskflow.wire.context import execution_context
+    from taskflow.wire.request import AttemptKey, ExecutionContext, RequestHeaders
 
     uid = str(uuid.uuid4())
     spec = TaskflowSpec.model_validate(seed_spec("g-000001"))
@@ -129,10 +125,10 @@ def seed_payloads() -> dict[str, Any]:
             )
             request = {
                 "params": json.dumps(t_spec.params).encode(),
-                "headers": {
-                    CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
-                    IDEMPOTENCY_HEADER: idempotency_key(uid, d.stage, d.task, d.attempt),
-                },
+                "headers": RequestHeaders(
+                    context=ExecutionContext(context),
+                    key=AttemptKey(uid, d.stage, d.task, d.attempt).encode(),
+                ).encode(),
             }
         now += 5
         replies = []

@@ -369,9 +369,11 @@ async def test_a_forged_journal_entry_is_refused(operator, flows: Flows, nc, svc
     task.status, task.response = Status.SUCCEEDED, {"forged": True}
     await _put_journal_entry(nc, uid, forged, [], signed=False)
     operator.start()
-    await asyncio.sleep(1.0)
+    # (waited for: on a loaded machine the operator may take a while to resume the flow)
+    await eventually(
+        lambda: "journal entry refused: not signed" in operator.log_path.read_text(), timeout=15
+    )
     assert task_status(await flows.get("forge"), "s1", "a")["status"] == "RUNNING"
-    assert "journal entry refused: not signed" in operator.log_path.read_text()
     await nc.publish(held[0].reply, json.dumps({"success": True, "data": "real"}).encode())
     done = await flows.wait("forge")
     assert task_status(done, "s1", "a")["response"] == "real"

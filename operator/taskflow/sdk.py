@@ -50,14 +50,10 @@ from pydantic import BaseModel
 
 from taskflow.client import DEFAULT_NATS_URL, TaskflowClient
 from taskflow.client.services import CAPACITY, IDEMPOTENT
-from taskflow.wire.context import (
-    CONTEXT_HEADER,
-    DEADLINE_HEADER,
-    EXPIRES_HEADER,
-    HEARTBEAT_HEADER,
-    IDEMPOTENCY_HEADER,
-    parse_idempotency_key,
-)
+from taskflow.wire.api import FlowRequest, ParentRef, ProduceRequest
+from taskflow.wire.cancel import Notice
+from taskflow.wire.context import IDEMPOTENCY_HEADER
+from taskflow.wire.request import RequestHeaders
 from taskflow.wire.subjects import DEFAULT_TEMPLATE, Subjects
 
 log = logging.getLogger("taskflow.sdk")
@@ -142,40 +138,29 @@ class TaskContext:
         service: Service | None = None,
     ) -> TaskContext:
         headers = dict(headers or {})
-        raw: dict[str, Any] = {}
-        with contextlib.suppress(ValueError, TypeError):
-            value = json.loads(headers.get(CONTEXT_HEADER) or "{}")
-            raw = value if isinstance(value, dict) else {}
-        flow = raw.get("taskflow") if isinstance(raw.get("taskflow"), dict) else {}
-        assert isinstance(flow, dict)
-        info = flow.get("taskInfo") if isinstance(flow.get("taskInfo"), dict) else {}
-        assert isinstance(info, dict)
-        meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
-        assert isinstance(meta, dict)
-        key = headers.get(IDEMPOTENCY_HEADER)
-        parts = parse_idempotency_key(key) if key else None
-        parent = meta.get(CONTEXT_HEADER)
-        attempt = info.get("attempt")
+        sent = RequestHeaders.decode(headers)
+        context, key = sent.context, sent.attempt_key
+        attempt = context.attempt
         return cls(
-            taskflow_id=flow.get("id") or (parts[0] if parts else None),
-            stage_id=flow.get("stageId"),
-            stage=parts[1] if parts else None,
-            task_id=flow.get("taskId") or info.get("id"),
-            task_name=info.get("name") or (parts[2] if parts else None),
-            task_type=info.get("type"),
-            attempt=int(attempt) if isinstance(attempt, int) else (parts[3] if parts else 0),
-            idempotency_key=key,
+            taskflow_id=context.taskflow_id or (key.uid if key else None),
+            stage_id=context.stage_id,
+            stage=key.stage if key else None,
+            task_id=context.task_id,
+            task_name=context.task_name or (key.task if key else None),
+            task_type=context.task_type,
+            attempt=attempt if attempt is not None else (key.attempt if key else 0),
+            idempotency_key=sent.key,
             params=params,
-            options=dict(info.get("options") or {}),
-            previous_stage_responses=list(raw.get("previousStageRes") or []),
-            parent_context=parent if isinstance(parent, dict) else None,
-            meta=meta,
-            created_at=flow.get("createdAt"),
-            deadline=_epoch_ms(headers.get(DEADLINE_HEADER)),
-            expires_at=_epoch_ms(headers.get(EXPIRES_HEADER)),
+            options=context.options,
+            previous_stage_responses=context.previous_stage_responses,
+            parent_context=context.parent,
+            meta=context.meta,
+            created_at=context.created_at,
+            deadline=sent.deadline,
+            expires_at=sent.expires_at,
             subject=subject,
             headers=headers,
-            raw=raw,
+            raw=context.raw,
             service=service,
         )
 
@@ -191,7 +176,7 @@ class TaskContext:
         """Tell the operator this attempt is alive (with ``heartbeatTimeout``, it times out
         without one), with any JSON ``progress`` (up to 4 KiB), kept on the task and published
         as a TASK event. False when the request asked for none (no heartbeat header)."""
-        subject = self.headers.get(HEARTBEAT_HEADER)
+        subject = RequestHeaders.decode(self.headers).heartbeat
         if not subject or self.service is None or self.service.nc is None:
             return False
         body = b"" if progress is None else json.dumps({"progress": progress}).encode()
@@ -221,15 +206,6 @@ class TaskContext:
         ref = await self.service.start_child(self, spec, name=name, index=len(self.children))
         self.children.append(ref)
         return ref
-
-
-def _epoch_ms(value: str | None) -> int | None:
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -460,7 +436,7 @@ class Service:
 
     @staticmethod
     def _expired(headers: Mapping[str, str]) -> bool:
-        expires = _epoch_ms(headers.get(EXPIRES_HEADER))
+        expires = RequestHeaders.decode(headers).expires_at
         return expires is not None and now_ms() >= expires
 
     async def _serve(
@@ -546,11 +522,10 @@ class Service:
     # -- cancel notices ----------------------------------------------------------------------
 
     async def _on_cancel(self, msg: Any) -> None:
-        try:
-            notice = json.loads(msg.data)
-            key = str(notice["idempotencyKey"])
-        except (ValueError, KeyError, TypeError):
+        notice = Notice.decode(msg.data)
+        if notice is None:
             return
+        key = notice.key
         now = time.monotonic()
         self._cancelled[key] = now
         while self._cancelled and next(iter(self._cancelled.values())) < now - CANCEL_MEMORY_S:
@@ -608,20 +583,16 @@ class Service:
     ) -> dict[str, Any]:
         if isinstance(spec, BaseModel):
             spec = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
-        request = {
-            "schema": dict(spec),
-            "name": name,
-            "parent": {
-                "taskflowExecutionContext": ctx.raw,
-                "idempotencyKey": ctx.idempotency_key,
-                "index": index,
-            },
-        }
+        request = ProduceRequest(
+            schema=dict(spec),
+            name=name,
+            parent=ParentRef(context=ctx.raw, key=ctx.idempotency_key, index=index),
+        )
         subject = f"{self.subjects.api_prefix}.produce"
         try:
             reply = await self.nc.request(
                 subject,
-                json.dumps(request).encode(),
+                request.encode(),
                 timeout=self.request_timeout,
                 headers=self._api_headers(),
             )
@@ -654,7 +625,7 @@ class Service:
                 else:
                     await self.nc.request(
                         f"{self.subjects.api_prefix}.cancel",
-                        json.dumps({"taskflowId": ref, "wait": False}).encode(),
+                        FlowRequest(taskflow_id=ref, wait=None).encode(),
                         timeout=self.request_timeout,
                         headers=self._api_headers(),
                     )

@@ -139,7 +139,7 @@ async def details_tree(
 
     async def children_by_parent(namespace: str) -> dict[str, list[dict[str, Any]]]:
         if namespace not in indexes:
-            items = await kube.list(namespace, label_selector=PARENT_UID)
+            items = await kube.list_flows(namespace, label_selector=PARENT_UID)
             index: dict[str, list[dict[str, Any]]] = {}
             for item in items:
                 parent = (item["metadata"].get("labels") or {}).get(PARENT_UID, "")

@@ -30,8 +30,8 @@ from taskflow.client.kube import API_VERSION, Kube, load_kube
 from taskflow.client.links import ParentLink
 from taskflow.client.retries import retry_request
 from taskflow.engine import parse_iso
-from taskflow.wire.context import parse_idempotency_key
 from taskflow.wire.links import DEPTH
+from taskflow.wire.request import AttemptKey
 from taskflow.wire.subjects import Subjects
 
 EVENT_STREAM = "TASKFLOW_EVENTS"
@@ -223,7 +223,7 @@ class TaskflowClient:
             scopes = [self.namespace, None]
         for scope in scopes:
             try:
-                items = await self.kube.list(scope, metadata_only=True)
+                items = await self.kube.list_flows(scope, metadata_only=True)
             except ApiException as exc:
                 if scope is None and exc.status == 403:
                     continue  # not allowed to list every namespace: only ours was searched
@@ -342,9 +342,9 @@ class TaskflowClient:
             )
         uid = str(flow["id"])
         info = flow.get("taskInfo") or {}
-        parts = parse_idempotency_key(idempotency_key) if idempotency_key else None
-        if parts is not None and parts[0] == uid:
-            stage, task, attempt = parts[1], parts[2], parts[3]
+        key = AttemptKey.decode(idempotency_key)
+        if key is not None and key.uid == uid:
+            stage, task, attempt = key.stage, key.task, key.attempt
         else:
             stage, task, attempt = "", str(info.get("name") or ""), int(info.get("attempt") or 0)
         body = await self.fetch(uid)

@@ -30,18 +30,11 @@ from taskflow.engine import (
     effective_options,
     parse_iso,
 )
+from taskflow.kube import Conflict, Gone
 from taskflow.shell import metrics
-from taskflow.shell.kube import Conflict, Gone
 from taskflow.shell.tenants import Link, LinkDown
-from taskflow.wire.context import (
-    CONTEXT_HEADER,
-    DEADLINE_HEADER,
-    EXPIRES_HEADER,
-    HEARTBEAT_HEADER,
-    IDEMPOTENCY_HEADER,
-    execution_context,
-    idempotency_key,
-)
+from taskflow.wire.cancel import Notice
+from taskflow.wire.context import IDEMPOTENCY_HEADER, execution_context
 from taskflow.wire.links import (
     DEPTH,
     PARENT_ATTEMPT,
@@ -52,10 +45,11 @@ from taskflow.wire.links import (
     child_input,
     child_name,
 )
+from taskflow.wire.request import AttemptKey, ExecutionContext, RequestHeaders
 
 if TYPE_CHECKING:
+    from taskflow.kube import Kube
     from taskflow.shell.bus import Bus
-    from taskflow.shell.kube import Kube
     from taskflow.shell.registry import Registry
     from taskflow.shell.settings import RunnerSettings
 
@@ -150,25 +144,22 @@ class Effects:
         state = next(t for t in self.status.stages[stage_index].tasks if t.name == effect.task)
         assert task.task_details is not None
         subjects = self.settings.subjects
-        context = self.context_for(spec, effect.stage, effect.task)
-        headers = {
-            CONTEXT_HEADER: json.dumps(context, separators=(",", ":")),
-            IDEMPOTENCY_HEADER: idempotency_key(
-                self.uid, effect.stage, effect.task, effect.attempt
+        key = AttemptKey(self.uid, effect.stage, effect.task, effect.attempt).encode()
+        headers = RequestHeaders(
+            context=ExecutionContext(self.context_for(spec, effect.stage, effect.task)),
+            key=key,
+            deadline=parse_iso(state.deadline) if state.deadline else None,
+            expires_at=parse_iso(state.expires_at) if state.deadline and state.expires_at else None,
+            # (only with heartbeatTimeout)
+            heartbeat=(
+                subjects.heartbeat(self.uid, effect.stage, effect.task, effect.attempt)
+                if state.heartbeat_deadline
+                else None
             ),
-        }
-        if state.deadline:
-            headers[DEADLINE_HEADER] = str(parse_iso(state.deadline))
-            if state.expires_at:
-                headers[EXPIRES_HEADER] = str(parse_iso(state.expires_at))
-        if state.heartbeat_deadline:  # (only with heartbeatTimeout)
-            headers[HEARTBEAT_HEADER] = subjects.heartbeat(
-                self.uid, effect.stage, effect.task, effect.attempt
-            )
+        ).encode()
         if effect.slot is not None and self.registry.slots is not None:
-            holder = f"{self.uid}/{effect.stage}/{effect.task}/{effect.attempt}"
-            key = f"{self.namespace}/{effect.slot}"
-            if not await self.registry.slots.acquire(key, effect.slot_limit, holder):
+            slot = f"{self.namespace}/{effect.slot}"
+            if not await self.registry.slots.acquire(slot, effect.slot_limit, key):
                 # Taken by another flow meanwhile: wait for a slot again (nothing was sent).
                 self.push(Throttled(stage=effect.stage, task=effect.task, attempt=effect.attempt))
                 return
@@ -198,7 +189,9 @@ class Effects:
     def count(self, effect: Emit) -> None:
         slots = self.registry.slots
         if effect.kind == "TASK" and effect.status != "RUNNING" and slots is not None:
-            holder = f"{self.uid}/{effect.stage}/{effect.task}/{effect.attempt}"
+            holder = AttemptKey(
+                self.uid, effect.stage or "", effect.task or "", effect.attempt or 0
+            ).encode()
             if slots.holds(holder):  # (most tasks have no concurrency key: nothing to do)
                 self.registry.spawn(slots.release(holder))
         if effect.kind == "TASK" and effect.status not in ("RUNNING",):
@@ -229,21 +222,19 @@ class Effects:
         task = self.spec().task(effect.stage, effect.task)
         if task is None or task.type != TaskType.ACTION or task.task_details is None:
             return
-        key = idempotency_key(self.uid, effect.stage, effect.task, effect.attempt)
-        notice = {
-            "idempotencyKey": key,
-            "taskflowId": self.uid,
-            "stage": effect.stage,
-            "task": effect.task,
-            "attempt": effect.attempt,
-            "serviceId": task.task_details.service_id,
-            "actionName": task.task_details.action_name,
-            "reason": "cancelled",
-        }
+        notice = Notice(
+            key=AttemptKey(self.uid, effect.stage, effect.task, effect.attempt).encode(),
+            taskflow_id=self.uid,
+            stage=effect.stage,
+            task=effect.task,
+            attempt=effect.attempt,
+            service_id=task.task_details.service_id,
+            action_name=task.task_details.action_name,
+        )
         await self.link.publish(
             self.settings.subjects.cancel(task.task_details.service_id),
-            json.dumps(notice).encode(),
-            headers={IDEMPOTENCY_HEADER: key},
+            notice.encode(),
+            headers={IDEMPOTENCY_HEADER: notice.key},
         )
 
     # -- nested flows ------------------------------------------------------------------------
@@ -328,7 +319,7 @@ class Effects:
 
     async def cancel_child(self, namespace: str, name: str) -> None:
         with contextlib.suppress(Gone):
-            await self.kube.patch_spec(namespace, name, {"spec": {"cancel": True}})
+            await self.kube.patch(namespace, name, {"spec": {"cancel": True}})
 
 
 def describe(exc: BaseException, *, typed: bool = True) -> str:

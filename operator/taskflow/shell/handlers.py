@@ -17,9 +17,9 @@ import kopf
 
 from taskflow.api.crd import GROUP, VERSION
 from taskflow.api.policy import PLURAL as POLICY_PLURAL
+from taskflow.kube import Kube, connection_config, load_api_client
 from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
-from taskflow.shell.kube import Kube, connection_config, load_api_client
 from taskflow.shell.reaper import Reaper, TtlDefaults
 from taskflow.shell.registry import Registry
 from taskflow.shell.scheduler import Scheduler

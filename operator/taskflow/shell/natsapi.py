@@ -58,13 +58,20 @@ from nats.aio.msg import Msg
 
 from taskflow.api.crd import GROUP
 from taskflow.client import Envelope, TaskflowClient, TaskflowError, fail, ok
-from taskflow.shell.kube import PLURAL
+from taskflow.kube import PLURAL
+from taskflow.wire.api import (
+    BadRequest,
+    FlowRequest,
+    HistoryRequest,
+    ProduceRequest,
+    RetryRequest,
+    decode_object,
+)
 from taskflow.wire.subjects import Subjects
 
 log = logging.getLogger("taskflow.natsapi")
 
 QUEUE_GROUP = "taskflow-api"
-MAX_WAIT_S = 30.0
 MAX_CONCURRENT = 64
 AUTHORIZATION = "Authorization"
 REQUEST_INFO = "Nats-Request-Info"
@@ -103,7 +110,7 @@ class Authorizer:
         user: dict[str, Any] | None
         if caller.token:
             key = caller.token
-            user = await self._user(caller.token)
+            user = await self.authenticate(caller.token)
             if user is None:
                 raise TaskflowError(
                     "the bearer token was not accepted by Kubernetes", "Unauthorized"
@@ -124,7 +131,10 @@ class Authorizer:
                 "Forbidden",
             )
 
-    async def _user(self, token: str) -> dict[str, Any] | None:
+    async def authenticate(self, token: str) -> dict[str, Any] | None:
+        """The Kubernetes user a bearer token stands for (TokenReview), or None when the API
+        server does not accept it: ``{"username", "uid", "groups", "extra"}``. (Also the web
+        view's sign-in, ``taskflow.ui``.)"""
         now = time.monotonic()
         cached = self._users.get(token)
         if cached is not None and now - cached[0] < self.TTL_S:
@@ -195,108 +205,63 @@ class NatsApi:
         if self.authorizer is not None:
             await self.authorizer.check(caller, verb=verb, namespace=namespace)
 
-    async def _flow(self, request: dict[str, Any], caller: Caller, *, verb: str) -> str:
+    async def _flow(self, request: FlowRequest, caller: Caller, *, verb: str) -> str:
         """The flow a request names, once the caller may ``verb`` it; as namespace/name."""
-        namespace, name = await self.client.locate(self._id(request))
+        namespace, name = await self.client.locate(request.taskflow_id)
         await self.allow(caller, verb=verb, namespace=namespace)
         return f"{namespace}/{name}"
 
-    def _id(self, request: dict[str, Any]) -> str:
-        ident = request.get("taskflowId") or request.get("id")
-        if not isinstance(ident, str) or not ident.strip():
-            raise TaskflowError(
-                '"taskflowId" (a uid or "namespace/name") is required', "BadRequest"
-            )
-        if "/" not in ident and isinstance(request.get("namespace"), str):
-            ident = f"{request['namespace']}/{ident}"
-        return ident
-
-    @staticmethod
-    def _wait(request: dict[str, Any]) -> float | None:
-        wait = request.get("wait", True)
-        if wait is False or wait is None:
-            return None
-        if wait is True:
-            return 10.0
-        try:
-            return min(MAX_WAIT_S, max(0.0, float(wait)))
-        except (TypeError, ValueError):
-            raise TaskflowError(
-                '"wait" is a boolean or a number of seconds', "BadRequest"
-            ) from None
-
-    async def produce(self, request: dict[str, Any], caller: Caller) -> Envelope:
-        schema = request.get("schema", request.get("spec", request.get("taskflow")))
-        if not isinstance(schema, dict):
-            raise TaskflowError('"schema" (the TaskFlowSchema object) is required', "BadRequest")
-        name = request.get("name")
-        if name is not None and not isinstance(name, str):
-            raise TaskflowError('"name" is a string', "BadRequest")
-        parent = request.get("parent")
-        if parent is not None:
-            if not isinstance(parent, dict):
-                raise TaskflowError('"parent" is an object', "BadRequest")
-            context = parent.get("taskflowExecutionContext")
-            if not isinstance(context, dict):
-                raise TaskflowError('"parent.taskflowExecutionContext" is required', "BadRequest")
-            key = parent.get("idempotencyKey")
-            link = await self.client.parent_link(context, key if isinstance(key, str) else None)
+    async def produce(self, body: dict[str, Any], caller: Caller) -> Envelope:
+        request = ProduceRequest.decode(body)
+        if request.parent is not None:
+            parent = request.parent
+            link = await self.client.parent_link(parent.context, parent.key)
             await self.allow(caller, verb="create", namespace=link.namespace)
-            index = parent.get("index", 0)
-            name = name or link.child_name(index if isinstance(index, int) else 0)
-            result = await self.client.produce(schema, name=name, parent=link)
+            name = request.name or link.child_name(parent.index)
+            result = await self.client.produce(request.schema, name=name, parent=link)
             if result.get("success"):
                 result["data"]["ref"] = f"{link.namespace}/{name}"
             return result
-        namespace = request.get("namespace")
-        if not isinstance(namespace, str) or not namespace:
-            raise TaskflowError('"namespace" is required', "BadRequest")
-        await self.allow(caller, verb="create", namespace=namespace)
-        return await self.client.produce(schema, namespace=namespace, name=name)
-
-    async def details(self, request: dict[str, Any], caller: Caller) -> Envelope:
-        return await self.client.get_details(await self._flow(request, caller, verb="get"))
-
-    async def cancel(self, request: dict[str, Any], caller: Caller) -> Envelope:
-        return await self.client.cancel(
-            await self._flow(request, caller, verb="patch"), wait=self._wait(request)
+        assert request.namespace is not None
+        await self.allow(caller, verb="create", namespace=request.namespace)
+        return await self.client.produce(
+            request.schema, namespace=request.namespace, name=request.name
         )
 
-    async def retry(self, request: dict[str, Any], caller: Caller) -> Envelope:
-        stages = request.get("stages", request.get("stagesInfo"))
-        tasks = request.get("tasks", request.get("tasksInfo"))
-        for value, what in ((stages, "stages"), (tasks, "tasks")):
-            if value is not None and not isinstance(value, list):
-                raise TaskflowError(f'"{what}" is a list', "BadRequest")
+    async def details(self, body: dict[str, Any], caller: Caller) -> Envelope:
+        flow = await self._flow(FlowRequest.decode(body), caller, verb="get")
+        return await self.client.get_details(flow)
+
+    async def cancel(self, body: dict[str, Any], caller: Caller) -> Envelope:
+        request = FlowRequest.decode(body)
+        flow = await self._flow(request, caller, verb="patch")
+        return await self.client.cancel(flow, wait=request.wait)
+
+    async def retry(self, body: dict[str, Any], caller: Caller) -> Envelope:
+        request = RetryRequest.decode(body)
+        flow = await self._flow(request.flow, caller, verb="patch")
         return await self.client.retry(
-            await self._flow(request, caller, verb="patch"),
-            stages,
-            tasks,
-            bool(request.get("failedOnly", False)),
-            wait=self._wait(request),
+            flow, request.stages, request.tasks, request.failed_only, wait=request.flow.wait
         )
 
-    async def suspend(self, request: dict[str, Any], caller: Caller) -> Envelope:
-        return await self.client.suspend(await self._flow(request, caller, verb="patch"))
+    async def suspend(self, body: dict[str, Any], caller: Caller) -> Envelope:
+        flow = await self._flow(FlowRequest.decode(body), caller, verb="patch")
+        return await self.client.suspend(flow)
 
-    async def resume(self, request: dict[str, Any], caller: Caller) -> Envelope:
-        return await self.client.suspend(
-            await self._flow(request, caller, verb="patch"), suspend=False
-        )
+    async def resume(self, body: dict[str, Any], caller: Caller) -> Envelope:
+        flow = await self._flow(FlowRequest.decode(body), caller, verb="patch")
+        return await self.client.suspend(flow, suspend=False)
 
-    async def history(self, request: dict[str, Any], caller: Caller) -> Envelope:
+    async def history(self, body: dict[str, Any], caller: Caller) -> Envelope:
         """Flows deleted after their TTL, of one namespace (the caller may list taskflows
         there): ``{"namespace", "phase"?, "service"?, "sinceMs"?}``."""
-        namespace = request.get("namespace")
-        if not isinstance(namespace, str) or not namespace:
-            raise TaskflowError('"namespace" is required', "BadRequest")
-        await self.allow(caller, verb="list", namespace=namespace)
-        since = request.get("sinceMs")
+        request = HistoryRequest.decode(body)
+        await self.allow(caller, verb="list", namespace=request.namespace)
         items = await self.client.history(
-            namespace=namespace,
-            phase=request.get("phase") if isinstance(request.get("phase"), str) else None,
-            service=request.get("service") if isinstance(request.get("service"), str) else None,
-            since_ms=since if isinstance(since, int) else None,
+            namespace=request.namespace,
+            phase=request.phase,
+            service=request.service,
+            since_ms=request.since_ms,
         )
         return ok({"items": items})
 
@@ -402,13 +367,9 @@ def _stamped(headers: dict[str, str] | None, *, own_account: str | None) -> Call
 
 async def _handle(verb: str, handler: Handler, data: bytes, caller: Caller) -> Envelope:
     try:
-        request = json.loads(data or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
-        return fail(f"the request is not JSON: {exc}", "BadRequest")
-    if not isinstance(request, dict):
-        return fail("the request is a JSON object", "BadRequest")
-    try:
-        return await handler(request, caller)
+        return await handler(decode_object(data), caller)
+    except BadRequest as exc:
+        return fail(str(exc), "BadRequest")
     except TaskflowError as exc:
         return exc.envelope()
     except Exception as exc:

@@ -26,9 +26,9 @@ from taskflow.api.durations import parse_duration_ms
 from taskflow.api.spec import Ttl
 from taskflow.api.status import TERMINAL_FLOW_PHASES, FlowPhase
 from taskflow.engine import parse_iso
+from taskflow.kube import Gone, Kube
 from taskflow.shell import metrics
 from taskflow.shell.bus import Bus
-from taskflow.shell.kube import Gone, Kube
 
 log = logging.getLogger("taskflow.reaper")
 

@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any
 from taskflow.api.status import TERMINAL_FLOW_PHASES, TaskflowStatus
 from taskflow.engine import Decision, Dispatch, Emit
 from taskflow.engine.recording import Recording, recording
+from taskflow.kube import Conflict, Gone
 from taskflow.shell import metrics
-from taskflow.shell.kube import Conflict, Gone
 from taskflow.shell.objects import lean, now_ms, rv
 from taskflow.wire import journal as journal_entry
 from taskflow.wire.events import event_payload
 
 if TYPE_CHECKING:
+    from taskflow.kube import Kube
     from taskflow.shell.bus import Bus
-    from taskflow.shell.kube import Kube
     from taskflow.shell.registry import Registry
     from taskflow.shell.settings import RunnerSettings
 

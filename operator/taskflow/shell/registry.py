@@ -20,10 +20,10 @@ from nats.aio.msg import Msg
 
 from taskflow.api.status import TERMINAL_FLOW_PHASES, TaskError
 from taskflow.engine import BAD_REPLY, Input, Reply
+from taskflow.kube import Gone, Kube
 from taskflow.shell import metrics
 from taskflow.shell.bus import Bus
 from taskflow.shell.effects import child_error, describe
-from taskflow.shell.kube import Gone, Kube
 from taskflow.shell.reaper import Reaper, response_refs
 from taskflow.shell.runner import FlowRunner
 from taskflow.shell.settings import RunnerSettings

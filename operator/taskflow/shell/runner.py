@@ -37,10 +37,10 @@ from taskflow.api.status import (
 from taskflow.api.templates import PLURAL as TEMPLATES
 from taskflow.api.templates import TaskflowTemplateSpec, instantiate
 from taskflow.engine import Decision, Dispatch, Input, Reply, decide, expressions, parse_iso
+from taskflow.kube import PLURAL, Gone
 from taskflow.shell import metrics
 from taskflow.shell.effects import Effects
 from taskflow.shell.idle import IdleState
-from taskflow.shell.kube import PLURAL, Gone
 from taskflow.shell.objects import iso_now, lean, now_ms, rv
 from taskflow.shell.recorder import Recorder
 from taskflow.shell.settings import RunnerSettings
@@ -447,7 +447,7 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                     fields["inputs"] = {**own, **fields["inputs"]}
                     version = found["metadata"].get("resourceVersion")
                     fields["templateRef"] = {"resourceVersion": version}
-                    await self.kube.patch_spec(self.namespace, self.name, {"spec": fields})
+                    await self.kube.patch(self.namespace, self.name, {"spec": fields})
                     self.body = lean(await self.kube.get(self.namespace, self.name))
                     self._spec = None
                     self.log.info(

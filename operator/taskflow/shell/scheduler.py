@@ -29,7 +29,7 @@ from taskflow.api.schedules import (
     run_name,
 )
 from taskflow.api.status import TERMINAL_FLOW_PHASES
-from taskflow.shell.kube import Conflict, Gone, Kube
+from taskflow.kube import Conflict, Gone, Kube
 
 log = logging.getLogger("taskflow.scheduler")
 TICK_S = 1.0
@@ -105,7 +105,7 @@ class Scheduler:
         if active and spec.concurrency_policy == "Replace":
             for run in active:
                 with contextlib.suppress(Gone):
-                    await self.kube.patch_spec(
+                    await self.kube.patch(
                         namespace, run["metadata"]["name"], {"spec": {"cancel": True}}
                     )
         flow = {

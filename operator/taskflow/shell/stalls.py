@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from taskflow.api.spec import TaskflowSpec
 from taskflow.api.status import TaskflowStatus
 from taskflow.engine import Decision, Input, quarantine
+from taskflow.kube import Gone
 from taskflow.shell import metrics
 from taskflow.shell.effects import describe
-from taskflow.shell.kube import Gone
 from taskflow.shell.objects import iso_now, now_ms
 from taskflow.wire.replies import clip
 
 if TYPE_CHECKING:
-    from taskflow.shell.kube import Kube
+    from taskflow.kube import Kube
     from taskflow.shell.registry import Registry
     from taskflow.shell.settings import RunnerSettings
 

@@ -35,8 +35,8 @@ from taskflow.api.policy import (
     no_policy_refusal,
 )
 from taskflow.engine import Refusal
+from taskflow.kube import Gone, Kube
 from taskflow.shell.bus import Bus, NatsSettings
-from taskflow.shell.kube import Gone, Kube
 from taskflow.wire.subjects import Subjects
 
 log = logging.getLogger("taskflow.tenants")

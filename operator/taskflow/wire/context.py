@@ -21,20 +21,6 @@ DEADLINE_HEADER = "Taskflow-Deadline"  # epoch ms at which this attempt times ou
 HEARTBEAT_HEADER = "Taskflow-Heartbeat"
 
 
-def idempotency_key(uid: str, stage: str, task: str, attempt: int) -> str:
-    """Stable per attempt: a redelivery of the same attempt carries the same key."""
-    return f"{uid}/{stage}/{task}/{attempt}"
-
-
-def parse_idempotency_key(key: str) -> tuple[str, str, str, int] | None:
-    """``uid/stage/task/attempt`` -> its parts (stage and task names are NATS tokens)."""
-    parts = key.split("/")
-    # ASCII digits, and few enough for int() and 64 bits ("²".isdigit() is true too).
-    if len(parts) != 4 or not (parts[3].isascii() and parts[3].isdigit()) or len(parts[3]) > 18:
-        return None
-    return parts[0], parts[1], parts[2], int(parts[3])
-
-
 def task_info(
     *,
     task: Task,

@@ -1,7 +1,15 @@
-"""Kubernetes API calls the operator makes, run on a thread pool so the event loop never blocks.
+r"""The one way to the Kubernetes API, for the operator and the client alike.
 
-kopf owns the watch; this module only reads, writes status, creates child flows and posts
-Events. Every call names the flow it is for, so errors are attributable.
+Finding credentials (``load_kube``, ``connection_config``) and the package's calls: read,
+create, patch and list flows, write status with optimistic concurrency, post Events, and the
+few reads of the other resources. Every call runs on a thread (a pool sized to the connection
+pool when the operator asks for ``workers``), so no event loop ever blocks, and goes through
+``_send``: the generated client's credentials and connections without its model layer.
+
+A 409 raises ``Conflict`` and a 404 ``Gone``; both are ``ApiException``\s with the server's
+status and body, so a caller may catch either the specific case or any refusal. In the
+operator, kopf owns the watch; the client (``taskflow.client``) turns refusals into its error
+envelope.
 """
 
 from __future__ import annotations
@@ -10,12 +18,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
+from kubernetes import config as _config
 from kubernetes.client import rest
 from kubernetes.client.exceptions import ApiException
 
@@ -23,15 +35,28 @@ from taskflow.api.crd import GROUP, VERSION
 from taskflow.api.policy import PLURAL as POLICY_PLURAL
 
 PLURAL = "taskflows"
+API_VERSION = f"{GROUP}/{VERSION}"
+_METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+_MERGE_PATCH = "application/merge-patch+json"
+config: Any = _config  # its loaders are untyped
 log = logging.getLogger("taskflow.kube")
 
 
-class Conflict(Exception):
+class Conflict(ApiException):
     """The object changed since we read it (HTTP 409): re-read and decide again."""
 
 
-class Gone(Exception):
+class Gone(ApiException):
     """The object no longer exists (HTTP 404)."""
+
+
+def _refusal(exc: ApiException) -> ApiException:
+    kind = {409: Conflict, 404: Gone}.get(exc.status)
+    if kind is None:
+        return exc
+    specific = kind(status=exc.status, reason=exc.reason)
+    specific.body, specific.headers = exc.body, exc.headers
+    return specific
 
 
 def connection_config(kubeconfig: str | None) -> client.Configuration:
@@ -51,8 +76,43 @@ def load_api_client(kubeconfig: str | None) -> client.ApiClient:
     return client.ApiClient(connection_config(kubeconfig))
 
 
+def load_kube(
+    kubeconfig: str | None = None, context: str | None = None
+) -> tuple[client.ApiClient, str]:
+    """An API client and the default namespace: the kubeconfig file if given (or $KUBECONFIG),
+    else in-cluster, else ~/.kube/config; the namespace is the context's (or the pod's)."""
+    cfg = client.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    if not path:
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            pass
+        else:
+            sa = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+            namespace = sa.read_text().strip() if sa.exists() else "default"
+            return client.ApiClient(cfg), namespace
+    config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+    namespace = "default"
+    with contextlib.suppress(Exception):
+        contexts, active = config.list_kube_config_contexts(config_file=path)
+        chosen = next((c for c in contexts if c["name"] == context), active) if context else active
+        namespace = (chosen.get("context") or {}).get("namespace") or "default"
+    return client.ApiClient(cfg), namespace
+
+
 class Kube:
-    def __init__(self, api_client: client.ApiClient, *, workers: int = 16) -> None:
+    """The calls, each on a thread. ``workers``: a pool of that many threads and as many
+    pooled connections (the operator's many writers); None: the default thread pool and the
+    API client as it was given (a user's client, which this leaves alone)."""
+
+    def __init__(self, api_client: client.ApiClient, *, workers: int | None = 16) -> None:
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self._pool: ThreadPoolExecutor | None = None
+        if workers is None:
+            return
         api_client.configuration.connection_pool_maxsize = workers
         # The connection pool was sized when the client was made: make it again at this size,
         # or every connection beyond the default (5 per core) is dropped after one request and
@@ -60,23 +120,27 @@ class Kube:
         old_pool = api_client.rest_client.pool_manager
         api_client.rest_client = rest.RESTClientObject(api_client.configuration)
         old_pool.clear()
-        self.api_client = api_client
-        self.custom = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
-        try:
+        try:  # (None: the loop's default pool)
             return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
         except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict(str(exc.reason)) from exc
-            if exc.status == 404:
-                raise Gone(str(exc.reason)) from exc
-            raise
+            specific = _refusal(exc)
+            if specific is exc:
+                raise
+            raise specific from exc
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        accept: str = "application/json",
+        content_type: str = "application/json",
+    ) -> Any:
         """One call through the generated client's own pool, credentials and default headers,
         without its model layer: plain-JSON bodies are encoded once and replies decoded once
         (the generated methods walk every node of the body and of the reply in Python, which
@@ -85,7 +149,7 @@ class Kube:
         _, url, headers, _, _ = api.param_serialize(
             method,
             path,
-            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            header_params={"Accept": accept, "Content-Type": content_type},
             auth_settings=["BearerToken"],
         )
         response = api.call_api(method, url, header_params=headers, body=body)
@@ -133,16 +197,36 @@ class Kube:
         result: dict[str, Any] = await self._call(self._send, "POST", self._path(namespace), body)
         return result
 
-    async def patch_spec(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        await self._call(
-            self.custom.patch_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            name,
-            patch,
+    async def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch of one flow (e.g. ``{"spec": {"cancel": true}}``)."""
+        result: dict[str, Any] = await self._call(
+            self._send, "PATCH", self._path(namespace, name), patch, content_type=_MERGE_PATCH
         )
+        return result
+
+    async def list_flows(
+        self,
+        namespace: str | None,
+        *,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Every flow of a namespace (all namespaces when None), page by page; with
+        ``metadata_only``, only their metadata (a small answer however big the flows)."""
+        base = self._path(namespace) if namespace else f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+        query: dict[str, str] = {"limit": "500"}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        accept = _METADATA_ONLY if metadata_only else "application/json"
+        items: list[dict[str, Any]] = []
+        while True:
+            path = f"{base}?{urllib.parse.urlencode(query)}"
+            page = await self._call(self._send, "GET", path, accept=accept)
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            query["continue"] = token
 
     async def delete(self, namespace: str, name: str, *, uid: str) -> None:
         """Delete a flow, only if it is still the one with ``uid``; its children follow by
@@ -157,16 +241,7 @@ class Kube:
             await self._call(self._send, "DELETE", self._path(namespace, name), body)
 
     async def list_children(self, namespace: str, parent_uid: str) -> list[dict[str, Any]]:
-        result = await self._call(
-            self.custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            label_selector=f"taskflow.dev/parent-uid={parent_uid}",
-        )
-        items: list[dict[str, Any]] = result.get("items", [])
-        return items
+        return await self.list_flows(namespace, label_selector=f"taskflow.dev/parent-uid={parent_uid}")
 
     async def event(self, flow: dict[str, Any], *, reason: str, message: str, type_: str) -> None:
         """Post a Kubernetes Event on the flow; never let a failure here stop the flow."""
@@ -244,11 +319,7 @@ class Kube:
         """The Taskflows a CronTaskflow started."""
         from taskflow.api.schedules import CRON_LABEL
 
-        result = await self._call(
-            self._send, "GET", f"{self._path(namespace)}?labelSelector={CRON_LABEL}%3D{cron}"
-        )
-        items: list[dict[str, Any]] = result.get("items", [])
-        return items
+        return await self.list_flows(namespace, label_selector=f"{CRON_LABEL}={cron}")
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(
@@ -257,6 +328,7 @@ class Kube:
         return result
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self.api_client.close()
