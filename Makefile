@@ -46,8 +46,9 @@ dev: venv ## the whole stack in the foreground (AUTH=1: NATS users with least pr
 	bash hack/build-tools.sh test >/dev/null
 	$(PY) -m taskflow.devstack --dir .dev $(if $(AUTH),--auth)
 
-bench: venv ## the benchmark: prints figures, writes bench/results/
+bench: venv ## the benchmark: prints figures, writes bench/results/ (with the Temporal peer)
 	bash hack/build-tools.sh test >/dev/null
+	bash hack/build-temporal.sh >/dev/null
 	$(PY) -m bench
 
 chaos: venv ## the fault suite: prints figures, writes chaos/results/ (ARGS=--quick: a small run)

@@ -393,6 +393,8 @@ async def run(args: argparse.Namespace) -> int:
         log("stopping the stack")
         await asyncio.to_thread(stack.stop)
 
+    if not args.no_peer:
+        await _peer(result, plan, tmp)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     result["targets"] = report.targets(result)
     name = "quick" if args.quick else "bench"
@@ -408,6 +410,31 @@ async def run(args: argparse.Namespace) -> int:
     print(text)
     log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f} s")
     return 0
+
+
+async def _peer(result: dict[str, Any], plan: Plan, tmp: Path) -> None:
+    """The same seed-shaped flow on Temporal (its dev server and Python SDK), on the same
+    machine in the same run, once our stack is stopped (the two never share the CPU)."""
+    from bench import peer
+
+    seed_peak = next((p for p in result["phases"] if p["label"] == "seed-peak"), None)
+    try:
+        binary = await asyncio.to_thread(peer.temporal_binary)
+        log("peer: Temporal, the same seed-shaped flow ...")
+        result["peer"] = await peer.run_peer(
+            temporal=binary,
+            scratch=tmp / "peer",
+            seconds=plan.seed_peak_s,
+            warmup=plan.warmup_s,
+            concurrency=plan.peak_concurrency,
+        )
+    except Exception as exc:  # the peer is a comparison: its failure is reported, not fatal
+        log(f"peer: not measured: {exc}")
+        result["peer"] = {"error": str(exc)}
+        return
+    if seed_peak is not None:
+        result["peer"]["ratios"] = peer.compare(seed_peak, result["peer"])
+    log(peer.summary(result["peer"]))
 
 
 async def scale(
@@ -499,6 +526,9 @@ def main() -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="a ~2 minute run")
+    parser.add_argument(
+        "--no-peer", action="store_true", help="skip the same flow on Temporal (bench/peer.py)"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="also sample the operator with py-spy at saturation"
     )

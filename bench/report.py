@@ -99,6 +99,7 @@ def markdown(result: dict[str, Any]) -> str:
         ):
             value = scale.get(key)
             out.append(f"| {label} | {_p(value) if isinstance(value, dict) else _f(value)} |")
+    out += peer_table(result.get("peer"))
     out += ["", "## Targets (issue 8)", "", "| target | figure | met |", "|---|---|---|"]
     for t in result["targets"]:
         out.append(f"| {t['target']} | {t['figure']} | {'yes' if t['met'] else 'NO'} |")
@@ -114,6 +115,32 @@ def markdown(result: dict[str, Any]) -> str:
         for row in profile["top"][:25]:
             out.append(f"| `{row['function']}` | {row['self_pct']} | {row['total_pct']} |")
     return "\n".join(out) + "\n"
+
+
+def peer_table(peer: dict[str, Any] | None) -> list[str]:
+    """Our seed-peak beside Temporal's, as ratios (ours / theirs)."""
+    if not peer:
+        return []
+    if "error" in peer:
+        return ["", "## Peer: Temporal", "", f"Not measured: {peer['error']}"]
+    e, per, ratios = peer["end_to_end_ms"], peer["cpu_s_per_1000_tasks"], peer.get("ratios") or {}
+    out = [
+        "",
+        f"## Peer: Temporal {peer['version']} (dev server, {peer['persistence']}), same flow",
+        "",
+        f"{peer['concurrency']} flows in flight for {peer['duration_s']} s, a Python worker "
+        "(temporalio) whose activities echo their input, like our echo service.",
+        "",
+        "| figure | Temporal | ours / Temporal |",
+        "|---|---|---|",
+        f"| flows/s | {peer['flows_per_s']} | {_f(ratios.get('flows_per_s'))} |",
+        f"| tasks/s | {peer['tasks_per_s']} | {_f(ratios.get('tasks_per_s'))} |",
+        f"| end to end p50 ms | {e['p50']} | {_f(ratios.get('end_to_end_p50'))} |",
+        f"| end to end p99 ms | {e['p99']} | {_f(ratios.get('end_to_end_p99'))} |",
+        f"| CPU s per 1,000 tasks (all server-side processes) | {per['total']} | "
+        f"{_f(ratios.get('cpu_per_1000_tasks'))} |",
+    ]
+    return out
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
