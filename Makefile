@@ -34,7 +34,7 @@ test: venv ## every test, against real kube-apiserver, etcd and nats-server
 	bash hack/run-tests.sh
 
 unit: venv ## the fast tests only (no servers)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q tests/unit
 
 lint: venv ## ruff (check, format --check), mypy (strict), the import contracts (pyproject.toml)
 	$(VENV)/bin/ruff check operator tests bench chaos

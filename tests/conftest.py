@@ -1,8 +1,9 @@
 """Fixtures: real etcd + kube-apiserver + nats-server (session), the operator as a real process,
 a namespace per test, and small helpers to create flows and wait on them.
 
-Nothing here fakes the Kubernetes API or NATS: tests that need servers are marked
-``integration`` automatically by using these fixtures.
+Nothing here fakes the Kubernetes API or NATS. ``tests/unit`` holds the pure tests (no I/O,
+seconds in all: ``make unit``); ``tests/integration`` the tests on the real servers, marked
+``integration``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ SERVER_FIXTURES = {"stack", "kube", "namespace", "operator", "nc", "flows", "kub
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tests/unit: pure, no I/O; tests/integration: the real servers. A unit test that asks
+    # for a server fixture is a mistake, and says so.
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        uses_servers = bool(SERVER_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if "unit" in item.path.parent.parts[-1:] and uses_servers:
+            raise pytest.UsageError(f"{item.nodeid}: a unit test may not use the servers")
+        if uses_servers or "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
 
 

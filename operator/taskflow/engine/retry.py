@@ -6,7 +6,7 @@ names that do not exist, a SUCCEEDED task under exactlyOnceTaskExecution, a sele
 leaves nothing to run. Those rules live here, apart from the forward-moving state machine in
 ``engine.py``: which request is refused (``retry_refusal``) and which tasks run again
 (``retry_selection``) are pure functions of status and the request, tested by table
-(``tests/test_engine_retry.py``); ``handle_retry`` applies the answer to the decision being
+(``tests/unit/test_engine_retry.py``); ``handle_retry`` applies the answer to the decision being
 made. Pure like the rest of the engine: no I/O, no clock (``now`` comes with the decision).
 """
 

@@ -1,4 +1,4 @@
-"""Retries that back off, and errors no retry can help: the pure half (options and engine)."""
+"""Retries that back off, and errors no retry can help: the options and the decisions by table."""
 
 from __future__ import annotations
 
@@ -207,13 +207,3 @@ def test_when_no_service_fail_ends_the_attempt_at_once_and_retries_per_max_retri
         inputs=[NoResponders(stage="s", task="t", attempt=0)],
     )
     assert waiting.status.stages[0].tasks[0].waiting_reason == "NoResponders"  # the default
-
-
-@pytest.mark.integration
-async def test_a_task_that_fails_fast_when_nobody_serves_it(operator, flows, svc: str) -> None:
-    from conftest import flow, task_status
-
-    await flows.create(flow(svc, ["t"], options={"timeout": "60s", "whenNoService": "fail"}), "f")
-    done = await flows.wait("f", timeout=20)
-    t = task_status(done, "s1", "t")
-    assert t["status"] == "FAILED" and t["error"]["reason"] == "NoService"

@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -18,8 +18,7 @@ import pytest
 from conftest import ROOT, Flows
 from taskflow.api import TaskflowSpec
 from taskflow.client import Client, TaskflowClient
-
-Reply = Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]
+from unit.test_client import Reply
 
 
 @pytest.fixture
@@ -603,21 +602,6 @@ async def test_sync_client_runs_the_same_calls(
     assert res["success"]
     assert events[-1]["data"]["taskflowStatus"] == "SUCCEEDED"
     assert details["data"]["stages"][0]["tasks"][0]["response"] == {"echo": {"n": 1}}
-
-
-def test_child_links_use_the_operators_keys() -> None:
-    from taskflow import client
-    from taskflow.shell import effects  # where the operator writes a child's links
-
-    for key in (
-        "PARENT_UID",
-        "PARENT_NAME",
-        "PARENT_TASK",
-        "PARENT_ATTEMPT",
-        "PARENT_CONTEXT",
-        "DEPTH",
-    ):
-        assert getattr(client, key) == getattr(effects, key)
 
 
 async def test_the_docs_example_runs(operator, stack, namespace: str) -> None:

@@ -2,13 +2,11 @@
 
 Every manifest in ``tests/invalid/`` is applied with the real ``kubectl`` against the real
 kube-apiserver (with the generated CRD); its first line says which substring of the server's
-error message must appear. No operator runs here: validation is the API server's job.
-"""
+error message must appear."""
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from pathlib import Path
 
@@ -16,30 +14,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, Kubectl
+from unit.test_validation import INVALID, expected
 
-INVALID = sorted((ROOT / "tests" / "invalid").glob("*.yaml"))
-EXPECT = re.compile(r"^# expect: (.+)$")
 IMMUTABLE = "stages are immutable once the flow exists"
-
-
-def expected(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    match = EXPECT.match(first)
-    assert match, f"{path.name}: the first line must be '# expect: <substring>'"
-    return match.group(1).strip()
-
-
-def test_corpus_is_well_formed() -> None:
-    assert len(INVALID) >= 32
-    for path in INVALID:
-        assert re.fullmatch(r"\d\d-[a-z0-9-]+\.yaml", path.name), path.name
-        assert expected(path)
-        body = yaml.safe_load(path.read_text())
-        assert body["apiVersion"] == "taskflow.dev/v1alpha1", path.name
-        assert body["kind"] == "Taskflow", path.name
-        assert "namespace" not in body["metadata"], path.name
-    names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in INVALID]
-    assert len(names) == len(set(names))
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])

@@ -18,11 +18,11 @@ import pytest
 
 from conftest import ROOT, Flows, serve, task_status
 from conftest import flow as plain_flow
+from integration.test_client import extract_example
 from taskflow.client import TaskflowClient
 from taskflow.sdk import Nested, Service, TaskContext, TaskFailure
 from taskflow.wire import links
 from taskflow.wire.context import EXPIRES_HEADER, IDEMPOTENCY_HEADER
-from test_client import extract_example
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 from kubernetes import client as k8s
 
 from conftest import ROOT, Flows, flow, task_status
+from integration.test_client import extract_example, one_task, seed_schema, serve, succeed
 from taskflow.shell.natsapi import serve_api
-from test_client import extract_example, one_task, seed_schema, serve, succeed
 
 
 async def call(

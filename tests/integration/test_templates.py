@@ -1,5 +1,5 @@
-"""TaskflowTemplate and templateRef: arguments checked against parameters, the template's
-stages written into the flow's spec when it starts, values reaching services by expressions."""
+"""TaskflowTemplate and templateRef on the real servers: the template's stages written into the
+flow's spec when it starts, values reaching services by expressions."""
 
 from __future__ import annotations
 
@@ -11,44 +11,7 @@ import pytest
 from kubernetes import client
 
 from conftest import Flows, serve, task_status
-from taskflow.api.templates import TaskflowTemplateSpec, instantiate
-
-TEMPLATE: dict[str, Any] = {
-    "parameters": [
-        {"name": "groupId", "required": True},
-        {"name": "devices", "type": "array", "default": ["d1"]},
-        {"name": "retries", "type": "integer", "default": 1},
-    ],
-    "options": {"timeout": "30s"},
-    "stages": [
-        {
-            "name": "s",
-            "tasks": [
-                {
-                    "name": "add",
-                    "forEach": {"items": "${{ inputs.devices }}"},
-                    "taskDetails": {"serviceId": "SVC", "actionName": "add"},
-                    "params": {"group": "${{ inputs.groupId }}", "device": "${{ item }}"},
-                }
-            ],
-        }
-    ],
-}
-
-
-def test_arguments_are_checked_and_defaults_fill_the_rest() -> None:
-    template = TaskflowTemplateSpec.model_validate(TEMPLATE)
-    spec, problems = instantiate(template, {"groupId": "g1"})
-    assert problems == []
-    assert spec["inputs"] == {"groupId": "g1", "devices": ["d1"], "retries": 1}
-    assert spec["stages"][0]["name"] == "s" and spec["options"] == {"timeout": "30s"}
-    _, problems = instantiate(template, {"devices": "d2", "retries": True, "colour": "red"})
-    assert problems == [
-        "argument 'colour': the template has no such parameter",
-        "argument 'groupId' is required",
-        "argument 'devices': a array, not str",
-        "argument 'retries': a integer, not bool",
-    ]
+from unit.test_templates import TEMPLATE
 
 
 def put_template(kube: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
@@ -120,7 +83,7 @@ async def test_bad_arguments_or_a_missing_template_fail_the_flow_saying_why(
 async def test_kubectl_taskflow_run_starts_a_flow_from_a_template(
     operator, stack, kube: client.ApiClient, flows: Flows, nc, svc: str
 ) -> None:
-    from test_plugin import Plugin
+    from integration.test_plugin import Plugin
 
     seen = await serve(nc, f"{svc}.add")
     await asyncio.to_thread(put_template, kube, flows.namespace, "add-devices", with_service(svc))
