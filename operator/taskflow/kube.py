@@ -31,11 +31,10 @@ from kubernetes import config as _config
 from kubernetes.client import rest
 from kubernetes.client.exceptions import ApiException
 
-from taskflow.api.crd import GROUP, VERSION
+from taskflow.api.names import API_VERSION as API_VERSION
+from taskflow.api.names import GROUP, PLURAL, VERSION
 from taskflow.api.policy import PLURAL as POLICY_PLURAL
 
-PLURAL = "taskflows"
-API_VERSION = f"{GROUP}/{VERSION}"
 _METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 _MERGE_PATCH = "application/merge-patch+json"
 config: Any = _config  # its loaders are untyped
@@ -183,7 +182,7 @@ class Kube:
             if meta.get(k) is not None
         }
         lean = {
-            "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "apiVersion": body.get("apiVersion", API_VERSION),
             "kind": body.get("kind", "Taskflow"),
             "metadata": lean_meta,
             "status": body.get("status"),
@@ -241,14 +240,16 @@ class Kube:
             await self._call(self._send, "DELETE", self._path(namespace, name), body)
 
     async def list_children(self, namespace: str, parent_uid: str) -> list[dict[str, Any]]:
-        return await self.list_flows(namespace, label_selector=f"taskflow.dev/parent-uid={parent_uid}")
+        return await self.list_flows(
+            namespace, label_selector=f"taskflow.dev/parent-uid={parent_uid}"
+        )
 
     async def event(self, flow: dict[str, Any], *, reason: str, message: str, type_: str) -> None:
         """Post a Kubernetes Event on the flow; never let a failure here stop the flow."""
         meta = flow["metadata"]
         now = datetime.now(UTC).isoformat()
         involved = {
-            "apiVersion": f"{GROUP}/{VERSION}",
+            "apiVersion": API_VERSION,
             "kind": "Taskflow",
             "name": meta["name"],
             "namespace": meta["namespace"],
@@ -306,7 +307,7 @@ class Kube:
         (Conflict: it changed since)."""
         meta = body["metadata"]
         lean = {
-            "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "apiVersion": body.get("apiVersion", API_VERSION),
             "kind": body.get("kind"),
             "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion")},
             "status": status,

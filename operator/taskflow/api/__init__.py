@@ -4,6 +4,7 @@ This layer is pure (no I/O) and imports nothing else from the package.
 """
 
 from taskflow.api.durations import format_ms, parse_duration_ms
+from taskflow.api.names import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from taskflow.api.spec import (
     Options,
     RetryRequest,
@@ -30,12 +31,8 @@ from taskflow.api.status import (
     WaitingReason,
 )
 
-GROUP = "taskflow.dev"
-VERSION = "v1alpha1"
-KIND = "Taskflow"
-PLURAL = "taskflows"
-
 __all__ = [
+    "API_VERSION",
     "GROUP",
     "KIND",
     "PLURAL",

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from taskflow.api import policy as tenant
-from taskflow.api.crd import GROUP, VERSION
 from taskflow.api.links import OWN_METADATA, PARENT_UID
+from taskflow.api.names import GROUP, VERSION
 
 NAME = "taskflow.dev-parent-links"
 

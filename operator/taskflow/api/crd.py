@@ -11,11 +11,9 @@ from typing import Any
 import yaml
 
 from taskflow.api import policy
+from taskflow.api.names import GROUP, KIND, PLURAL, VERSION
 from taskflow.api.spec import TaskflowSpec
 from taskflow.api.status import TaskflowStatus
-
-GROUP = "taskflow.dev"
-VERSION = "v1alpha1"
 
 # JSON Schema keywords that a structural OpenAPI v3 schema does not take, or that only
 # describe the Python side.
@@ -123,8 +121,8 @@ def _definition(
 def crd() -> dict[str, Any]:
     """The Taskflow CRD as a dict, ready to dump or apply."""
     return _definition(
-        kind="Taskflow",
-        plural="taskflows",
+        kind=KIND,
+        plural=PLURAL,
         short=["tf"],
         description="A multi-stage plan of NATS requests.",
         spec=TaskflowSpec,

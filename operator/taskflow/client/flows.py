@@ -324,7 +324,7 @@ class TaskflowClient:
     ) -> dict[str, Any]:
         """The child already exists (a redelivered request): reuse it if it is ours."""
         existing = await self.kube.get(namespace, name)
-        if not parent.started(existing["metadata"]):
+        if not parent.made(existing["metadata"]):
             raise TaskflowError.from_api(exc) from exc
         return existing
 

@@ -14,9 +14,9 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from taskflow import kube
+from taskflow.api.names import API_VERSION as API_VERSION
+from taskflow.api.names import PLURAL as PLURAL
 from taskflow.client.envelope import TaskflowError
-from taskflow.kube import API_VERSION as API_VERSION
-from taskflow.kube import PLURAL as PLURAL
 from taskflow.kube import load_kube as load_kube
 
 

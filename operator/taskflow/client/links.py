@@ -75,7 +75,7 @@ class ParentLink:
         stem = re.sub(r"[^a-z0-9-]", "-", f"{self.name}-{self.task}".lower()).strip("-")[:200]
         return f"{stem}-{self.attempt}-{index}-{digest}"
 
-    def started(self, meta: Mapping[str, Any]) -> bool:
+    def made(self, meta: Mapping[str, Any]) -> bool:
         """Whether a flow with this metadata is the child this link's attempt started (a
         redelivered request finds it already there)."""
         return (meta.get("labels") or {}).get(PARENT_UID) == self.uid and (

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from taskflow.api.names import API_VERSION
 from taskflow.api.spec import TaskflowSpec, TaskType
 from taskflow.api.status import ErrorReason, Status, TaskError, TaskflowStatus
 from taskflow.engine import (
@@ -260,7 +261,7 @@ class Effects:
             return
         context = self.context_for(spec, effect.stage, effect.task)
         body = {
-            "apiVersion": "taskflow.dev/v1alpha1",
+            "apiVersion": API_VERSION,
             "kind": "Taskflow",
             "metadata": {
                 "name": name,
@@ -277,7 +278,7 @@ class Effects:
                 },
                 "ownerReferences": [
                     {
-                        "apiVersion": "taskflow.dev/v1alpha1",
+                        "apiVersion": API_VERSION,
                         "kind": "Taskflow",
                         "name": self.name,
                         "uid": self.uid,

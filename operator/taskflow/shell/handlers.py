@@ -15,8 +15,9 @@ from typing import Any, cast
 
 import kopf
 
-from taskflow.api.crd import GROUP, VERSION
+from taskflow.api.names import GROUP, PLURAL, VERSION
 from taskflow.api.policy import PLURAL as POLICY_PLURAL
+from taskflow.api.schedules import PLURAL as CRON_PLURAL
 from taskflow.kube import Kube, connection_config, load_api_client
 from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
@@ -97,13 +98,13 @@ class Operator:
         kopf.on.login(registry=registry)(self.login)
         kopf.on.startup(registry=registry)(self.startup)
         kopf.on.cleanup(registry=registry)(self.cleanup)
-        kopf.on.event(GROUP, VERSION, "taskflows", registry=registry)(
+        kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(
             self.on_event  # type: ignore[arg-type]
         )
         kopf.on.event(GROUP, VERSION, POLICY_PLURAL, registry=registry)(
             self.on_policy  # type: ignore[arg-type]
         )
-        kopf.on.event(GROUP, VERSION, "crontaskflows", registry=registry)(
+        kopf.on.event(GROUP, VERSION, CRON_PLURAL, registry=registry)(
             self.on_cron  # type: ignore[arg-type]
         )
         kopf.on.probe(id="nats", registry=registry)(self.probe)

@@ -56,9 +56,8 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from taskflow.api.crd import GROUP
+from taskflow.api.names import GROUP, PLURAL
 from taskflow.client import Envelope, TaskflowClient, TaskflowError, fail, ok
-from taskflow.kube import PLURAL
 from taskflow.wire.api import (
     BadRequest,
     FlowRequest,

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from taskflow.api.names import API_VERSION
 from taskflow.api.status import TERMINAL_FLOW_PHASES, TaskflowStatus
 from taskflow.engine import Decision, Dispatch, Emit
 from taskflow.engine.recording import Recording, recording
@@ -223,7 +224,7 @@ class Recorder:
         for _ in range(10):
             # PUT .../status takes status only; metadata carries the resourceVersion.
             body = {
-                "apiVersion": self.body.get("apiVersion", "taskflow.dev/v1alpha1"),
+                "apiVersion": self.body.get("apiVersion", API_VERSION),
                 "kind": "Taskflow",
                 "metadata": self.body["metadata"],
                 "status": content,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
+from taskflow.api.names import PLURAL
 from taskflow.api.spec import TaskflowSpec, TemplateRef
 from taskflow.api.status import (
     TERMINAL_FLOW_PHASES,
@@ -37,7 +38,7 @@ from taskflow.api.status import (
 from taskflow.api.templates import PLURAL as TEMPLATES
 from taskflow.api.templates import TaskflowTemplateSpec, instantiate
 from taskflow.engine import Decision, Dispatch, Input, Reply, decide, expressions, parse_iso
-from taskflow.kube import PLURAL, Gone
+from taskflow.kube import Gone
 from taskflow.shell import metrics
 from taskflow.shell.effects import Effects
 from taskflow.shell.idle import IdleState

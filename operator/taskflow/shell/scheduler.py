@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from taskflow.api.crd import GROUP, VERSION
+from taskflow.api.names import GROUP, VERSION
 from taskflow.api.schedules import (
     CRON_LABEL,
     PLURAL,
