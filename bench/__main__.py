@@ -307,6 +307,10 @@ async def run(args: argparse.Namespace) -> int:
                 log(phase_line(p))
                 result["phases"].append(p)
 
+        # -- flow control: the seed peak again, under a ServiceLimit that never binds ------
+        result["phases"].append(await flow_control_phase(driver, api, plan, shape("seed")))
+        log(phase_line(result["phases"][-1]))
+
         # -- wide stages -----------------------------------------------------------------
         result["wide"] = []
         for width in plan.wide:
@@ -410,6 +414,31 @@ async def run(args: argparse.Namespace) -> int:
     print(text)
     log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f} s")
     return 0
+
+
+async def flow_control_phase(
+    driver: Any, api: Any, plan: Plan, seed: tuple[Any, int, list[str]]
+) -> dict[str, Any]:
+    """What flow control costs: every attempt takes a slot of a ServiceLimit (a compare-and-set
+    in NATS KV) and gives it back, with a limit far above the load, so only the cost shows."""
+    from bench.flows import SERVICE
+
+    make, tasks, stages = seed
+    await api.create_service_limit("bench-limit", {"serviceId": SERVICE, "maxInFlight": 100000})
+    await asyncio.sleep(1.0)  # (the operator's watch sees it)
+    try:
+        return await driver.phase(
+            "seed-peak+limit",
+            "seed",
+            make,
+            tasks=tasks,
+            stages=stages,
+            concurrency=plan.peak_concurrency,
+            duration=plan.seed_peak_s,
+            warmup=plan.warmup_s,
+        )
+    finally:
+        await api.delete_service_limit("bench-limit")
 
 
 async def _peer(result: dict[str, Any], plan: Plan, tmp: Path) -> None:

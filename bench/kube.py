@@ -80,6 +80,21 @@ class Api:
                 raise ApiError(resp.status, data.decode(errors="replace"))
             return data
 
+    async def create_service_limit(self, name: str, spec: dict[str, Any]) -> None:
+        """A ServiceLimit (cluster-scoped): the flow-control phase's."""
+        body = json.dumps(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ServiceLimit",
+                "metadata": {"name": name},
+                "spec": spec,
+            }
+        ).encode()
+        await self.request("POST", f"{self.url}/apis/{GROUP}/{VERSION}/servicelimits", body)
+
+    async def delete_service_limit(self, name: str) -> None:
+        await self.request("DELETE", f"{self.url}/apis/{GROUP}/{VERSION}/servicelimits/{name}")
+
     async def delete_flows(self, namespace: str) -> None:
         await self.request("DELETE", self.flows(namespace))
 

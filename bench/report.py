@@ -99,6 +99,7 @@ def markdown(result: dict[str, Any]) -> str:
         ):
             value = scale.get(key)
             out.append(f"| {label} | {_p(value) if isinstance(value, dict) else _f(value)} |")
+    out += flow_control_table(result["phases"])
     out += peer_table(result.get("peer"))
     out += ["", "## Targets (issue 8)", "", "| target | figure | met |", "|---|---|---|"]
     for t in result["targets"]:
@@ -115,6 +116,38 @@ def markdown(result: dict[str, Any]) -> str:
         for row in profile["top"][:25]:
             out.append(f"| `{row['function']}` | {row['self_pct']} | {row['total_pct']} |")
     return "\n".join(out) + "\n"
+
+
+def flow_control_table(phases: list[dict[str, Any]]) -> list[str]:
+    """The seed peak with and without a ServiceLimit on its service (one that never binds)."""
+    plain = next((p for p in phases if p["label"] == "seed-peak"), None)
+    gated = next((p for p in phases if p["label"] == "seed-peak+limit"), None)
+    if plain is None or gated is None:
+        return []
+
+    def cpu_per_task(p: dict[str, Any]) -> float | None:
+        cpu = (p.get("cpu_s_by_process") or {}).get("operator")
+        done = p.get("tasks_per_s", 0) * p.get("duration_s", 0)
+        return round(cpu / done * 1000, 3) if cpu and done else None
+
+    rows = [
+        ("tasks/s", plain["tasks_per_s"], gated["tasks_per_s"]),
+        ("flows/s", plain["flows_per_s"], gated["flows_per_s"]),
+        ("operator CPU ms per task", cpu_per_task(plain), cpu_per_task(gated)),
+    ]
+    out = [
+        "",
+        "## Flow control: the seed peak under a ServiceLimit that never binds",
+        "",
+        "Every attempt takes a slot (a compare-and-set in NATS KV) and gives it back.",
+        "",
+        "| figure | without | with the ServiceLimit | ratio |",
+        "|---|---|---|---|",
+    ]
+    for label, a, b in rows:
+        ratio = f"{b / a:.2f}" if a and b else "-"
+        out.append(f"| {label} | {_f(a)} | {_f(b)} | {ratio} |")
+    return out
 
 
 def peer_table(peer: dict[str, Any] | None) -> list[str]:

@@ -174,7 +174,9 @@ def operator(
     stack: DevStack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(
-        stack, tmp_path_factory.mktemp("operator"), extra=["--nats-api", "on", "--slot-lease", "3s"]
+        stack,
+        tmp_path_factory.mktemp("operator"),
+        extra=["--nats-api", "on", "--slot-lease", "3s", "--service-poll", "1s"],
     )
     proc.start()
     yield proc

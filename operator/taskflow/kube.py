@@ -316,6 +316,17 @@ class Kube:
         result: dict[str, Any] = await self._call(self._send, "PUT", path, lean)
         return result
 
+    async def patch_cluster_status(
+        self, plural: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A merge patch of the status of one cluster-scoped object (a report the operator
+        keeps current: no resourceVersion, the last write wins)."""
+        path = f"/apis/{GROUP}/{VERSION}/{plural}/{name}/status"
+        result: dict[str, Any] = await self._call(
+            self._send, "PATCH", path, {"status": status}, content_type=_MERGE_PATCH
+        )
+        return result
+
     async def list_runs(self, namespace: str, cron: str) -> list[dict[str, Any]]:
         """The Taskflows a CronTaskflow started."""
         from taskflow.api.schedules import CRON_LABEL

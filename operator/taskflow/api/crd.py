@@ -71,6 +71,7 @@ def _definition(
     status: type[Any],
     columns: list[dict[str, str]],
     rules: list[dict[str, str]] | None = None,
+    scope: str = "Namespaced",
 ) -> dict[str, Any]:
     root: dict[str, Any] = {
         "type": "object",
@@ -92,7 +93,7 @@ def _definition(
         "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
                 "kind": kind,
                 "listKind": f"{kind}List",
@@ -198,6 +199,40 @@ def policy_crd() -> dict[str, Any]:
             }
         ],
     )
+
+
+def limit_crd() -> dict[str, Any]:
+    """The ServiceLimit CRD: cluster-scoped, one per service that needs protecting."""
+    from taskflow.api import limits
+
+    return _definition(
+        kind=limits.KIND,
+        plural=limits.PLURAL,
+        short=["tflimit"],
+        description="How hard the Taskflows of the whole cluster may call one service.",
+        spec=limits.ServiceLimitSpec,
+        status=limits.ServiceLimitStatus,
+        columns=[
+            {"name": "Service", "type": "string", "jsonPath": ".spec.serviceId"},
+            {"name": "MaxInFlight", "type": "string", "jsonPath": ".spec.maxInFlight"},
+            {"name": "Limit", "type": "integer", "jsonPath": ".status.limit"},
+            {"name": "Rate", "type": "number", "jsonPath": ".spec.ratePerSecond"},
+        ],
+        scope="Cluster",
+    )
+
+
+def all_crds() -> dict[str, dict[str, Any]]:
+    """Every CRD of the package, by plural."""
+    from taskflow.api import limits, schedules, templates
+
+    return {
+        PLURAL: crd(),
+        policy.PLURAL: policy_crd(),
+        templates.PLURAL: template_crd(),
+        schedules.PLURAL: cron_crd(),
+        limits.PLURAL: limit_crd(),
+    }
 
 
 def render(definition: dict[str, Any] | None = None) -> str:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from taskflow.api import admission
-from taskflow.api.crd import crd, cron_crd, policy_crd, render, template_crd
+from taskflow.api.crd import all_crds, render
 
 CHART = Path("charts/taskflow-operator")
 
@@ -15,12 +15,7 @@ CHART = Path("charts/taskflow-operator")
 def outputs() -> dict[Path, str]:
     """Every generated file, by path (relative to the repository)."""
     files: dict[Path, str] = {}
-    for name, definition in (
-        ("taskflows", crd()),
-        ("taskflowpolicies", policy_crd()),
-        ("taskflowtemplates", template_crd()),
-        ("crontaskflows", cron_crd()),
-    ):
+    for name, definition in all_crds().items():
         text = render(definition)
         files[Path(f"crds/taskflow.dev_{name}.yaml")] = text
         files[CHART / f"crds/taskflow.dev_{name}.yaml"] = text

@@ -484,12 +484,12 @@ def install_crd(kubeconfig: Path, timeout: float = 30) -> None:
     """Apply the generated CRDs (server-side apply) and wait until they are Established."""
     from kubernetes import client, config
 
-    from taskflow.api.crd import crd, cron_crd, policy_crd, template_crd
+    from taskflow.api.crd import all_crds
 
     api_client = config.new_client_from_config(str(kubeconfig))
     try:
         ext = client.ApiextensionsV1Api(api_client)
-        for body in (crd(), policy_crd(), template_crd(), cron_crd()):
+        for body in all_crds().values():
             ext.patch_custom_resource_definition(
                 name=body["metadata"]["name"],
                 body=body,
@@ -498,7 +498,7 @@ def install_crd(kubeconfig: Path, timeout: float = 30) -> None:
                 _content_type="application/apply-patch+yaml",
             )
         deadline = time.monotonic() + timeout
-        for body in (crd(), policy_crd(), template_crd(), cron_crd()):
+        for body in all_crds().values():
             while True:
                 current = ext.read_custom_resource_definition(body["metadata"]["name"])
                 conditions = (current.status and current.status.conditions) or []

@@ -16,9 +16,10 @@ from taskflow.engine.effects import (
     EventKind,
     Record,
 )
-from taskflow.engine.engine import POLICY_DENIED, decide
+from taskflow.engine.engine import POLICY_DENIED, decide, running_asks
 from taskflow.engine.inputs import (
     BAD_REPLY,
+    Ask,
     ChildFinished,
     Heartbeat,
     Input,
@@ -34,6 +35,7 @@ __all__ = [
     "BAD_REPLY",
     "POLICY_DENIED",
     "Admission",
+    "Ask",
     "CancelChild",
     "CancelNotice",
     "ChildFinished",
@@ -56,4 +58,5 @@ __all__ = [
     "iso",
     "parse_iso",
     "quarantine",
+    "running_asks",
 ]

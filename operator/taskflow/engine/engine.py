@@ -43,6 +43,7 @@ from taskflow.engine.effects import (
     Record,
 )
 from taskflow.engine.inputs import (
+    Ask,
     Input,
 )
 from taskflow.engine.intake import REDELIVERY_INTERVAL_MS as REDELIVERY_INTERVAL_MS
@@ -72,6 +73,13 @@ def decide(
     return _Step(spec, clone(status), now, uid, refuse, fetched, admit).run(
         inputs=inputs, generation=generation, event_subject=event_subject
     )
+
+
+def running_asks(
+    *, spec: TaskflowSpec, status: TaskflowStatus, uid: str, fetched: Mapping[str, Any] | None
+) -> list[Ask]:
+    """What flow control must hold for the attempts now in their services (read only)."""
+    return gates.running(Step(spec, status, 0, uid, None, fetched, None))
 
 
 class _Step(Step):

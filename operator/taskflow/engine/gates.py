@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from taskflow.api.spec import base_name
+from taskflow.api.spec import TaskType, base_name
 from taskflow.api.status import (
     ErrorReason,
     StageStatus,
@@ -21,6 +21,7 @@ from taskflow.api.status import (
 )
 from taskflow.engine import expressions
 from taskflow.engine.clock import iso
+from taskflow.engine.inputs import Ask
 from taskflow.engine.step import Step
 
 
@@ -84,9 +85,9 @@ def resolved(step: Step, stage: StageStatus, task: TaskStatus) -> bool:
 
 
 def throttled(step: Step, stage: StageStatus, task: TaskStatus) -> bool:
-    """Wait (THROTTLED, nothing sent) while the task's key has its limit running."""
-    spec = step.task_spec(stage.name, task.name)
-    if spec.concurrency is None or step.admit is None:
+    """Wait (THROTTLED, nothing sent) while the task's concurrency key, or its service's
+    limit or rate, lets no more attempts start; the earliest-ready waiter goes first."""
+    if step.admit is None:
         return False
     try:
         key = concurrency_key(step, stage, task)
@@ -95,17 +96,47 @@ def throttled(step: Step, stage: StageStatus, task: TaskStatus) -> bool:
         step.record_attempt(task, Status.FAILED, error)
         step.end_task(stage, task, Status.FAILED, error)
         return True
-    holder = f"{step.uid}/{stage.name}/{task.name}/{task.attempt}"
-    if key is None:
-        return False
-    if step.admit(key, spec.concurrency.limit, holder):
-        step.slots[(stage.name, task.name)] = (key, spec.concurrency.limit)
+    ask = ask_of(step, stage, task, key)
+    if step.admit(ask):
+        if key is not None:
+            step.slots[(stage.name, task.name)] = (key, ask.limit)
         return False
     if task.waiting_reason != WaitingReason.THROTTLED:
         task.waiting_reason = WaitingReason.THROTTLED
         task.not_before = None
         step.changed = True
     return True
+
+
+def ask_of(step: Step, stage: StageStatus, task: TaskStatus, key: str | None) -> Ask:
+    """The question to flow control for this attempt (``key``: its concurrency key)."""
+    spec = step.task_spec(stage.name, task.name)
+    details = spec.task_details
+    return Ask(
+        holder=f"{step.uid}/{stage.name}/{task.name}/{task.attempt}",
+        key=key,
+        limit=spec.concurrency.limit if spec.concurrency is not None else 1,
+        service_id=details.service_id if details is not None else None,
+        action_name=details.action_name if details is not None else None,
+    )
+
+
+def running(step: Step) -> list[Ask]:
+    """What the attempts now in their services hold (an operator that resumes them takes it
+    again, so a limit holds across a restart)."""
+    out = []
+    for stage, task in step.tasks():
+        spec = step.task_spec(stage.name, task.name)
+        if task.status != Status.RUNNING or task.waiting_reason is not None:
+            continue
+        if spec.type != TaskType.ACTION:
+            continue
+        try:
+            key = concurrency_key(step, stage, task)
+        except expressions.ExpressionError:
+            key = None  # (it was sent, so it resolved then; nothing to hold if not now)
+        out.append(ask_of(step, stage, task, key))
+    return out
 
 
 def concurrency_key(step: Step, stage: StageStatus, task: TaskStatus) -> str | None:

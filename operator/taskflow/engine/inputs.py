@@ -72,3 +72,16 @@ class Throttled:
 
 
 Input = Reply | NoResponders | ChildFinished | Heartbeat | Throttled
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What the engine asks the shell's flow control before it sends an attempt: may
+    ``holder`` (the attempt's key) start now, under its task's concurrency ``key`` (None: it
+    has none) and its service's limits (``ServiceLimit``: the shell knows them)."""
+
+    holder: str
+    key: str | None = None
+    limit: int = 1
+    service_id: str | None = None
+    action_name: str | None = None

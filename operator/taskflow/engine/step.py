@@ -36,14 +36,15 @@ from taskflow.engine.effects import (
     EventKind,
     Record,
 )
+from taskflow.engine.inputs import Ask
 from taskflow.engine.options import EffectiveOptions, effective_options
 
 # Finished attempts kept per task; older ones are dropped to keep the object small.
 MAX_ATTEMPT_RECORDS = 10
 
-# (key, limit, holder) -> whether an attempt may start under its concurrency key now (the
-# shell's view of the shared slots; it takes the slot for real before it sends).
-Admission = Callable[[str, int, str], bool]
+# Whether an attempt may start now under its concurrency key and its service's limits (the
+# shell's view of the shared slots and rates; it takes them for real before it sends).
+Admission = Callable[[Ask], bool]
 # (serviceId, actionName) -> why it may not be called, or None. Supplied by the shell from the
 # namespace's TaskflowPolicy; the engine only applies it, before every dispatch.
 Refusal = Callable[[str, str], str | None]

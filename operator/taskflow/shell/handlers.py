@@ -15,12 +15,14 @@ from typing import Any, cast
 
 import kopf
 
+from taskflow.api.limits import PLURAL as LIMIT_PLURAL
 from taskflow.api.names import GROUP, PLURAL, VERSION
 from taskflow.api.policy import PLURAL as POLICY_PLURAL
 from taskflow.api.schedules import PLURAL as CRON_PLURAL
 from taskflow.kube import Kube, connection_config, load_api_client
 from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
+from taskflow.shell.limits import ServiceLimits
 from taskflow.shell.reaper import Reaper, TtlDefaults
 from taskflow.shell.registry import Registry
 from taskflow.shell.scheduler import Scheduler
@@ -64,6 +66,7 @@ class Operator:
         ttl: TtlDefaults | None = None,
         webhook: tuple[str, str, str] | None = None,
         slot_lease_s: float = 30.0,
+        service_poll_s: float = 10.0,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
@@ -89,7 +92,9 @@ class Operator:
         self.reaper: Reaper | None = None
         self.scheduler: Scheduler | None = None
         self.slot_lease_s = slot_lease_s
+        self.service_poll_s = service_poll_s
         self.slots: Slots | None = None
+        self.limits: ServiceLimits | None = None
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
@@ -106,6 +111,9 @@ class Operator:
         )
         kopf.on.event(GROUP, VERSION, CRON_PLURAL, registry=registry)(
             self.on_cron  # type: ignore[arg-type]
+        )
+        kopf.on.event(GROUP, VERSION, LIMIT_PLURAL, registry=registry)(
+            self.on_limit  # type: ignore[arg-type]
         )
         kopf.on.probe(id="nats", registry=registry)(self.probe)
 
@@ -171,6 +179,10 @@ class Operator:
         await self.slots.start()
         self.slots.on_change = self.registry.wake_throttled
         self.registry.slots = self.slots
+        self.limits = ServiceLimits(kube=self.kube, nc=self.bus.nc, poll_s=self.service_poll_s)
+        self.limits.on_change = self.registry.wake_throttled
+        self.limits.start()
+        self.registry.limits = self.limits
         self.reaper = Reaper(kube=self.kube, bus=self.bus, defaults=self.ttl)
         self.registry.reaper = self.reaper
         self.reaper.start()
@@ -222,6 +234,8 @@ class Operator:
             await self.scheduler.close()
         if self.slots:
             await self.slots.close()
+        if self.limits:
+            await self.limits.close()
         if self._webhook_runner is not None:
             await self._webhook_runner.cleanup()
         if self.bus:
@@ -237,6 +251,10 @@ class Operator:
     async def on_cron(self, event: dict[str, Any], **_: Any) -> None:
         if self.scheduler is not None and isinstance(event.get("object"), dict):
             self.scheduler.observe(event.get("type"), event["object"])
+
+    async def on_limit(self, event: dict[str, Any], **_: Any) -> None:
+        if self.limits is not None and isinstance(event.get("object"), dict):
+            self.limits.observe(event.get("type"), event["object"])
 
     async def on_policy(self, event: dict[str, Any], **_: Any) -> None:
         if self.tenants is not None and isinstance(event.get("object"), dict):

@@ -18,12 +18,14 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from taskflow.api.limits import Gate
 from taskflow.api.status import TERMINAL_FLOW_PHASES, TaskError
-from taskflow.engine import BAD_REPLY, Input, Reply
+from taskflow.engine import BAD_REPLY, Ask, Input, Reply
 from taskflow.kube import Gone, Kube
 from taskflow.shell import metrics
 from taskflow.shell.bus import Bus
 from taskflow.shell.effects import child_error, describe
+from taskflow.shell.limits import ServiceLimits
 from taskflow.shell.reaper import Reaper, response_refs
 from taskflow.shell.runner import FlowRunner
 from taskflow.shell.settings import RunnerSettings
@@ -44,6 +46,7 @@ class Registry:
         self.tenants = tenants
         self.reaper: Reaper | None = None  # deletes finished flows after their TTL
         self.slots: Slots | None = None  # concurrency slots shared by every replica
+        self.limits: ServiceLimits | None = None  # the cluster's ServiceLimits
         self.settings = settings
         self.runners: dict[str, FlowRunner] = {}
         self.starting = asyncio.Semaphore(settings.max_starting)
@@ -70,10 +73,21 @@ class Registry:
         return self.tenants.link(namespace)
 
     def wake_throttled(self) -> None:
-        """A slot changed: the writers whose tasks wait for one decide again."""
-        for runner in list(self.runners.values()):
-            if runner.throttled:
-                runner.wake()
+        """A slot or a limit changed: the writers whose tasks wait for one decide again, the
+        one whose task has waited longest first."""
+        waiting = [r for r in self.runners.values() if r.throttled]
+        for runner in sorted(waiting, key=lambda r: r.throttled_since or 0.0):
+            runner.wake()
+
+    def gates(self, namespace: str, ask: Ask) -> tuple[Gate, ...]:
+        """The flow-control gates an attempt must pass: its task's concurrency key (per
+        namespace) and its service's limits (per cluster)."""
+        gates: tuple[Gate, ...] = ()
+        if ask.key is not None:
+            gates = (Gate(key=f"{namespace}/{ask.key}", limit=ask.limit),)
+        if self.limits is not None and ask.service_id is not None and ask.action_name:
+            gates += self.limits.gates(ask.service_id, ask.action_name)
+        return gates
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())

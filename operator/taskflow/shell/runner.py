@@ -37,7 +37,18 @@ from taskflow.api.status import (
 )
 from taskflow.api.templates import PLURAL as TEMPLATES
 from taskflow.api.templates import TaskflowTemplateSpec, instantiate
-from taskflow.engine import Decision, Dispatch, Input, Reply, decide, expressions, parse_iso
+from taskflow.engine import (
+    Admission,
+    Ask,
+    Decision,
+    Dispatch,
+    Input,
+    Reply,
+    decide,
+    expressions,
+    parse_iso,
+    running_asks,
+)
 from taskflow.kube import Gone
 from taskflow.shell import metrics
 from taskflow.shell.effects import Effects
@@ -80,8 +91,10 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         self._frozen_spec: bytes | None = None
         self.status = TaskflowStatus()
         self.inbox: list[Input] = []
-        # A task of this flow waits for a concurrency slot (the registry wakes it).
+        # A task of this flow waits for a slot or a token (the registry wakes it), and since
+        # when (the longest-waiting flow is woken first).
         self.throttled = False
+        self.throttled_since: float | None = None
         # Whether the parsed spec (the one object it was computed for) uses expressions.
         self._cel_spec: TaskflowSpec | None = None
         self._cel = False
@@ -287,6 +300,8 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
             # before the request left, or the reply was lost with NATS. Ask idempotent
             # services again; the others answer late or time out.
             self.registry.spawn(self._reask_unanswered(unanswered))
+        with contextlib.suppress(ValidationError):  # (an invalid spec runs nothing)
+            await self.hold_running(self.spec())
         if any(s.status == Status.RUNNING for s in self.status.stages):
             for child in await self.kube.list_children(self.namespace, self.uid):
                 item = child_input(child)
@@ -390,21 +405,51 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 fetched=fetched,
                 admit=self.admission(),
             )
-            self.throttled = any(
-                t.waiting_reason == WaitingReason.THROTTLED
-                for s in decision.status.stages
-                for t in s.tasks
-            )
+            self.note_throttled(decision.status)
             if await self.record(decision, generation=generation):
                 return decision
 
-    def admission(self) -> Any:
-        """The engine's view of the shared concurrency slots (keys are per namespace)."""
-        slots = self.registry.slots
+    def admission(self) -> Admission | None:
+        """The engine's view of the shared flow control: the task's concurrency key (per
+        namespace) and its service's limits (per cluster)."""
+        slots, registry, namespace = self.registry.slots, self.registry, self.namespace
         if slots is None:
             return None
-        namespace = self.namespace
-        return lambda key, limit, holder: slots.admit(f"{namespace}/{key}", limit, holder)
+
+        def admit(ask: Ask) -> bool:
+            gates = registry.gates(namespace, ask)
+            return not gates or slots.admit(gates, ask.holder)
+
+        return admit
+
+    def note_throttled(self, status: TaskflowStatus) -> None:
+        """Which of this flow's attempts wait for flow control; those that no longer do give
+        up their places in line (cancelled, skipped, or sent)."""
+        waiting = {
+            f"{self.uid}/{s.name}/{t.name}/{t.attempt}"
+            for s in status.stages
+            for t in s.tasks
+            if t.waiting_reason == WaitingReason.THROTTLED and t.status == Status.WAITING
+        }
+        if waiting and not self.throttled:
+            self.throttled_since = time.monotonic()
+        self.throttled = bool(waiting)
+        slots = self.registry.slots
+        if slots is not None:
+            slots.withdraw(slots.waiting_of(f"{self.uid}/") - waiting)
+
+    async def hold_running(self, spec: TaskflowSpec) -> None:
+        """After a restart: the attempts in their services take their slots again at once,
+        so no other attempt starts in their place while they run."""
+        slots = self.registry.slots
+        if slots is None:
+            return
+        for ask in running_asks(
+            spec=spec, status=self.status, uid=self.uid, fetched=self.fetched or None
+        ):
+            gates = self.registry.gates(self.namespace, ask)
+            if gates and not slots.holds(ask.holder):
+                await slots.acquire(gates, ask.holder, force=True)
 
     async def stored_responses(
         self, spec: TaskflowSpec, inputs: list[Input]
