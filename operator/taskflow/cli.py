@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         "third of it while the attempt runs)",
     )
     run.add_argument(
+        "--service-poll",
+        default=env("TASKFLOW_SERVICE_POLL", "10s"),
+        help="how often a ServiceLimit with maxInFlight: auto asks the Services API how many "
+        "instances serve its service",
+    )
+    run.add_argument(
         "--webhook-address",
         default=env("TASKFLOW_WEBHOOK_ADDRESS", ""),
         help="host:port of the validating admission webhook (checks expressions at apply; "
@@ -162,11 +168,92 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("TASKFLOW_HISTORY_RETENTION", "720h"),
         help="how long the history keeps a deleted flow's final status",
     )
+    run.add_argument(
+        "--ui-address",
+        default=env("TASKFLOW_UI_ADDRESS", ""),
+        help="host:port of the web view (docs/ui.md; '' serves none)",
+    )
+    run.add_argument(
+        "--otlp-endpoint",
+        default=env("TASKFLOW_OTLP_ENDPOINT", ""),
+        help="base URL of an OTLP/HTTP collector to export traces to, e.g. "
+        "http://otel-collector:4318 (default: the OTEL_EXPORTER_OTLP_* variables; none: "
+        "no spans, only the traceparent header; docs/observability.md)",
+    )
     run.add_argument("--log-level", default=env("TASKFLOW_LOG_LEVEL", "INFO"))
     run.add_argument(
         "--log-format", choices=["text", "json"], default=env("TASKFLOW_LOG_FORMAT", "text")
     )
+    _ui_parser(sub)
     return parser
+
+
+def _ui_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``taskflow-operator ui``: the web view alone (the same as ``run --ui-address``)."""
+    env = os.environ.get
+    ui = sub.add_parser("ui", help="serve the web view of the flows (docs/ui.md)")
+    ui.add_argument(
+        "--address",
+        default=env("TASKFLOW_UI_ADDRESS", "127.0.0.1:8081"),
+        help="host:port to serve on (default 127.0.0.1:8081; port 0: any free one)",
+    )
+    ui.add_argument(
+        "--kubeconfig",
+        default=env("KUBECONFIG"),
+        help="kubeconfig file (default: in-cluster, then ~/.kube/config)",
+    )
+    ui.add_argument("--nats-url", default=env("NATS_URL", "nats://127.0.0.1:4222"))
+    for flag in ("user", "password-file", "token-file", "creds-file", "nkey-file"):
+        ui.add_argument(f"--nats-{flag}", default=env(f"NATS_{flag.upper().replace('-', '_')}"))
+    for flag in ("ca", "cert", "key"):
+        ui.add_argument(f"--nats-tls-{flag}", default=env(f"NATS_TLS_{flag.upper()}"))
+    ui.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[n for n in env("TASKFLOW_NAMESPACES", "").split(",") if n],
+        help="namespace to show (repeat; default: all namespaces)",
+    )
+    ui.add_argument(
+        "--secure-cookies",
+        choices=["auto", "always", "never"],
+        default=env("TASKFLOW_UI_SECURE_COOKIES", "auto"),
+        help="mark the session cookie Secure: auto (when the request came over https, or "
+        "X-Forwarded-Proto says so), always, never",
+    )
+    ui.add_argument("--log-level", default=env("TASKFLOW_LOG_LEVEL", "INFO"))
+    ui.add_argument(
+        "--log-format", choices=["text", "json"], default=env("TASKFLOW_LOG_FORMAT", "text")
+    )
+
+
+def ui(args: argparse.Namespace) -> int:
+    from taskflow.shell.bus import NatsSettings
+    from taskflow.ui import run_ui
+
+    logs.configure(level=args.log_level, fmt=args.log_format)
+    nats = NatsSettings(
+        url=args.nats_url,
+        user=args.nats_user,
+        password=_read(args.nats_password_file),
+        token=_read(args.nats_token_file),
+        creds_file=args.nats_creds_file,
+        nkey_seed_file=args.nats_nkey_file,
+        tls_ca=args.nats_tls_ca,
+        tls_cert=args.nats_tls_cert,
+        tls_key=args.nats_tls_key,
+    )
+    try:
+        return run_ui(
+            address=args.address,
+            kubeconfig=args.kubeconfig,
+            namespaces=list(args.namespace) or None,
+            nats_options=nats.connect_options(),
+            secure_cookies=args.secure_cookies,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"taskflow-operator ui: {exc}", file=sys.stderr)
+        return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from taskflow.api.durations import parse_duration_ms
+    from taskflow.shell import tracing
     from taskflow.shell.bus import NatsSettings
     from taskflow.shell.handlers import Operator
     from taskflow.shell.reaper import TtlDefaults
@@ -239,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
         require_policy=args.require_policy,
         ttl=ttl,
         slot_lease_s=parse_duration_ms(args.slot_lease) / 1000,
+        service_poll_s=parse_duration_ms(args.service_poll) / 1000,
         webhook=(args.webhook_address, args.webhook_cert_file, args.webhook_key_file)
         if args.webhook_address
         else None,
@@ -248,20 +337,38 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_address:
         host, _, port = args.metrics_address.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0")
+    tracing.configure(endpoint=args.otlp_endpoint or None)
     liveness = f"http://{args.health_address}/healthz" if args.health_address else None
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            clusterwide=not args.namespace,
-            namespaces=args.namespace,
-            standalone=not args.peering,
-            peering_name=args.peering or None,
-            # kopf pauses every operator of the same priority as a higher-or-equal peer, so each
-            # replica takes its own: the highest serves, the others stand by.
-            priority=secrets.randbelow(1_000_000) + 1 if args.peering else 0,
-            liveness_endpoint=liveness,
-        )
+    operating = kopf.operator(
+        registry=registry,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=not args.peering,
+        peering_name=args.peering or None,
+        # kopf pauses every operator of the same priority as a higher-or-equal peer, so each
+        # replica takes its own: the highest serves, the others stand by.
+        priority=secrets.randbelow(1_000_000) + 1 if args.peering else 0,
+        liveness_endpoint=liveness,
     )
+    if not args.ui_address:
+        asyncio.run(operating)
+        return 0
+
+    async def with_ui() -> None:
+        from taskflow.ui import serve_ui
+
+        view = await serve_ui(
+            address=args.ui_address,
+            kubeconfig=args.kubeconfig,
+            namespaces=list(args.namespace) or None,
+            nats_options=nats_settings.connect_options(),
+        )
+        try:
+            await operating
+        finally:
+            await view.close()
+
+    asyncio.run(with_ui())
     return 0
 
 
@@ -269,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "ui":
+        return ui(args)
     return 2
 
 

@@ -28,7 +28,10 @@ What the SDK adds over a bare NATS handler:
 - a request whose ``Taskflow-Expires-At`` (the task's maxAge) has passed is dropped unanswered;
 - a cancel notice on ``taskflow.cancel.<serviceId>`` cancels the handler serving that attempt;
 - ``ctx.start_child(spec)`` starts a child Taskflow linked to the task being served; the reply
-  then names it in ``nestedTaskflows`` and the task finishes only when its children do.
+  then names it in ``nestedTaskflows`` and the task finishes only when its children do;
+- with OpenTelemetry installed (``pip install 'taskflow-operator[tracing]'``) and a tracer
+  provider set (the global one, or ``tracer_provider=``), each handler runs in a span whose
+  parent is the attempt's span in the operator's trace (the ``traceparent`` header).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import os
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,7 @@ from taskflow.client.services import CAPACITY, IDEMPOTENT
 from taskflow.wire.api import FlowRequest, ParentRef, ProduceRequest
 from taskflow.wire.cancel import Notice
 from taskflow.wire.context import IDEMPOTENCY_HEADER
-from taskflow.wire.request import RequestHeaders
+from taskflow.wire.request import RequestHeaders, TraceParent
 from taskflow.wire.subjects import DEFAULT_TEMPLATE, Subjects
 
 log = logging.getLogger("taskflow.sdk")
@@ -128,6 +131,8 @@ class TaskContext:
     raw: dict[str, Any]  # the header's JSON, exactly as sent (the seed's shape)
     children: list[str] = field(default_factory=list)
     service: Service | None = field(default=None, repr=False, compare=False)
+    # The attempt's span in the flow's trace (W3C ``traceparent``), None when not sent.
+    traceparent: TraceParent | None = None
 
     @classmethod
     def parse(
@@ -162,6 +167,7 @@ class TaskContext:
             headers=headers,
             raw=context.raw,
             service=service,
+            traceparent=sent.traceparent,
         )
 
     def previous_response(self, task_name: str) -> Any:
@@ -254,8 +260,12 @@ class Service:
         max_children_per_task: int = 100,
         request_timeout: float = 10.0,
         api_token: str | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.service_id = service_id
+        # Handler spans (with OpenTelemetry installed): this provider's, else the global one's.
+        self.tracer_provider = tracer_provider
+        self._tracer: Any = None
         self.api_token = api_token
         self.version = version
         self.description = description or f"taskflow service {service_id}"
@@ -484,7 +494,8 @@ class Service:
         self, action: _Action, params: Any, ctx: TaskContext, key: str | None
     ) -> dict[str, Any] | None:
         try:
-            result = await action.handler(params, ctx)
+            with self._span(action, ctx):
+                result = await action.handler(params, ctx)
         except asyncio.CancelledError:
             if key is None or key not in self._cancel_requested:
                 raise  # the service is stopping
@@ -512,6 +523,60 @@ class Service:
         except (TypeError, ValueError) as exc:
             return _failure(f"the handler's result is not JSON: {exc}", "BAD_RESULT")
         return body
+
+    @contextlib.contextmanager
+    def _span(self, action: _Action, ctx: TaskContext) -> Iterator[None]:
+        """The handler's span, a child of the attempt's (from ``traceparent``), as the current
+        span while it runs; nothing without OpenTelemetry."""
+        trace = _opentelemetry()
+        if trace is None:
+            yield
+            return
+        if self._tracer is None:
+            provider = self.tracer_provider or trace.get_tracer_provider()
+            self._tracer = provider.get_tracer("taskflow.sdk")
+        parent = None
+        if ctx.traceparent is not None:
+            remote = trace.SpanContext(
+                int(ctx.traceparent.trace_id, 16),
+                int(ctx.traceparent.span_id, 16),
+                is_remote=True,
+                trace_flags=trace.TraceFlags(ctx.traceparent.flags & 0xFF),
+            )
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(remote))
+        attributes = {
+            "taskflow.uid": ctx.taskflow_id,
+            "taskflow.stage": ctx.stage,
+            "taskflow.task": ctx.task_name,
+            "taskflow.attempt": ctx.attempt,
+            "taskflow.service": self.service_id,
+            "taskflow.action": action.name,
+            "messaging.system": "nats",
+            "messaging.destination.name": ctx.subject,
+        }
+        with self._tracer.start_as_current_span(
+            f"{self.service_id}.{action.name}",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={k: v for k, v in attributes.items() if v is not None},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            error = trace.StatusCode.ERROR
+            try:
+                yield
+            except TaskFailure as exc:
+                span.set_status(trace.Status(error, exc.message[:256]))
+                if exc.code:
+                    span.set_attribute("taskflow.error.code", exc.code)
+                raise
+            except asyncio.CancelledError:
+                span.set_status(trace.Status(error, "cancelled"))
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(trace.Status(error, (str(exc) or repr(exc))[:256]))
+                raise
 
     async def _respond(self, request: Any, payload: bytes) -> None:
         try:
@@ -642,6 +707,22 @@ def _failure(
     if not retryable:
         error["retryable"] = False
     return {"success": False, "error": error}
+
+
+_otel: Any = None  # opentelemetry.trace once looked for; False: not installed
+
+
+def _opentelemetry() -> Any:
+    """``opentelemetry.trace``, imported on the first request (None when not installed)."""
+    global _otel
+    if _otel is None:
+        try:
+            from opentelemetry import trace
+        except ImportError:
+            _otel = False
+        else:
+            _otel = trace
+    return _otel or None
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -33,11 +34,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make dev")
     parser.add_argument("--dir", default=".dev", help="where state, logs and kubeconfig go")
     parser.add_argument("--no-operator", action="store_true")
     parser.add_argument("--no-demo", action="store_true")
+    parser.add_argument("--no-ui", action="store_true", help="no web view")
+    parser.add_argument(
+        "--ui-port", type=int, default=8081, help="the web view's port (if taken: any free one)"
+    )
     parser.add_argument(
         "--auth",
         action="store_true",
@@ -60,7 +74,7 @@ def main() -> int:
                 )
                 return 1
     lock.write_text(str(os.getpid()))
-    for stale in ("kube", "nats", "operator.log", "demo.log"):
+    for stale in ("kube", "nats", "operator.log", "demo.log", "ui.log"):
         path = root / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -128,6 +142,29 @@ def main() -> int:
                     root / "operator.log",
                 )
             )
+        ui_url = ""
+        if not args.no_ui:
+            port = args.ui_port if _free(args.ui_port) else free_port()
+            ui_url = f"http://127.0.0.1:{port}/"
+            children.append(
+                Server(
+                    "ui",
+                    # As the user's NATS user (with --auth: the viewer, who may replay events).
+                    [
+                        python,
+                        "-m",
+                        "taskflow.cli",
+                        "ui",
+                        "--kubeconfig",
+                        str(kubeconfig),
+                        "--nats-url",
+                        user_url,
+                        "--address",
+                        f"127.0.0.1:{port}",
+                    ],
+                    root / "ui.log",
+                )
+            )
         for child in children:
             child.start()
         if auth:
@@ -139,6 +176,7 @@ def main() -> int:
 The taskflow dev stack is up.
   kube-apiserver  {stack.control_plane.url}
   nats-server     {stack.nats.url}
+  web view        {ui_url or "(--no-ui)"}  (read-only until you sign in: docs/ui.md)
   logs            {root}/*.log
 
 In another terminal:

@@ -15,6 +15,7 @@ from taskflow.api.names import API_VERSION
 from taskflow.api.spec import TaskflowSpec, TaskType
 from taskflow.api.status import ErrorReason, Status, TaskError, TaskflowStatus
 from taskflow.engine import (
+    Ask,
     CancelChild,
     CancelNotice,
     ChildFinished,
@@ -32,7 +33,7 @@ from taskflow.engine import (
     parse_iso,
 )
 from taskflow.kube import Conflict, Gone
-from taskflow.shell import metrics
+from taskflow.shell import metrics, tracing
 from taskflow.shell.tenants import Link, LinkDown
 from taskflow.wire.cancel import Notice
 from taskflow.wire.context import IDEMPOTENCY_HEADER, execution_context
@@ -157,15 +158,24 @@ class Effects:
                 if state.heartbeat_deadline
                 else None
             ),
+            traceparent=tracing.traceparent(self, effect.stage, effect.task, effect.attempt),
         ).encode()
-        if effect.slot is not None and self.registry.slots is not None:
-            slot = f"{self.namespace}/{effect.slot}"
-            if not await self.registry.slots.acquire(slot, effect.slot_limit, key):
+        slots = self.registry.slots
+        if slots is not None:
+            ask = Ask(
+                holder=key,
+                key=effect.slot,
+                limit=effect.slot_limit,
+                service_id=task.task_details.service_id,
+                action_name=task.task_details.action_name,
+            )
+            gates = self.registry.gates(self.namespace, ask)
+            if gates and not await slots.acquire(gates, key):
                 # Taken by another flow meanwhile: wait for a slot again (nothing was sent).
                 self.push(Throttled(stage=effect.stage, task=effect.task, attempt=effect.attempt))
                 return
         self.sent_at[(effect.stage, effect.task, effect.attempt)] = time.monotonic()
-        metrics.DISPATCHES.inc()
+        metrics.dispatched(task.task_details.service_id, task.task_details.action_name)
         try:
             await self.link.dispatch(
                 subject=subjects.request(
@@ -201,6 +211,8 @@ class Effects:
             sent = self.sent_at.pop(key, None)
             if sent is not None:
                 metrics.REPLY_LATENCY.observe(time.monotonic() - sent)
+            metrics.task_ended(self.spec(), effect, sent=sent)
+        tracing.ended(self, effect)  # (its span, when tracing is configured)
 
     async def publish_outbox(self) -> None:
         """Publish the events not yet acknowledged by the event stream, in order. Those that

@@ -5,7 +5,8 @@ operator sends with an attempt, ``decode`` reads them back in a service (the SDK
 raising, since a service may be sent anything by anyone its NATS permissions let through. The
 execution context travels as JSON in ``taskflowExecutionContext`` (``context.py`` builds it;
 ``ExecutionContext`` here reads it), the attempt's identity in ``Taskflow-Idempotency-Key``
-(``AttemptKey``), and the attempt's timers as epoch milliseconds.
+(``AttemptKey``), the attempt's timers as epoch milliseconds, and its place in the flow's trace
+as a W3C ``traceparent`` (``TraceParent``; docs/observability.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from taskflow.wire.context import (
 
 # At most this many digits in an attempt number: int() of it stays cheap and within 64 bits.
 _MAX_ATTEMPT_DIGITS = 18
+# W3C Trace Context: the attempt's span as the parent of whatever the service does for it.
+TRACEPARENT_HEADER = "traceparent"
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,44 @@ class AttemptKey:
         if not (digits.isascii() and digits.isdigit()) or len(digits) > _MAX_ATTEMPT_DIGITS:
             return None
         return cls(parts[0], parts[1], parts[2], int(digits))
+
+
+def _hex(text: str, length: int) -> bool:
+    return len(text) == length and _HEX.issuperset(text) and text != "0" * length
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    """``00-<trace id>-<parent span id>-<flags>`` (W3C Trace Context, level 1): lower-case hex,
+    neither id all zeros. The operator sends its attempt's span as the parent, sampled."""
+
+    trace_id: str  # 32 hex digits
+    span_id: str  # 16 hex digits
+    flags: int = 1  # bit 0: sampled
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.flags & 1)
+
+    def encode(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags & 0xFF:02x}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> TraceParent | None:
+        """The header's parts, or None if it is not one (as the spec says: then ignore it).
+        A later version's header is read by its first four fields, as the spec asks."""
+        if not text or len(text) < 55 or len(text) > 512:
+            return None
+        version, trace_id, span_id, flags = text[:2], text[3:35], text[36:52], text[53:55]
+        if text[2] != "-" or text[35] != "-" or text[52] != "-":
+            return None
+        if not _HEX.issuperset(version) or version == "ff" or not _HEX.issuperset(flags):
+            return None
+        if len(text) > 55 and (version == "00" or text[55] != "-"):
+            return None
+        if not (_hex(trace_id, 32) and _hex(span_id, 16)):
+            return None
+        return cls(trace_id, span_id, int(flags, 16))
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -152,13 +194,15 @@ class RequestHeaders:
 
     ``deadline``: when this attempt times out; ``expires_at``: after it (maxAge), the service
     may drop the message unanswered; ``heartbeat``: where to heartbeat (only with
-    ``heartbeatTimeout``; signed like the reply subject, so only the addressee knows it)."""
+    ``heartbeatTimeout``; signed like the reply subject, so only the addressee knows it);
+    ``traceparent``: the attempt's span in the flow's trace (W3C Trace Context)."""
 
     context: ExecutionContext
     key: str | None = None
     deadline: int | None = None
     expires_at: int | None = None
     heartbeat: str | None = None
+    traceparent: TraceParent | None = None
 
     def encode(self) -> dict[str, str]:
         headers = {CONTEXT_HEADER: self.context.encode()}
@@ -170,6 +214,8 @@ class RequestHeaders:
             headers[EXPIRES_HEADER] = str(self.expires_at)
         if self.heartbeat is not None:
             headers[HEARTBEAT_HEADER] = self.heartbeat
+        if self.traceparent is not None:
+            headers[TRACEPARENT_HEADER] = self.traceparent.encode()
         return headers
 
     @classmethod
@@ -181,6 +227,7 @@ class RequestHeaders:
             deadline=_epoch_ms(headers.get(DEADLINE_HEADER)),
             expires_at=_epoch_ms(headers.get(EXPIRES_HEADER)),
             heartbeat=headers.get(HEARTBEAT_HEADER) or None,
+            traceparent=TraceParent.decode(headers.get(TRACEPARENT_HEADER)),
         )
 
     @property
@@ -188,4 +235,4 @@ class RequestHeaders:
         return AttemptKey.decode(self.key)
 
 
-__all__ = ["AttemptKey", "ExecutionContext", "RequestHeaders"]
+__all__ = ["TRACEPARENT_HEADER", "AttemptKey", "ExecutionContext", "RequestHeaders", "TraceParent"]
