@@ -366,7 +366,7 @@ def test_the_sdk_serves_without_opentelemetry() -> None:
     code = f"""
 import sys
 sys.modules["opentelemetry"] = None  # as if not installed
-from taskflow import sdk
+from taskflow.sdk import service as sdk
 ctx = sdk.TaskContext.parse("svc.do", {{"traceparent": "00-{TRACE}-{SPAN}-01"}}, {{}})
 assert ctx.traceparent is not None and ctx.traceparent.span_id == "{SPAN}"
 ran = []

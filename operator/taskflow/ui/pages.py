@@ -9,90 +9,30 @@ part of a flow's page, an entry of its event log.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
-from taskflow.api.status import FlowPhase, Status
 from taskflow.client import FINAL_PHASES
 from taskflow.client.links import parent_of
 from taskflow.ui.context import Sent
+from taskflow.ui.graph import graph as graph
+from taskflow.ui.graph import task_panel
 from taskflow.ui.html import (
     Markup,
     age,
     attrs,
-    between,
     clock,
     duration,
     h,
     iso,
     join,
-    json_block,
     now_ms,
 )
-
-PHASES = tuple(str(p) for p in FlowPhase)
-STATUSES = frozenset(str(s) for s in Status) | frozenset(PHASES)
-MAX_QUERY = 253
-
-
-@dataclass(frozen=True, slots=True)
-class Viewer:
-    """Who looks at a page: signed in or not, and whether retry and cancel are theirs to use
-    on the page's flow (``why_not`` says why not, for the read-only notice)."""
-
-    csrf: str
-    username: str | None = None
-    may_act: bool = False
-    why_not: str = "Sign in with a Kubernetes token to retry or cancel."
-
-
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """The list's filters, from the query string (also the SSE stream's)."""
-
-    namespace: str = ""
-    phase: str = ""
-    q: str = ""
-
-    @classmethod
-    def from_query(cls, query: Mapping[str, str]) -> Filters:
-        phase = str(query.get("phase", "")).strip().upper()
-        return cls(
-            namespace=str(query.get("namespace", "")).strip()[:MAX_QUERY],
-            phase=phase if phase in PHASES else "",
-            q=str(query.get("q", "")).strip()[:MAX_QUERY],
-        )
-
-    def matches(self, body: Mapping[str, Any]) -> bool:
-        meta = body.get("metadata") or {}
-        if self.namespace and meta.get("namespace") != self.namespace:
-            return False
-        if self.phase and ((body.get("status") or {}).get("phase") or "PENDING") != self.phase:
-            return False
-        return not self.q or self.q.lower() in str(meta.get("name") or "").lower()
-
-    def query(self) -> str:
-        pairs = {"namespace": self.namespace, "phase": self.phase, "q": self.q}
-        return urlencode({k: v for k, v in pairs.items() if v})
-
-
-def status_class(value: Any) -> str:
-    return f"st-{value}" if value in STATUSES else "st-UNKNOWN"
-
-
-def badge(value: Any) -> Markup:
-    text = str(value or "UNKNOWN")
-    return Markup(f'<span class="badge {status_class(text)}">{h(text.replace("_", " "))}</span>')
-
-
-def flow_path(namespace: str, name: str, suffix: str = "") -> str:
-    return f"/flows/{quote(namespace, safe='')}/{quote(name, safe='')}{suffix}"
-
-
-def task_href(namespace: str, name: str, stage: str, task: str) -> str:
-    return flow_path(namespace, name) + "?" + urlencode({"task": f"{stage}/{task}"}) + "#task"
-
+from taskflow.ui.parts import PHASES, fact_list
+from taskflow.ui.parts import Filters as Filters
+from taskflow.ui.parts import Viewer as Viewer
+from taskflow.ui.parts import badge as badge
+from taskflow.ui.parts import flow_path as flow_path
 
 # -- the frame ---------------------------------------------------------------------------------
 
@@ -259,18 +199,6 @@ def flows_page(
     )
 
 
-# -- a flow ------------------------------------------------------------------------------------
-
-
-def _facts(pairs: Sequence[tuple[str, Any]]) -> Markup:
-    rows = join(
-        Markup(f"<div><dt>{h(k)}</dt><dd>{h(v)}</dd></div>")
-        for k, v in pairs
-        if v not in (None, "")
-    )
-    return Markup(f'<dl class="facts">{rows}</dl>')
-
-
 def _actions(node: Mapping[str, Any], viewer: Viewer) -> Markup:
     namespace, name = str(node.get("namespace")), str(node.get("name"))
     final = node.get("phase") in FINAL_PHASES
@@ -314,225 +242,6 @@ def _actions(node: Mapping[str, Any], viewer: Viewer) -> Markup:
     )
 
 
-def _children(children: Sequence[Mapping[str, Any]], *, label: str) -> Markup:
-    if not children:
-        return Markup("")
-    items = join(
-        Markup(
-            f'<li><a href="{h(flow_path(str(c.get("namespace")), str(c.get("name"))))}">'
-            f"{h(c.get('name'))}</a> {badge(c.get('phase'))}"
-            + (
-                f' <span class="muted">attempt {h(c["parentAttempt"])}</span>'
-                if c.get("parentAttempt")
-                else ""
-            )
-            + "</li>"
-        )
-        for c in children
-    )
-    return Markup(f'<ul class="children" aria-label="{h(label)}">{items}</ul>')
-
-
-def _node_meta(task: Mapping[str, Any]) -> str:
-    parts = []
-    if task.get("startTime") or task.get("attempts"):  # sent at least once (attempts count from 0)
-        parts.append(f"attempt {task.get('attempt', 0)}")
-    if task.get("durationMs") is not None and task.get("startTime"):
-        parts.append(duration(task["durationMs"]))
-    if task.get("waitingReason"):
-        parts.append(str(task["waitingReason"]))
-    return " · ".join(parts)
-
-
-def graph(node: Mapping[str, Any], *, selected: tuple[str, str] | None) -> Markup:
-    """Stages as columns in their order, tasks as nodes coloured (and labelled) by status."""
-    namespace, name = str(node.get("namespace")), str(node.get("name"))
-    columns = []
-    for i, stage in enumerate(node.get("stages") or []):
-        nodes = []
-        for j, task in enumerate(stage.get("tasks") or []):
-            key = (str(stage.get("name")), str(task.get("name")))
-            current = key == selected
-            link = attrs(
-                class_=f"node {status_class(task.get('status'))}"
-                + (" selected" if current else ""),
-                id=f"node-{i}-{j}",
-                href=task_href(namespace, name, *key),
-                data_task=f"{key[0]}/{key[1]}",
-                aria_current="true" if current else None,
-            )
-            nodes.append(
-                Markup(
-                    f"<li><a {link}>"
-                    f'<span class="node-name">{h(task.get("name"))}</span>'
-                    f"{badge(task.get('status'))}"
-                    f'<span class="node-meta">{h(_node_meta(task))}</span></a>'
-                    f"{_children(task.get('children') or [], label=f'Nested flows of {key[1]}')}"
-                    "</li>"
-                )
-            )
-        span = duration(stage.get("durationMs")) if stage.get("startTime") else ""
-        columns.append(
-            Markup(
-                f'<li class="stage {status_class(stage.get("status"))}">'
-                f'<div class="stage-head"><h3><span class="num">{i + 1}</span> '
-                f"{h(stage.get('name'))}</h3>{badge(stage.get('status'))}"
-                f'<span class="muted">{h(span)}</span></div>'
-                f'<ul class="tasks">{join(nodes)}</ul></li>'
-            )
-        )
-    orphans = _children(node.get("children") or [], label="Other nested flows")
-    return Markup(
-        '<section class="graph" aria-labelledby="graph-h">'
-        '<h2 id="graph-h">Stages and tasks</h2>'
-        f'<ol class="stages">{join(columns)}</ol>{orphans}</section>'
-    )
-
-
-def _attempt_rows(task: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    rows: list[Mapping[str, Any]] = list(task.get("attempts") or [])
-    seen = {r.get("attempt") for r in rows}
-    if task.get("startTime") and task.get("attempt", 0) not in seen:
-        rows.append(
-            {
-                "attempt": task.get("attempt", 0),
-                "status": task.get("status"),
-                "startTime": task.get("startTime"),
-                "endTime": task.get("endTime"),
-                "error": task.get("error"),
-            }
-        )
-    return rows
-
-
-def _attempts(task: Mapping[str, Any]) -> Markup:
-    rows = _attempt_rows(task)
-    if not rows:
-        return Markup('<p class="muted">Not sent yet.</p>')
-    body = join(
-        Markup(
-            f"<tr><td>{h(r.get('attempt'))}</td><td>{badge(r.get('status'))}</td>"
-            f"<td>{h(r.get('startTime') or '')}</td><td>{h(r.get('endTime') or '')}</td>"
-            f"<td>{h(duration(between(r.get('startTime'), r.get('endTime'))))}</td>"
-            f"<td>{h((r.get('error') or {}).get('message') or '')}</td></tr>"
-        )
-        for r in rows
-    )
-    return Markup(
-        '<table class="attempts"><caption class="visually-hidden">Attempts</caption>'
-        '<thead><tr><th scope="col">Attempt</th><th scope="col">Status</th>'
-        '<th scope="col">Started</th><th scope="col">Ended</th><th scope="col">Duration</th>'
-        f'<th scope="col">Error</th></tr></thead><tbody>{body}</tbody></table>'
-    )
-
-
-def _find(node: Mapping[str, Any], selected: tuple[str, str]) -> Mapping[str, Any] | None:
-    for stage in node.get("stages") or []:
-        if stage.get("name") == selected[0]:
-            for task in stage.get("tasks") or []:
-                if task.get("name") == selected[1]:
-                    return dict(task)
-    return None
-
-
-def task_panel(
-    node: Mapping[str, Any],
-    *,
-    selected: tuple[str, str] | None,
-    sent: Sent | None,
-    viewer: Viewer,
-) -> Markup:
-    """The selected task: params, response (or its reference), error, attempts, nested flows
-    and the execution context it was sent with."""
-    task = _find(node, selected) if selected else None
-    if selected is None or task is None:
-        text = (
-            "Select a task in the graph to see its params, response, error, attempts and "
-            "the execution context it was sent with."
-            if selected is None
-            else f"This flow has no task {selected[0]}/{selected[1]}."
-        )
-        return Markup(
-            '<section id="task" class="panel" aria-labelledby="task-h">'
-            f'<h2 id="task-h">Task</h2><p class="muted">{h(text)}</p></section>'
-        )
-    stage_name, task_name = selected
-    details = task.get("taskDetails") or {}
-    service = (
-        f"{details.get('serviceId')} · {details.get('actionName')}"
-        if details.get("serviceId")
-        else ""
-    )
-    facts = _facts(
-        [
-            ("Type", task.get("type")),
-            ("Service · action", service),
-            ("Status", str(task.get("status") or "").replace("_", " ")),
-            ("Waiting for", task.get("waitingReason")),
-            ("Attempt", task.get("attempt") if task.get("startTime") else None),
-            ("Started", task.get("startTime")),
-            ("Ended", task.get("endTime")),
-            ("Duration", duration(task.get("durationMs")) if task.get("startTime") else ""),
-            ("Skipped because", task.get("skipReason")),
-        ]
-    )
-    if task.get("item") is not None:
-        facts = Markup(facts + json_block(task["item"], label="Item of this fan-out entry"))
-    if task.get("response") is not None:
-        response = json_block(task["response"], label="Response")
-    elif task.get("responseRef"):
-        response = Markup(
-            "<p>Too large for the flow's status: kept in the NATS object store as "
-            f"<code>{h(task['responseRef'])}</code>.</p>"
-        )
-    else:
-        response = Markup('<p class="muted">None.</p>')
-    error = task.get("error") or None
-    if error:
-        error_html = Markup(
-            _facts(
-                [
-                    ("Message", error.get("message")),
-                    ("Code", error.get("code")),
-                    ("Reason", error.get("reason")),
-                    ("Retryable", {True: "yes", False: "no"}.get(error.get("retryable"))),
-                ]
-            )
-            + (json_block(error["data"], label="Error data") if error.get("data") else "")
-        )
-    else:
-        error_html = Markup('<p class="muted">None.</p>')
-    params = sent.body if sent is not None else task.get("params")
-    context = (
-        json_block(sent.headers, label="Headers as sent")
-        if sent is not None
-        else Markup('<p class="muted">Not sent yet.</p>')
-    )
-    nested = _children(task.get("children") or [], label=f"Nested flows of {task_name}")
-    retry = Markup("")
-    if viewer.may_act:
-        path = flow_path(str(node.get("namespace")), str(node.get("name")), "/retry")
-        retry = Markup(
-            f'<form method="post" action="{h(path)}" class="inline">'
-            f'<input type="hidden" name="csrf" value="{h(viewer.csrf)}">'
-            '<input type="hidden" name="scope" value="task">'
-            f'<input type="hidden" name="task" value="{h(stage_name)}/{h(task_name)}">'
-            "<button type=submit>Retry this task</button></form>"
-        )
-    return Markup(
-        '<section id="task" class="panel" aria-labelledby="task-h">'
-        f'<h2 id="task-h">Task <code>{h(stage_name)}/{h(task_name)}</code> '
-        f"{badge(task.get('status'))}</h2>{retry}{facts}"
-        f"<h3>Params (the request body as sent)</h3>{json_block(params, label='Params')}"
-        f"<h3>Response</h3>{response}"
-        f"<h3>Error</h3>{error_html}"
-        f"<h3>Attempts</h3>{_attempts(task)}"
-        + (f"<h3>Nested flows</h3>{nested}" if nested else "")
-        + "<h3>Execution context (headers of the current attempt)</h3>"
-        f"{context}</section>"
-    )
-
-
 def flow_live(
     node: Mapping[str, Any],
     *,
@@ -563,7 +272,7 @@ def flow_live(
         parent_html = Markup(f'<p class="parent">Child flow of {link}{where}{attempt}.</p>')
     created = node.get("creationTimestamp")
     retry = node.get("retry") or {}
-    facts = _facts(
+    facts = fact_list(
         [
             ("Namespace", node.get("namespace")),
             ("Stage", node.get("currentStage")),

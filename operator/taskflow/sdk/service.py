@@ -1,38 +1,6 @@
-"""The service SDK: serve Taskflow tasks from Python with a few lines.
-
-::
-
-    service = Service("appliance-core")
-
-    @service.action("AddApplianceToGroup")
-    async def add_appliance(params: dict, ctx: TaskContext) -> dict:
-        if not reachable(params["applianceId"]):
-            raise TaskFailure("appliance unreachable", code="UNREACHABLE")
-        return {"applianceId": params["applianceId"]}
-
-    asyncio.run(service.run())   # until SIGINT/SIGTERM
-
-It is built on the NATS Services API (``nats.micro``): every instance answers ``$SRV.PING``,
-``$SRV.INFO`` and ``$SRV.STATS``, and the instances of a service share a queue group, so adding
-instances scales out. An action's endpoint subject is ``<serviceId>.<actionName>``, the
-operator's default subject template. Nothing here is required to serve tasks: any NATS client
-that answers the request with ``{"success": true, "data": ...}`` works (see docs/sdk.md).
-
-What the SDK adds over a bare NATS handler:
-
-- a typed ``TaskContext`` parsed from the ``taskflowExecutionContext`` and ``Taskflow-*``
-  headers (flow, stage, task, attempt, idempotency key, options, previous stage responses, the
-  parent's context for nested flows, deadline and expiry);
-- handlers run concurrently, one asyncio task per request; a redelivery of an attempt that is
-  still running is not run twice, and one that already finished gets the same reply again;
-- a request whose ``Taskflow-Expires-At`` (the task's maxAge) has passed is dropped unanswered;
-- a cancel notice on ``taskflow.cancel.<serviceId>`` cancels the handler serving that attempt;
-- ``ctx.start_child(spec)`` starts a child Taskflow linked to the task being served; the reply
-  then names it in ``nestedTaskflows`` and the task finishes only when its children do;
-- with OpenTelemetry installed (``pip install 'taskflow-operator[tracing]'``) and a tracer
-  provider set (the global one, or ``tracer_provider=``), each handler runs in a span whose
-  parent is the attempt's span in the operator's trace (the ``traceparent`` header).
-"""
+"""``Service``: one instance of a NATS service that serves Taskflow tasks (the Services API
+underneath), its handlers run concurrently, redeliveries answered once, cancel notices obeyed,
+child flows started for a task, and each handler in a span of the operator's trace."""
 
 from __future__ import annotations
 
@@ -45,7 +13,7 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +21,11 @@ from pydantic import BaseModel
 
 from taskflow.client import DEFAULT_NATS_URL, TaskflowClient
 from taskflow.client.services import CAPACITY, IDEMPOTENT
+from taskflow.sdk.context import Nested, TaskContext, TaskFailure, now_ms
 from taskflow.wire.api import FlowRequest, ParentRef, ProduceRequest
 from taskflow.wire.cancel import Notice
 from taskflow.wire.context import IDEMPOTENCY_HEADER
-from taskflow.wire.request import RequestHeaders, TraceParent
+from taskflow.wire.request import RequestHeaders
 from taskflow.wire.subjects import DEFAULT_TEMPLATE, Subjects
 
 log = logging.getLogger("taskflow.sdk")
@@ -68,150 +37,6 @@ REPLY_CACHE_SIZE = 1000
 POD_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 # How long a cancelled attempt's key is remembered (a notice may overtake its request).
 CANCEL_MEMORY_S = 600.0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class TaskFailure(Exception):
-    """Raise in a handler to fail the task with this message and code.
-
-    The reply is ``{"success": false, "error": {"message", "code"[, "data"]}}``, recorded in
-    the task's ``status.error``; the attempt is retried if ``maxRetries`` allows, unless
-    ``retryable=False`` (``"retryable": false`` in the reply: no retry can help, e.g. a
-    malformed request), which fails the task at once.
-    """
-
-    def __init__(
-        self, message: str, code: str | None = None, data: Any = None, *, retryable: bool = True
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.data = data
-        self.retryable = retryable
-
-
-@dataclass
-class Nested:
-    """Return this from a handler to name child flows the reply should carry in
-    ``nestedTaskflows`` ("namespace/name"); children started with ``ctx.start_child`` are
-    added by the SDK on its own."""
-
-    data: Any = None
-    children: Sequence[str] = ()
-
-
-@dataclass
-class TaskContext:
-    """What the operator told the service about the task it serves (from the headers).
-
-    Fields are None when a request did not come from the operator (no context header).
-    """
-
-    taskflow_id: str | None
-    stage_id: str | None
-    stage: str | None  # the stage's name
-    task_id: str | None
-    task_name: str | None
-    task_type: str | None
-    attempt: int
-    idempotency_key: str | None
-    params: Any
-    options: dict[str, Any]
-    previous_stage_responses: list[dict[str, Any]]
-    parent_context: dict[str, Any] | None  # taskInfo.meta.taskflowExecutionContext
-    meta: dict[str, Any]
-    created_at: int | None  # epoch ms
-    deadline: int | None  # epoch ms at which this attempt times out
-    expires_at: int | None  # epoch ms after which no attempt may start (maxAge)
-    subject: str
-    headers: dict[str, str]
-    raw: dict[str, Any]  # the header's JSON, exactly as sent (the seed's shape)
-    children: list[str] = field(default_factory=list)
-    service: Service | None = field(default=None, repr=False, compare=False)
-    # The attempt's span in the flow's trace (W3C ``traceparent``), None when not sent.
-    traceparent: TraceParent | None = None
-
-    @classmethod
-    def parse(
-        cls,
-        subject: str,
-        headers: Mapping[str, str] | None,
-        params: Any,
-        service: Service | None = None,
-    ) -> TaskContext:
-        headers = dict(headers or {})
-        sent = RequestHeaders.decode(headers)
-        context, key = sent.context, sent.attempt_key
-        attempt = context.attempt
-        return cls(
-            taskflow_id=context.taskflow_id or (key.uid if key else None),
-            stage_id=context.stage_id,
-            stage=key.stage if key else None,
-            task_id=context.task_id,
-            task_name=context.task_name or (key.task if key else None),
-            task_type=context.task_type,
-            attempt=attempt if attempt is not None else (key.attempt if key else 0),
-            idempotency_key=sent.key,
-            params=params,
-            options=context.options,
-            previous_stage_responses=context.previous_stage_responses,
-            parent_context=context.parent,
-            meta=context.meta,
-            created_at=context.created_at,
-            deadline=sent.deadline,
-            expires_at=sent.expires_at,
-            subject=subject,
-            headers=headers,
-            raw=context.raw,
-            service=service,
-            traceparent=sent.traceparent,
-        )
-
-    def previous_response(self, task_name: str) -> Any:
-        """The data a task of the previous stage replied with (None if it had none)."""
-        for item in self.previous_stage_responses:
-            if item.get("taskName") == task_name:
-                response = item.get("response")
-                return response.get("data") if isinstance(response, dict) else response
-        return None
-
-    async def heartbeat(self, progress: Any = None) -> bool:
-        """Tell the operator this attempt is alive (with ``heartbeatTimeout``, it times out
-        without one), with any JSON ``progress`` (up to 4 KiB), kept on the task and published
-        as a TASK event. False when the request asked for none (no heartbeat header)."""
-        subject = RequestHeaders.decode(self.headers).heartbeat
-        if not subject or self.service is None or self.service.nc is None:
-            return False
-        body = b"" if progress is None else json.dumps({"progress": progress}).encode()
-        await self.service.nc.publish(subject, body)
-        return True
-
-    def time_left(self) -> float | None:
-        """Seconds until this attempt times out (None when the request carried no deadline)."""
-        return None if self.deadline is None else max(0.0, (self.deadline - now_ms()) / 1000)
-
-    async def start_child(
-        self, spec: Mapping[str, Any] | BaseModel, *, name: str | None = None
-    ) -> str:
-        """Start a child Taskflow linked to the task being served; returns "namespace/name".
-
-        The child gets the parent-uid label, the parent-task/attempt/context/depth annotations
-        and an ownerReference, as an inline nested flow does, so its tasks see this task's
-        context in ``meta`` and the task finishes only when the child does. The name is
-        derived from the attempt unless given, so a redelivered request does not start a
-        second child. Raises ``TaskFailure`` (code ``CHILD_REFUSED``) when refused.
-        """
-        if self.service is None:
-            raise TaskFailure("this context belongs to no service", code="CHILD_REFUSED")
-        limit = self.service.max_children_per_task
-        if len(self.children) >= limit:
-            raise TaskFailure(f"a task may start at most {limit} child flows", code="CHILD_LIMIT")
-        ref = await self.service.start_child(self, spec, name=name, index=len(self.children))
-        self.children.append(ref)
-        return ref
 
 
 @dataclass
@@ -727,6 +552,3 @@ def _opentelemetry() -> Any:
 
 def _encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), default=str).encode()
-
-
-__all__ = ["ActionHandler", "Counters", "Nested", "Service", "TaskContext", "TaskFailure"]
