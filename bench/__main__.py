@@ -428,7 +428,7 @@ async def flow_control_phase(
     await asyncio.sleep(1.0)  # (the operator's watch sees it)
     try:
         return await driver.phase(
-            "seed-peak+limit",
+            "seed-limited",
             "seed",
             make,
             tasks=tasks,

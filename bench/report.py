@@ -121,7 +121,7 @@ def markdown(result: dict[str, Any]) -> str:
 def flow_control_table(phases: list[dict[str, Any]]) -> list[str]:
     """The seed peak with and without a ServiceLimit on its service (one that never binds)."""
     plain = next((p for p in phases if p["label"] == "seed-peak"), None)
-    gated = next((p for p in phases if p["label"] == "seed-peak+limit"), None)
+    gated = next((p for p in phases if p["label"] == "seed-limited"), None)
     if plain is None or gated is None:
         return []
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -45,6 +46,10 @@ BUCKET = "taskflow-slots"
 PROMISE_S = 10.0
 
 
+# A change of one entry: the new entry, or None to refuse (no slot, no token).
+_Change = Callable[[Entry], Entry | None]
+
+
 def _entry(key: str) -> str:
     return "k" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
@@ -58,6 +63,11 @@ class Slots:
         self._held: dict[str, tuple[Gate, ...]] = {}  # holder -> the gates it holds (ours)
         self._waiting: dict[str, tuple[tuple[Gate, ...], float]] = {}  # holder -> gates, ready
         self._promised: dict[str, tuple[tuple[Gate, ...], float]] = {}  # admitted, not sent
+        # Changes of each key waiting to be written together (see _update).
+        self._pending: dict[
+            str, list[tuple[Callable[[Entry], Entry | None], asyncio.Future[bool]]]
+        ] = {}
+        self._flushing: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}  # entry -> wake for its next token
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -231,26 +241,60 @@ class Slots:
                 gate.key, lambda e: e.wait(holder, ready=ready, now=time.time(), lease=self.lease_s)
             )
 
-    async def _update(self, key: str, change: Callable[[Entry], Entry | None]) -> bool:
+    async def _update(self, key: str, change: _Change) -> bool:
+        """Apply ``change`` to the key's entry; False when it refused (e.g. no free slot).
+
+        The changes waiting for one key are applied together, in order, in one read and one
+        compare-and-set: many attempts of this operator starting or ending under the same key
+        at once cost one write, and only other replicas' writes make it read again."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(key, []).append((change, future))
+        if key not in self._flushing:
+            self._flushing.add(key)
+            self._spawn(self._flush(key))
+        return await future
+
+    async def _flush(self, key: str) -> None:
+        try:
+            while self._pending.get(key):
+                batch = self._pending.pop(key)
+                try:
+                    results = await self._apply(key, [change for change, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), ok in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(ok)
+        finally:
+            self._flushing.discard(key)
+
+    async def _apply(self, key: str, changes: list[_Change]) -> list[bool]:
         name = _entry(key)
-        for _ in range(20):
+        for attempt in range(50):
             try:
                 item = await self._kv.get(name)
                 revision: int | None = item.revision
                 entry = Entry.decode(item.value)
             except NotFoundError:
                 revision, entry = None, Entry()
-            new = change(entry)
-            if new is None:
-                return False
-            value = new.encode(key)
+            results = []
+            new = entry
+            for change in changes:
+                changed = change(new)
+                results.append(changed is not None)
+                new = changed if changed is not None else new
+            if not any(results):
+                return results
             try:
                 if revision is None:
-                    await self._kv.create(name, value)
+                    await self._kv.create(name, new.encode(key))
                 else:
-                    await self._kv.update(name, value, last=revision)
+                    await self._kv.update(name, new.encode(key), last=revision)
                 self._view[name] = new
-                return True
+                return results
             except (KeyWrongLastSequenceError, Exception) as exc:  # raced: read again
                 if (
                     not isinstance(exc, KeyWrongLastSequenceError)
@@ -258,8 +302,10 @@ class Slots:
                     and "exists" not in str(exc).lower()
                 ):
                     raise
-                await asyncio.sleep(0.01)
-        return False
+                # Another replica wrote it meanwhile: again, after a pause that grows a little
+                # and differs per replica, so two busy replicas do not keep colliding.
+                await asyncio.sleep(min(0.2, 0.005 * (attempt + 1)) * (0.5 + random.random()))
+        return [False] * len(changes)
 
     async def _renew(self) -> None:
         while True:
