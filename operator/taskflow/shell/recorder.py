@@ -38,9 +38,10 @@ if TYPE_CHECKING:
 class Recorder:
     """The recording half of a flow's writer (``runner.FlowRunner`` holds the state).
 
-    Two flags say what the API's copy lacks: ``dirty``, the writer's status has changes the
-    API has not (results, written lazily); ``unsaved``, the journal holds a status the API
-    still owes (written in the background, at once). ``save_soon`` starts that write."""
+    Two flags say the API's copy is behind, and how soon it must catch up: ``write_later``,
+    the writer's status has changes the API has not that may wait for the flush interval
+    (results, written lazily); ``write_now``, the journal holds a status the API still owes
+    (written in the background, at once). ``save_soon`` starts that write."""
 
     uid: str
     name: str
@@ -52,8 +53,8 @@ class Recorder:
     settings: RunnerSettings
     log: logging.LoggerAdapter[logging.Logger]
     outbox: list[tuple[int, bytes]]
-    dirty: bool
-    unsaved: bool
+    write_later: bool
+    write_now: bool
     changes: int
     stopped: bool
     saving: asyncio.Task[None] | None
@@ -92,7 +93,7 @@ class Recorder:
                 self.adopt(status, decision.changed)
                 self.outbox.extend(events)
                 if how == Recording.JOURNAL_THEN_BACKGROUND:
-                    self.unsaved = True
+                    self.write_now = True
                 elif how == Recording.JOURNAL_THEN_API:
                     # Never void: the journal's record stands, whatever the spec says now
                     # (a spec change reaches the engine next round).
@@ -103,9 +104,9 @@ class Recorder:
                         raise
                     except Exception as exc:  # the journal has it: the background writer
                         self.log.warning("status write failed; trying again: %s", exc)
-                        self.unsaved = True
+                        self.write_now = True
                     else:
-                        self.dirty = self.unsaved = False
+                        self.write_later = self.write_now = False
                 return True
             how = Recording.API_FIRST if decision.durable else Recording.LAZY  # no journal
         if how == Recording.API_FIRST:
@@ -115,7 +116,7 @@ class Recorder:
                 return False  # the spec changed under us: decide again with the same inputs
             self.adopt(status, decision.changed)
             self.outbox.extend(events)
-            self.dirty = self.unsaved = False
+            self.write_later = self.write_now = False
             return True
         self.adopt(status, decision.changed)
         self.outbox.extend(events)
@@ -148,7 +149,7 @@ class Recorder:
         background write never pairs an older status with a newer count."""
         self.status = status
         if changed:
-            self.dirty = True
+            self.write_later = True
             self.changes += 1
 
     async def journal(self, status: TaskflowStatus, events: list[tuple[int, bytes]]) -> bool:
@@ -171,20 +172,20 @@ class Recorder:
         """Write a journaled status to the API in the background (one write at a time, none
         before ``save_after`` when the last one failed)."""
         if (
-            self.unsaved
+            self.write_now
             and (self.saving is None or self.saving.done())
             and time.monotonic() >= self.save_after
         ):
             self.saving = asyncio.get_running_loop().create_task(self.save())
 
     async def save(self) -> None:
-        """Write the newest status while one is owed (``unsaved``); the only background writer
+        """Write the newest status while one is owed (``write_now``); the only background writer
         of a flow. A new writer's first API write is part of its start: the slot goes after.
         A failed write is tried again by the loop after a pause that grows (``save_after``);
         meanwhile the writer goes on deciding (timeouts, cancel), each decision journaled."""
         try:
-            while self.unsaved:
-                self.unsaved = False
+            while self.write_now:
+                self.write_now = False
                 status, changes = self.status, self.changes  # the newest, results included
                 try:
                     # Never void: the journaled status was acted on, whatever the spec says
@@ -194,16 +195,16 @@ class Recorder:
                     self.stop()
                     return
                 except Exception as exc:
-                    self.unsaved = True
+                    self.write_now = True
                     self.release_start()  # a failing write must not hold a start slot
                     if not self.stopped:  # (else the journal has it for the next writer)
                         self.save_after = time.monotonic() + self.note_trouble(exc)
                         self.wake()  # the loop's sleep now counts to save_after
                     return
                 if changes == self.changes:
-                    self.dirty = False
+                    self.write_later = False
             self.recovered()
-            if self.dirty or self.status.phase in TERMINAL_FLOW_PHASES:
+            if self.write_later or self.status.phase in TERMINAL_FLOW_PHASES:
                 self.wake()  # newer results came meanwhile, or the flow may end now
         finally:
             self.release_start()

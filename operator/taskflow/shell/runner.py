@@ -106,12 +106,12 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         self._waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopped = False
-        self.dirty = False
+        self.write_later = False
         # Counts decided changes; tells a background write whether it wrote the newest status
         # (identity would not do: an idle writer's status is re-created from its pickle).
         self.changes = 0
         # The API's copy is behind ``status`` (which is in the journal): write it soon.
-        self.unsaved = False
+        self.write_now = False
         self.saving: asyncio.Task[None] | None = None
         self.journal_rev: int | None = None  # of this writer's last journal entry
         self.last_write = 0.0
@@ -335,7 +335,7 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 self.status.write_seq,
             )
             self.status = copy
-            self.dirty = self.unsaved = True
+            self.write_later = self.write_now = True
 
     async def loop(self) -> None:
         while not self.stopped:
@@ -353,11 +353,11 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 continue
             if decision is None:
                 return
-            if self.failures and not self.unsaved:
+            if self.failures and not self.write_now:
                 self.recovered()
             await self.perform(decision)
-            if self.unsaved or (self.dirty and not self.flush_in()):
-                self.unsaved = True
+            if self.write_now or (self.write_later and not self.flush_in()):
+                self.write_now = True
                 self.save_soon()
             if self.saving is None or self.saving.done():
                 self.release_start()  # (otherwise the background write says when)
@@ -367,7 +367,7 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
                 wake_at = retry if wake_at is None else min(wake_at, retry)
             elif (
                 self.status.phase in TERMINAL_FLOW_PHASES
-                and not self.dirty
+                and not self.write_later
                 and not self.inbox
                 and not self._woken
             ):  # (woken: e.g. a retry patched in during this round)
@@ -536,9 +536,9 @@ class FlowRunner(IdleState, Stalls, Recorder, Effects):
         timeouts = []
         if wake_at is not None:
             timeouts.append(max(0.0, (wake_at - now_ms()) / 1000))
-        if self.dirty and not self.unsaved:  # (when unsaved, the background write has it)
+        if self.write_later and not self.write_now:  # (when due now, the background write has it)
             timeouts.append(self.flush_in())
-        if self.unsaved and (self.saving is None or self.saving.done()):
+        if self.write_now and (self.saving is None or self.saving.done()):
             timeouts.append(max(0.0, self.save_after - time.monotonic()))  # a failed write
         timeout = min(timeouts) if timeouts else None
         idle = self.settings.compact_after_s
