@@ -173,7 +173,8 @@ def test_the_sent_request_is_the_operators_execution_context() -> None:
 
 
 def test_times_read_like_kubectl() -> None:
-    from taskflow.ui.html import age, duration
+    from taskflow.api.durations import human_ms as duration
+    from taskflow.ui.html import age
 
     now = 1767225600000  # 2026-01-01T00:00:00Z
     assert [

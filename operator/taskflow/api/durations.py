@@ -37,3 +37,18 @@ def format_ms(ms: int) -> str:
         if n:
             parts.append(f"{n}{unit}")
     return "".join(parts)
+
+
+def human_ms(ms: int | None) -> str:
+    """A duration as people glance at it: ``850ms``, ``1.2s``, ``3m4s``, ``2h5m`` (``""`` when
+    unknown). The plugin's tree and the web view both print it so."""
+    if ms is None:
+        return ""
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f}s"
+    seconds = ms // 1000
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60}m"

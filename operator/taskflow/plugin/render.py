@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from taskflow.api.durations import human_ms as duration
 from taskflow.api.status import WaitingReason
 from taskflow.client import (
     LiveService,
@@ -31,20 +32,6 @@ STYLES = {
 }
 Segment = tuple[str, str | None]  # text and its rich style
 Line = list[Segment]
-
-
-def duration(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    if ms < 1000:
-        return f"{ms}ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.1f}s"
-    minutes, rest = divmod(ms // 1000, 60)
-    if minutes < 60:
-        return f"{minutes}m{rest}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes}m"
 
 
 def status_segment(value: str) -> Segment:

@@ -46,6 +46,7 @@ from taskflow.wire.links import (
     PARENT_UID,
     child_input,
     child_name,
+    parent_context,
 )
 from taskflow.wire.request import AttemptKey, ExecutionContext, RequestHeaders
 
@@ -115,14 +116,7 @@ class Effects:
             self.registry.spawn(self.cancel_child(namespace, name))
 
     def parent_context(self) -> dict[str, Any] | None:
-        raw = (self.body["metadata"].get("annotations") or {}).get(PARENT_CONTEXT)
-        if not raw:
-            return None
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return parent_context(self.body["metadata"])
 
     def context_for(self, spec: TaskflowSpec, stage_name: str, task_name: str) -> dict[str, Any]:
         index = next(i for i, s in enumerate(self.status.stages) if s.name == stage_name)

@@ -10,7 +10,6 @@ out: it is signed for the service alone.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from taskflow.api.status import TaskflowStatus
 from taskflow.engine.clock import parse_iso
 from taskflow.engine.options import effective_options
 from taskflow.wire.context import CONTEXT_HEADER, execution_context
-from taskflow.wire.links import PARENT_CONTEXT
+from taskflow.wire.links import parent_context
 from taskflow.wire.request import AttemptKey, ExecutionContext, RequestHeaders
 
 
@@ -32,17 +31,6 @@ class Sent:
 
     headers: dict[str, Any]
     body: Any
-
-
-def _parent_context(meta: Mapping[str, Any]) -> dict[str, Any] | None:
-    raw = (meta.get("annotations") or {}).get(PARENT_CONTEXT)
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _epoch_ms(timestamp: str | None) -> int | None:
@@ -75,7 +63,7 @@ def sent_request(body: Mapping[str, Any], *, stage: str, task: str) -> Sent | No
         task=source,
         state=state,
         options=effective_options(spec.options, source.options),
-        parent_context=_parent_context(meta),
+        parent_context=parent_context(meta),
     )
     sent = RequestHeaders(
         context=ExecutionContext(context),

@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from taskflow.api.durations import human_ms as duration
 from taskflow.ui.context import Sent
 from taskflow.ui.html import (
     Markup,
     attrs,
     between,
-    duration,
     h,
     join,
     json_block,

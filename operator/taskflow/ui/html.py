@@ -95,20 +95,6 @@ def age(timestamp: str | None, *, now: int | None = None) -> str:
     return f"{seconds // 86400}d"
 
 
-def duration(ms: int | None) -> str:
-    """``850ms``, ``1.2s``, ``3m4s``, ``2h5m`` (``""`` when unknown)."""
-    if ms is None:
-        return ""
-    if ms < 1000:
-        return f"{ms}ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.1f}s"
-    seconds = ms // 1000
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60}s"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60}m"
-
-
 def between(start: str | None, end: str | None) -> int | None:
     """Milliseconds from ``start`` to ``end`` (None when either is missing)."""
     a, b = _ms(start), _ms(end)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
+from taskflow.api.durations import human_ms as duration
 from taskflow.client import FINAL_PHASES
 from taskflow.client.links import parent_of
 from taskflow.ui.context import Sent
@@ -22,7 +23,6 @@ from taskflow.ui.html import (
     age,
     attrs,
     clock,
-    duration,
     h,
     iso,
     join,

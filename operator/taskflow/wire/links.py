@@ -5,7 +5,9 @@ every writer and reader agrees."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from taskflow.api.links import (
@@ -29,6 +31,7 @@ __all__ = [
     "child_input",
     "child_name",
     "link_problem",
+    "parent_context",
 ]
 
 
@@ -51,6 +54,19 @@ def link_problem(
         if linked is not None and linked != str(attempt):
             return f"child flow {ref} was started for attempt {linked}, not {attempt}"
     return None
+
+
+def parent_context(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The parent task's execution context a child flow's annotation holds (None: not a
+    child, or an annotation that is not a JSON object)."""
+    raw = (meta.get("annotations") or {}).get(PARENT_CONTEXT)
+    if not raw or not isinstance(raw, str):
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def child_name(parent: str, stage: str, task: str, attempt: int) -> str:
