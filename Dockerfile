@@ -16,7 +16,7 @@ WORKDIR /src
 COPY . .
 # nats-py's nkeys extra: NATS creds files and NKey seeds (--nats-creds-file/--nats-nkey-file)
 # need it at run time.
-RUN /opt/taskflow/bin/pip install . 'nats-py[nkeys]' \
+RUN /opt/taskflow/bin/pip install '.[tracing]' 'nats-py[nkeys]' \
  && /opt/taskflow/bin/python -m compileall -q /opt/taskflow/lib \
  && /opt/taskflow/bin/taskflow-operator run --help >/dev/null
 
