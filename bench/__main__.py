@@ -91,7 +91,14 @@ class Operator:
     """``taskflow-operator run`` as a subprocess, in its own process group."""
 
     def __init__(
-        self, *, kubeconfig: Path, nats_url: str, log_path: Path, flush_interval: float
+        self,
+        *,
+        kubeconfig: Path,
+        nats_url: str,
+        log_path: Path,
+        flush_interval: float,
+        extra: tuple[str, ...] = (),
+        name: str = "operator",
     ) -> None:
         from taskflow.devstack.servers import Server, free_port
 
@@ -110,9 +117,12 @@ class Operator:
             f"127.0.0.1:{self.port}",
             "--flush-interval",
             str(flush_interval),
+            "--health-address",
+            f"127.0.0.1:{free_port()}",
+            *extra,
         ]
         # The same process-group handling as the stack's own servers.
-        self.server = Server("operator", argv, log_path)
+        self.server = Server(name, argv, log_path)
 
     def start(self) -> None:
         import urllib.request
@@ -382,6 +392,20 @@ async def run(args: argparse.Namespace) -> int:
         )
         result["operator_rss_at_start_mb"] = round(rss_start, 1)
         result["create_errors"] = driver.create_errors[:20]
+
+        # -- scale-out: the seed peak with 1, 2 and 3 active replicas ----------------------
+        if args.replicas:
+            await asyncio.to_thread(operator.stop)
+            operator = None
+            result["replicas"] = await replica_phases(
+                driver,
+                plan,
+                stack=stack,
+                tmp=tmp,
+                flush_interval=args.flush_interval,
+                seed=shape("seed"),
+                counts=tuple(range(1, args.replicas + 1)),
+            )
     finally:
         if driver is not None:
             await driver.close()
@@ -414,6 +438,72 @@ async def run(args: argparse.Namespace) -> int:
     print(text)
     log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f} s")
     return 0
+
+
+async def replica_phases(
+    driver: Any,
+    plan: Plan,
+    *,
+    stack: Any,
+    tmp: Path,
+    flush_interval: float,
+    seed: tuple[Any, int, list[str]],
+    counts: tuple[int, ...],
+) -> list[dict[str, Any]]:
+    """The seed peak with N replicas in active mode sharing 12 buckets (docs/scale-out.md):
+    tasks/s and each replica's CPU, on this one machine (so the replicas share its cores
+    with the apiserver, etcd and NATS: the figures show how the work splits, not a cluster's
+    scaling)."""
+    make, tasks, stages = seed
+    rows = []
+    for n in counts:
+        replicas = [
+            Operator(
+                kubeconfig=stack.kubeconfig,
+                nats_url=stack.nats.url,
+                log_path=tmp / f"replica-{n}-{i}.log",
+                flush_interval=flush_interval,
+                extra=("--replica-mode", "active", "--buckets", "12", "--bucket-lease", "6s"),
+                name=f"replica-{i}",
+            )
+            for i in range(n)
+        ]
+        try:
+            await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas))
+            await asyncio.sleep(3)  # (the buckets spread over the replicas)
+            saved = driver.operator_pid, dict(driver.pids)
+            driver.operator_pid = replicas[0].pid
+            driver.pids.update({f"replica-{i}": r.pid for i, r in enumerate(replicas[1:], 1)})
+            try:
+                phase = await driver.phase(
+                    f"seed-peak-{n}-replicas",
+                    "seed",
+                    make,
+                    tasks=tasks,
+                    stages=stages,
+                    concurrency=plan.peak_concurrency,
+                    duration=plan.seed_peak_s,
+                    warmup=plan.warmup_s,
+                )
+            finally:
+                driver.operator_pid, driver.pids = saved
+            log(phase_line(phase))
+            cpu = phase.get("cpu_s_by_process") or {}
+            per = [cpu.get("operator")] + [cpu.get(f"replica-{i}") for i in range(1, n)]
+            rows.append(
+                {
+                    "replicas": n,
+                    "tasks_per_s": phase["tasks_per_s"],
+                    "flows_per_s": phase["flows_per_s"],
+                    "flows_completed": phase["flows_completed"],
+                    "cpu_s_by_replica": per,
+                    "end_to_end_ms": phase.get("end_to_end_ms"),
+                }
+            )
+        finally:
+            for replica in replicas:
+                await asyncio.to_thread(replica.stop)
+    return rows
 
 
 async def flow_control_phase(
@@ -557,6 +647,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a ~2 minute run")
     parser.add_argument(
         "--no-peer", action="store_true", help="skip the same flow on Temporal (bench/peer.py)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=3,
+        help="the seed peak again with 1..N active replicas (0: skip)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also sample the operator with py-spy at saturation"

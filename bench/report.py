@@ -100,6 +100,7 @@ def markdown(result: dict[str, Any]) -> str:
             value = scale.get(key)
             out.append(f"| {label} | {_p(value) if isinstance(value, dict) else _f(value)} |")
     out += flow_control_table(result["phases"])
+    out += replica_table(result.get("replicas"))
     out += peer_table(result.get("peer"))
     out += ["", "## Targets (issue 8)", "", "| target | figure | met |", "|---|---|---|"]
     for t in result["targets"]:
@@ -116,6 +117,29 @@ def markdown(result: dict[str, Any]) -> str:
         for row in profile["top"][:25]:
             out.append(f"| `{row['function']}` | {row['self_pct']} | {row['total_pct']} |")
     return "\n".join(out) + "\n"
+
+
+def replica_table(rows: list[dict[str, Any]] | None) -> list[str]:
+    """The seed peak with 1..N replicas in active mode."""
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Scale-out: the seed peak with N active replicas (12 buckets)",
+        "",
+        "All on this machine: the replicas share its cores with the apiserver, etcd and NATS.",
+        "",
+        "| replicas | tasks/s | flows/s | CPU s per replica over the phase | end to end p50 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cpu = ", ".join(_f(c) for c in row["cpu_s_by_replica"])
+        e2e = (row.get("end_to_end_ms") or {}).get("p50")
+        out.append(
+            f"| {row['replicas']} | {row['tasks_per_s']} | {row['flows_per_s']} | {cpu} | "
+            f"{_f(e2e)} |"
+        )
+    return out
 
 
 def flow_control_table(phases: list[dict[str, Any]]) -> list[str]:

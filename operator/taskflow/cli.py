@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from taskflow import logs
 
@@ -30,15 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("KUBECONFIG"),
         help="kubeconfig file (default: in-cluster, then ~/.kube/config)",
     )
-    run.add_argument("--nats-url", default=env("NATS_URL", "nats://127.0.0.1:4222"))
-    run.add_argument("--nats-user", default=env("NATS_USER"))
-    run.add_argument("--nats-password-file", default=env("NATS_PASSWORD_FILE"))
-    run.add_argument("--nats-token-file", default=env("NATS_TOKEN_FILE"))
-    run.add_argument("--nats-creds-file", default=env("NATS_CREDS_FILE"))
-    run.add_argument("--nats-nkey-file", default=env("NATS_NKEY_FILE"))
-    run.add_argument("--nats-tls-ca", default=env("NATS_TLS_CA"))
-    run.add_argument("--nats-tls-cert", default=env("NATS_TLS_CERT"))
-    run.add_argument("--nats-tls-key", default=env("NATS_TLS_KEY"))
+    _nats_flags(run)
     run.add_argument(
         "-n",
         "--namespace",
@@ -108,6 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="kopf peering name for active/standby replicas ('' = standalone)",
     )
     run.add_argument(
+        "--replica-mode",
+        choices=["standby", "active"],
+        default=env("TASKFLOW_REPLICA_MODE", "standby"),
+        help="standby: one replica serves, the others wait (with --peering); active: every "
+        "replica serves the flows of the buckets it holds (docs/scale-out.md)",
+    )
+    run.add_argument(
+        "--buckets",
+        type=int,
+        default=int(env("TASKFLOW_BUCKETS", "1")),
+        help="active mode: how many buckets the flows are split into (the same on every "
+        "replica; at least the most replicas you will run)",
+    )
+    run.add_argument(
+        "--bucket-lease",
+        default=env("TASKFLOW_BUCKET_LEASE", "15s"),
+        help="active mode: how long a bucket's Lease outlives a replica that stopped renewing "
+        "it (renewed every third of it)",
+    )
+    run.add_argument(
+        "--lease-namespace",
+        default=env("TASKFLOW_LEASE_NAMESPACE") or env("POD_NAMESPACE"),
+        help="active mode: where the buckets' Leases live (default: the pod's namespace, "
+        "else default)",
+    )
+    run.add_argument(
         "--key-file",
         default=env("TASKFLOW_KEY_FILE"),
         help="file with the key (>= 16 bytes) that signs reply subjects, journal "
@@ -132,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("TASKFLOW_SLOT_LEASE", "30s"),
         help="how long a concurrency slot outlives its operator if that dies (renewed at a "
         "third of it while the attempt runs)",
+    )
+    run.add_argument(
+        "--service-limits",
+        choices=["on", "off"],
+        default=env("TASKFLOW_SERVICE_LIMITS", "on"),
+        help="apply the cluster's ServiceLimits (off: a namespaced operator, which may not "
+        "read cluster-scoped objects)",
     )
     run.add_argument(
         "--service-poll",
@@ -202,11 +228,7 @@ def _ui_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=env("KUBECONFIG"),
         help="kubeconfig file (default: in-cluster, then ~/.kube/config)",
     )
-    ui.add_argument("--nats-url", default=env("NATS_URL", "nats://127.0.0.1:4222"))
-    for flag in ("user", "password-file", "token-file", "creds-file", "nkey-file"):
-        ui.add_argument(f"--nats-{flag}", default=env(f"NATS_{flag.upper().replace('-', '_')}"))
-    for flag in ("ca", "cert", "key"):
-        ui.add_argument(f"--nats-tls-{flag}", default=env(f"NATS_TLS_{flag.upper()}"))
+    _nats_flags(ui)
     ui.add_argument(
         "-n",
         "--namespace",
@@ -227,12 +249,20 @@ def _ui_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
-def ui(args: argparse.Namespace) -> int:
-    from taskflow.shell.bus import NatsSettings
-    from taskflow.ui import run_ui
+def _nats_flags(parser: argparse.ArgumentParser) -> None:
+    """How to reach NATS and as whom: the same flags (and environment) for every command."""
+    env = os.environ.get
+    parser.add_argument("--nats-url", default=env("NATS_URL", "nats://127.0.0.1:4222"))
+    for flag in ("user", "password-file", "token-file", "creds-file", "nkey-file"):
+        parser.add_argument(f"--nats-{flag}", default=env(f"NATS_{flag.upper().replace('-', '_')}"))
+    for flag in ("ca", "cert", "key"):
+        parser.add_argument(f"--nats-tls-{flag}", default=env(f"NATS_TLS_{flag.upper()}"))
 
-    logs.configure(level=args.log_level, fmt=args.log_format)
-    nats = NatsSettings(
+
+def _nats_settings(args: argparse.Namespace, **extra: Any) -> Any:
+    from taskflow.shell.bus import NatsSettings
+
+    return NatsSettings(
         url=args.nats_url,
         user=args.nats_user,
         password=_read(args.nats_password_file),
@@ -242,7 +272,15 @@ def ui(args: argparse.Namespace) -> int:
         tls_ca=args.nats_tls_ca,
         tls_cert=args.nats_tls_cert,
         tls_key=args.nats_tls_key,
+        **extra,
     )
+
+
+def ui(args: argparse.Namespace) -> int:
+    from taskflow.ui import run_ui
+
+    logs.configure(level=args.log_level, fmt=args.log_format)
+    nats = _nats_settings(args)
     try:
         return run_ui(
             address=args.address,
@@ -262,7 +300,6 @@ def run(args: argparse.Namespace) -> int:
 
     from taskflow.api.durations import parse_duration_ms
     from taskflow.shell import tracing
-    from taskflow.shell.bus import NatsSettings
     from taskflow.shell.handlers import Operator
     from taskflow.shell.reaper import TtlDefaults
     from taskflow.shell.settings import RunnerSettings
@@ -278,16 +315,8 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"--subject-template: {problem}", file=sys.stderr)
         return 2
-    nats_settings = NatsSettings(
-        url=args.nats_url,
-        user=args.nats_user,
-        password=_read(args.nats_password_file),
-        token=_read(args.nats_token_file),
-        creds_file=args.nats_creds_file,
-        nkey_seed_file=args.nats_nkey_file,
-        tls_ca=args.nats_tls_ca,
-        tls_cert=args.nats_tls_cert,
-        tls_key=args.nats_tls_key,
+    nats_settings = _nats_settings(
+        args,
         reply_pending_bytes=args.reply_pending_bytes,
         stream_max_bytes=args.stream_max_bytes,
         history_retention_s=parse_duration_ms(args.history_retention) // 1000,
@@ -312,6 +341,26 @@ def run(args: argparse.Namespace) -> int:
         if args.api_namespaces
         else list(args.namespace)
     )
+    active = args.replica_mode == "active"
+    buckets = None
+    if active:
+        from taskflow.shell.buckets import BucketSettings
+
+        if args.peering:
+            print("--peering is for --replica-mode standby", file=sys.stderr)
+            return 2
+        if args.buckets < 1:
+            print("--buckets must be at least 1", file=sys.stderr)
+            return 2
+        lease_s = parse_duration_ms(args.bucket_lease) / 1000
+        if lease_s < 1:
+            print("--bucket-lease must be at least 1s", file=sys.stderr)
+            return 2
+        buckets = BucketSettings(
+            count=args.buckets,
+            lease_s=lease_s,
+            namespace=args.lease_namespace or _pod_namespace(),
+        )
     operator = Operator(
         kubeconfig=args.kubeconfig,
         nats=nats_settings,
@@ -328,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
         ttl=ttl,
         slot_lease_s=parse_duration_ms(args.slot_lease) / 1000,
         service_poll_s=parse_duration_ms(args.service_poll) / 1000,
+        service_limits=args.service_limits == "on",
+        buckets=buckets,
         webhook=(args.webhook_address, args.webhook_cert_file, args.webhook_key_file)
         if args.webhook_address
         else None,
@@ -343,6 +394,8 @@ def run(args: argparse.Namespace) -> int:
         registry=registry,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
+        # (active mode has no --peering: every replica sees every event, and its buckets say
+        # which flows it writes)
         standalone=not args.peering,
         peering_name=args.peering or None,
         # kopf pauses every operator of the same priority as a higher-or-equal peer, so each
@@ -370,6 +423,11 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(with_ui())
     return 0
+
+
+def _pod_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.exists() else "default"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 r"""The one way to the Kubernetes API, for the operator and the client alike.
 
 Finding credentials (``load_kube``, ``connection_config``) and the package's calls: read,
-create, patch and list flows, write status with optimistic concurrency, post Events, and the
-few reads of the other resources. Every call runs on a thread (a pool sized to the connection
+create, patch and list flows, write status with optimistic concurrency, post Events, the few
+reads of the other resources, and the Leases that active/active replicas hold their buckets by
+(``shell/buckets.py``). Every call runs on a thread (a pool sized to the connection
 pool when the operator asks for ``workers``), so no event loop ever blocks, and goes through
 ``_send``: the generated client's credentials and connections without its model layer.
 
@@ -338,6 +339,44 @@ class Kube:
             self._send, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
         )
         return result
+
+    # -- coordination.k8s.io Leases (active/active replicas: shell/buckets.py) ------------
+
+    @staticmethod
+    def _lease_path(namespace: str, name: str | None = None) -> str:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        return path + (f"/{name}" if name else "")
+
+    async def list_leases(self, namespace: str) -> list[dict[str, Any]]:
+        """Every Lease of a namespace (one page: the operator's namespace holds a few)."""
+        result = await self._call(self._send, "GET", self._lease_path(namespace))
+        items: list[dict[str, Any]] = result.get("items") or []
+        return items
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a Lease (Conflict: someone made it first)."""
+        result: dict[str, Any] = await self._call(
+            self._send, "POST", self._lease_path(namespace), body
+        )
+        return result
+
+    async def replace_lease(self, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT a Lease with the resourceVersion it was read at (Conflict: it changed since)."""
+        meta = body["metadata"]
+        result: dict[str, Any] = await self._call(
+            self._send, "PUT", self._lease_path(meta["namespace"], meta["name"]), body
+        )
+        return result
+
+    async def delete_lease(self, namespace: str, name: str, *, resource_version: str) -> None:
+        """Delete a Lease, only if it is still at ``resource_version``."""
+        body = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "preconditions": {"resourceVersion": resource_version},
+        }
+        with contextlib.suppress(Gone):
+            await self._call(self._send, "DELETE", self._lease_path(namespace, name), body)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -80,6 +80,11 @@ EXPECTED_RULES = {
     ("taskflow.dev", "crontaskflows/status", None): {"update"},
     ("taskflow.dev", "taskflowpolicies/status", None): {"update"},
 }
+# Cluster-wide only: the cluster's ServiceLimits, read, and their status reported.
+EXPECTED_LIMIT_RULES = {
+    ("taskflow.dev", "servicelimits", None): {"get", "list", "watch"},
+    ("taskflow.dev", "servicelimits/status", None): {"patch"},
+}
 # Tenants' NATS credentials: Secrets of the release namespace, read only.
 EXPECTED_CREDENTIAL_RULES = {("", "secrets", None): {"get"}}
 EXPECTED_PEERING_RULES = {
@@ -287,7 +292,8 @@ def test_default_deployment_is_locked_down(tmp_path: Path) -> None:
     assert one(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
     # cluster-wide by default, with exactly the operator's rules
     role = one(docs, "ClusterRole")
-    assert rule_set(role["rules"]) == EXPECTED_RULES
+    assert rule_set(role["rules"]) == EXPECTED_RULES | EXPECTED_LIMIT_RULES
+    assert "--service-limits=off" not in c["args"]
     binding = one(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [
         {
@@ -329,6 +335,7 @@ def test_namespaced_rbac_has_no_cluster_role(tmp_path: Path) -> None:
         "--namespace=team-a",
         "--namespace=team-b",
     ]
+    assert "--service-limits=off" in args  # (ServiceLimits are cluster-scoped)
 
 
 @pytest.mark.parametrize(
@@ -968,7 +975,12 @@ async def test_chart_rbac_runs_the_operator_and_nothing_more(
     operator = OperatorProcess(
         SimpleNamespace(kubeconfig=kubeconfig, nats=private_stack.nats),  # type: ignore[arg-type]
         tmp_path,
-        extra=["--health-address", f"127.0.0.1:{health}", *[f"--namespace={ns}" for ns in watch]],
+        extra=[
+            "--health-address",
+            f"127.0.0.1:{health}",
+            # the chart's own flags for where the operator looks
+            *[a for a in container(docs)["args"] if a.startswith(("--namespace", "--service-"))],
+        ],
     )
     api = config.new_client_from_config(str(private_stack.kubeconfig))
     flows = Flows(api, flows_ns)
@@ -1194,7 +1206,11 @@ async def test_two_replicas_one_serves_the_other_takes_over(
             OperatorProcess(
                 SimpleNamespace(kubeconfig=kubeconfig, nats=private_stack.nats),  # type: ignore[arg-type]
                 log_dir,
-                extra=[peering, f"--namespace={flows_ns}", "--log-level=DEBUG"],
+                extra=[
+                    peering,
+                    *[a for a in args if a.startswith(("--namespace", "--service-"))],
+                    "--log-level=DEBUG",
+                ],
             )
         )
     # DEBUG: kopf logs its peering keep-alives only at that level
@@ -1275,3 +1291,29 @@ def test_the_expression_webhook_is_served_with_a_certificate_helm_makes(tmp_path
     off = render(tmp_path, {"webhook": {"enabled": False}})
     assert not [d for d in off if d["kind"] == "ValidatingWebhookConfiguration"]
     assert not [a for a in container(off)["args"] if a.startswith("--webhook")]
+
+
+def test_active_replicas_render_buckets_and_lease_rights_and_no_peering(tmp_path: Path) -> None:
+    docs = render(tmp_path, {"replicas": 3, "replicaMode": "active", "buckets": 24})
+    args = container(docs)["args"]
+    assert "--replica-mode=active" in args and "--buckets=24" in args
+    assert not [a for a in args if a.startswith("--peering")]
+    assert not [d for d in docs if d["kind"] == "ClusterKopfPeering"]
+    (role,) = [
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-buckets")
+    ]
+    assert rule_set(role["rules"]) == {
+        ("coordination.k8s.io", "leases", None): {
+            "get",
+            "list",
+            "watch",
+            "create",
+            "update",
+            "delete",
+        }
+    }
+    assert role["metadata"]["namespace"] == "taskflow-system"
+    # standby (the default) has none of it
+    plain = render(tmp_path, {"replicas": 2})
+    assert not [d for d in plain if d["metadata"]["name"].endswith("-buckets")]
+    assert not [a for a in container(plain)["args"] if a.startswith("--replica-mode")]

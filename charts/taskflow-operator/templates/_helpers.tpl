@@ -51,7 +51,7 @@ app.kubernetes.io/part-of: taskflow
 
 {{/* The kopf peering name; non-empty only when the operator runs more than one replica. */}}
 {{- define "taskflow-operator.peeringName" -}}
-{{- if gt (int .Values.replicas) 1 }}
+{{- if and (gt (int .Values.replicas) 1) (ne .Values.replicaMode "active") }}
 {{- default (include "taskflow-operator.clusterName" .) .Values.peering.name }}
 {{- end }}
 {{- end }}

@@ -20,6 +20,7 @@ from taskflow.api.names import GROUP, PLURAL, VERSION
 from taskflow.api.policy import PLURAL as POLICY_PLURAL
 from taskflow.api.schedules import PLURAL as CRON_PLURAL
 from taskflow.kube import Kube, connection_config, load_api_client
+from taskflow.shell.buckets import Buckets, BucketSettings
 from taskflow.shell.bus import Bus, NatsSettings
 from taskflow.shell.keys import key_from_file, key_from_nats
 from taskflow.shell.limits import ServiceLimits
@@ -67,6 +68,8 @@ class Operator:
         webhook: tuple[str, str, str] | None = None,
         slot_lease_s: float = 30.0,
         service_poll_s: float = 10.0,
+        buckets: BucketSettings | None = None,
+        service_limits: bool = True,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.nats = nats
@@ -93,11 +96,15 @@ class Operator:
         self.scheduler: Scheduler | None = None
         self.slot_lease_s = slot_lease_s
         self.service_poll_s = service_poll_s
+        self.service_limits = service_limits
         self.slots: Slots | None = None
         self.limits: ServiceLimits | None = None
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         self.kube: Kube | None = None
+        # Active/active replicas (None: this replica serves every flow, or stands by).
+        self.bucket_settings = buckets
+        self.buckets: Buckets | None = None
 
     def register(self, registry: kopf.OperatorRegistry) -> None:
         kopf.on.login(registry=registry)(self.login)
@@ -112,9 +119,10 @@ class Operator:
         kopf.on.event(GROUP, VERSION, CRON_PLURAL, registry=registry)(
             self.on_cron  # type: ignore[arg-type]
         )
-        kopf.on.event(GROUP, VERSION, LIMIT_PLURAL, registry=registry)(
-            self.on_limit  # type: ignore[arg-type]
-        )
+        if self.service_limits:
+            kopf.on.event(GROUP, VERSION, LIMIT_PLURAL, registry=registry)(
+                self.on_limit  # type: ignore[arg-type]
+            )
         kopf.on.probe(id="nats", registry=registry)(self.probe)
 
     def login(self, **_: Any) -> kopf.ConnectionInfo:
@@ -179,10 +187,11 @@ class Operator:
         await self.slots.start()
         self.slots.on_change = self.registry.wake_throttled
         self.registry.slots = self.slots
-        self.limits = ServiceLimits(kube=self.kube, nc=self.bus.nc, poll_s=self.service_poll_s)
-        self.limits.on_change = self.registry.wake_throttled
-        self.limits.start()
-        self.registry.limits = self.limits
+        if self.service_limits:
+            self.limits = ServiceLimits(kube=self.kube, nc=self.bus.nc, poll_s=self.service_poll_s)
+            self.limits.on_change = self.registry.wake_throttled
+            self.limits.start()
+            self.registry.limits = self.limits
         self.reaper = Reaper(kube=self.kube, bus=self.bus, defaults=self.ttl)
         self.registry.reaper = self.reaper
         self.reaper.start()
@@ -206,6 +215,16 @@ class Operator:
         self.bus.on_reconnected = self.registry.on_reconnected
         await self.bus.subscribe_replies(self.registry.on_reply)
         await self.bus.subscribe_heartbeats(self.registry.on_heartbeat)
+        if self.bucket_settings is not None:
+            self.buckets = Buckets(
+                kube=self.kube,
+                settings=self.bucket_settings,
+                on_take=self.registry.take_bucket,
+                on_lose=self.registry.drop_bucket,
+            )
+            self.registry.buckets = self.buckets
+            self.registry.namespaces = self.namespaces
+            self.buckets.start()
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's scans, which otherwise grow with every active flow.
         gc.freeze()
@@ -224,8 +243,12 @@ class Operator:
         log.info("connected to NATS; watching taskflows")
 
     async def cleanup(self, **_: Any) -> None:
+        if self.buckets:
+            self.buckets.closing = True  # renewed while the writers stop, then given back
         if self.registry:
             await self.registry.close()
+        if self.buckets:
+            await self.buckets.close()
         if self.tenants:
             await self.tenants.close()
         if self.reaper:

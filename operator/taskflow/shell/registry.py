@@ -4,6 +4,14 @@ kopf's watch events start a writer for each flow that needs one and hand newer o
 NATS replies are read (``wire.replies``), checked (child links, large responses to the object
 store) and pushed to their flow's writer; a reconnect or a dropped reply makes the writers ask
 again or read the reply stream. The writer itself is ``runner.FlowRunner``.
+
+With active/active replicas (``buckets.Buckets``) every replica sees every watch event but
+starts writers only for the flows of the buckets it holds. Of the other flows it keeps the
+identity (name, namespace, uid, resourceVersion, generation) of each unfinished one, a few
+hundred bytes a flow, so that taking a bucket over starts its writers at once, without listing
+every flow (finished ones included) with their whole bodies; each writer reads its flow fresh
+anyway. Finished flows whose journal entry is still there (their last events may not have
+reached the stream) are found by the journal's keys when a bucket is taken.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from taskflow.api.status import TERMINAL_FLOW_PHASES, TaskError
 from taskflow.engine import BAD_REPLY, Ask, Input, Reply
 from taskflow.kube import Gone, Kube
 from taskflow.shell import metrics
+from taskflow.shell.buckets import Buckets, bucket_of
 from taskflow.shell.bus import Bus
 from taskflow.shell.effects import child_error, describe
 from taskflow.shell.limits import ServiceLimits
@@ -56,6 +65,11 @@ class Registry:
         # end of its flow and before its last events reached the stream; one runs again for
         # each, even if it looks finished, and publishes what the stream lacks.
         self.unfinished: set[str] = set()
+        # Active/active: the buckets this replica holds (None: every flow is this replica's),
+        # the unfinished flows of every bucket (for a takeover), and the watched namespaces.
+        self.buckets: Buckets | None = None
+        self.known: dict[str, dict[str, Any]] = {}
+        self.namespaces: list[str] | None = None
 
     def journal_unusable(self) -> None:
         """The API dropped status.writeSeq: the CRD predates it, and without it a restarted
@@ -103,6 +117,7 @@ class Registry:
             return
         runner = self.runners.get(uid)
         if event_type == "DELETED":
+            self.known.pop(uid, None)
             if runner:
                 runner.stop()
             if self.reaper is not None:
@@ -114,10 +129,94 @@ class Registry:
             self.reaper.observe(body)
         if runner is not None:
             runner.observe(body)
-        elif needs_runner(body) or uid in self.unfinished:
+        elif (needs_runner(body) or uid in self.unfinished) and self.owns(uid):
             self.unfinished.discard(uid)
             self.start(body)
+        if self.buckets is not None:
+            self.remember(body)
         self.notify_parent(body)
+
+    # -- active/active: buckets taken and lost -------------------------------------------------
+
+    def owns(self, uid: str) -> bool:
+        """Whether this replica writes the flow ``uid`` (always, without buckets)."""
+        return self.buckets is None or self.buckets.owns(uid)
+
+    def remember(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        if needs_runner(body) or meta["uid"] in self.unfinished:
+            keep = ("name", "namespace", "uid", "resourceVersion", "generation")
+            self.known[meta["uid"]] = {k: meta[k] for k in keep if k in meta}
+        else:
+            self.known.pop(meta["uid"], None)
+
+    def take_bucket(self, bucket: int) -> None:
+        """This replica now holds ``bucket``: a writer for each of its unfinished flows (each
+        resumes from the API, the journal and the reply stream), and for its flows left in the
+        journal."""
+        assert self.buckets is not None
+        count = self.buckets.count
+        started = 0
+        for uid, meta in list(self.known.items()):
+            if uid not in self.runners and bucket_of(uid, count) == bucket:
+                self.unfinished.discard(uid)
+                self.start({"metadata": meta})
+                started += 1
+        log.info("bucket %d: %d writers started", bucket, started)
+        self.spawn(self._journaled_of(bucket))
+
+    async def _journaled_of(self, bucket: int) -> None:
+        """Flows of ``bucket`` with a journal entry and no writer: a replica may have died after
+        recording the end of a flow and before its last events left (their watch event said
+        finished, so they are not among the known flows). Rare: listed by metadata only."""
+        assert self.buckets is not None
+        count = self.buckets.count
+        try:
+            keys = await self.bus.journal_keys()
+        except Exception as exc:
+            log.warning("bucket %d: could not read the journal's keys: %s", bucket, exc)
+            return
+        wanted = {k for k in keys if bucket_of(k, count) == bucket and k not in self.runners} - set(
+            self.known
+        )
+        if not wanted:
+            return
+        where: list[str | None] = list(self.namespaces or []) or [None]
+        for namespace in where:
+            for item in await self.kube.list_flows(namespace, metadata_only=True):
+                meta = item.get("metadata") or {}
+                uid = meta.get("uid")
+                if uid in wanted and uid not in self.runners and self.owns(uid):
+                    self.unfinished.discard(uid)
+                    self.start({"metadata": meta})
+
+    async def drop_bucket(self, bucket: int, bound_s: float) -> None:
+        """This replica no longer holds ``bucket`` (given back, or its Lease may expire):
+        its writers stop at the end of their round, leaving the API up to date; those still
+        busy after ``bound_s`` are cancelled, with their background writes, so none of them
+        acts once another replica may hold the bucket."""
+        assert self.buckets is not None
+        count = self.buckets.count
+        runners = [r for r in self.runners.values() if bucket_of(r.uid, count) == bucket]
+        for runner in runners:
+            runner.stop()
+        tasks = {r.task for r in runners if r.task is not None}
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, bound_s))
+        if pending:
+            log.warning(
+                "bucket %d: %d writers did not stop in %.1fs: cancelled",
+                bucket,
+                len(pending),
+                bound_s,
+            )
+            for runner in runners:
+                for task in (runner.task, runner.saving):
+                    if task is not None and not task.done():
+                        task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+        log.info("bucket %d: %d writers stopped", bucket, len(runners))
 
     def start(self, body: dict[str, Any]) -> FlowRunner:
         runner = FlowRunner(registry=self, body=body)
