@@ -395,6 +395,15 @@ async def run(args: argparse.Namespace) -> int:
 
         # -- scale-out: the seed peak with 1, 2 and 3 active replicas ----------------------
         if args.replicas:
+            # The scale phase's flows (replies held) would be resumed by every new replica:
+            # delete them first, so each replica count starts from the same empty namespace.
+            await api.delete_flows("bench")
+            for _ in range(240):
+                left = await api.request("GET", api.flows("bench") + "?limit=1")
+                if not left.get("items"):
+                    break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(2)  # (the operator stops the deleted flows' writers)
             await asyncio.to_thread(operator.stop)
             operator = None
             result["replicas"] = await replica_phases(
